@@ -1,0 +1,253 @@
+"""`python -m ccpcsa prune`: prune one model with one schedule (no search)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import asdict
+from typing import Any
+
+from ccpcsa import storage
+from ccpcsa.checkpoint import CheckpointInfo, save_checkpoint
+from ccpcsa.data import DATASETS, DataConfig, DataError, build_datasets, dataset_info
+from ccpcsa.importance import IMPORTANCES
+from ccpcsa.loop import REFERENCES, LoopConfig, PrepareConfig, prepare, prune_loop
+from ccpcsa.models import MODELS, get_spec
+from ccpcsa.prune import PruneLimits
+from ccpcsa.results import record_row, table_header, table_line, write_config, write_rows
+from ccpcsa.train import LocalRunner, TrainConfig, pick_device
+
+log = logging.getLogger("ccpcsa")
+
+
+class UsageError(ValueError):
+    pass
+
+
+def parse_caps(items: list[str] | None, flag: str) -> dict[str, float]:
+    caps = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        try:
+            caps[name] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise UsageError(f"{flag} expects NAME=RATIO, got {item!r}")
+    return caps
+
+
+def add_training_flags(p: argparse.ArgumentParser) -> None:
+    """Flags shared by `ccpcsa prune` and the search (search/run.py)."""
+    p.add_argument("--model", default="resnet20", choices=sorted(MODELS),
+                   help="architecture to prune (default: %(default)s)")
+    p.add_argument("--dataset", default="digits", choices=DATASETS,
+                   help="digits = the embedded scikit-learn digits set, no download "
+                        "(default: %(default)s)")
+    p.add_argument("--data-root", default=None,
+                   help="folder holding cifar10/cifar100 (torchvision layout) or an ImageNet-"
+                        "style imagefolder (train/ and val/)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="input side in pixels (default: the dataset's: digits 16, cifar 32, "
+                        "imagefolder 224)")
+    p.add_argument("--baseline-epochs", type=int, default=10,
+                   help="step 1: epochs to train the model without BAM (default: %(default)s)")
+    p.add_argument("--attention-epochs", type=int, default=5,
+                   help="step 2: epochs to train the model with BAM (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=0.05,
+                   help="SGD learning rate of steps 1-2, cosine-annealed (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="global batch size (default: %(default)s)")
+    p.add_argument("--tolerance", type=float, default=0.5,
+                   help="stop when top-1 falls more than this many percentage points below the "
+                        "reference; the last model within it is returned (default: %(default)s)")
+    p.add_argument("--max-rounds", type=int, default=10,
+                   help="at most this many prune + fine-tune rounds (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=1,
+                   help="fine-tune epochs after each pruning round (default: %(default)s)")
+    p.add_argument("--finetune-lr", type=float, default=0.01,
+                   help="SGD learning rate of each fine-tune (default: %(default)s)")
+    p.add_argument("--importance", default="ccpcsa", choices=IMPORTANCES,
+                   help="channel scoring: ccpcsa = channel correlation on attention-weighted "
+                        "maps; l1, bn_scale, attention (PCAS-style), random are baselines "
+                        "(default: %(default)s)")
+    p.add_argument("--calibration-batches", type=int, default=4,
+                   help="training batches streamed to score channels each round "
+                        "(default: %(default)s)")
+    p.add_argument("--reference", default="baseline", choices=REFERENCES,
+                   help="accuracy the tolerance is measured from: baseline = step 1's model "
+                        "(Algorithm 1), attention = the BAM model (default: %(default)s)")
+    p.add_argument("--min-channels", type=int, default=4,
+                   help="never shrink a layer below this many channels (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="data-parallel training workers under Ray Train; 1 = one process, "
+                        "no Ray (default: %(default)s)")
+    p.add_argument("--loader-workers", type=int, default=0,
+                   help="DataLoader worker processes per training process (default: %(default)s)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every epoch")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ccpcsa",
+        description="CCPCSA: attention-guided channel pruning (Zhao et al., Electronics 2023).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser(
+        "prune", help="train, insert BAM, then prune + fine-tune until accuracy drops",
+        description="Algorithm 1: train the model, insert BAM and train it, then each round "
+                    "score channels, physically remove the m lowest-ranked channel groups and "
+                    "fine-tune, until top-1 falls more than --tolerance points below the "
+                    "reference. Writes rounds.parquet, checkpoints/, final.pt and config.json "
+                    "to --out.")
+    add_training_flags(p)
+    p.add_argument("--groups-per-round", "-m", type=int, default=8,
+                   help="m: channel groups removed per round (default: %(default)s)")
+    p.add_argument("--max-ratio", type=float, default=0.9,
+                   help="default cap on the fraction of a layer's original channels that may be "
+                        "removed, in [0, 1) (default: %(default)s)")
+    p.add_argument("--stage-cap", action="append", metavar="STAGE=RATIO",
+                   help="cap for one stage, e.g. layer1=0.5 (repeatable)")
+    p.add_argument("--layer-cap", action="append", metavar="LAYER=RATIO",
+                   help="cap for one channel group, named by its root layer (repeatable)")
+    p.add_argument("--strip-bam", action="store_true",
+                   help="also write final_nobam.pt: the final model without BAM, fine-tuned")
+    p.add_argument("--out", default="runs/prune", help="output folder or URI "
+                   "(default: %(default)s)")
+    return parser
+
+
+def configs_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Validate every flag up front; raise UsageError / ValueError naming the bad value."""
+    data_cfg = DataConfig(args.dataset, args.data_root, args.image_size)
+    train_cfg = TrainConfig(batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                            device=args.device, loader_workers=args.loader_workers)
+    train_cfg.validate()
+    pick_device(args.device)
+    if args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    if args.loader_workers < 0:
+        raise UsageError(f"--loader-workers must be >= 0, got {args.loader_workers}")
+    info = dataset_info(data_cfg)
+    prep_cfg = PrepareConfig(args.model, info.num_classes,
+                             (info.channels, info.image_size, info.image_size), args.dataset,
+                             args.baseline_epochs, args.attention_epochs, args.lr, args.seed)
+    prep_cfg.validate()
+    return {"data": data_cfg, "train": train_cfg, "prepare": prep_cfg, "info": info}
+
+
+def loop_config_from_args(args: argparse.Namespace, groups_per_round: int, max_ratio: float,
+                          stage_caps: dict[str, float], layer_caps: dict[str, float]
+                          ) -> LoopConfig:
+    cfg = LoopConfig(
+        groups_per_round=groups_per_round, tolerance=args.tolerance, max_rounds=args.max_rounds,
+        finetune_epochs=args.epochs, finetune_lr=args.finetune_lr, importance=args.importance,
+        calibration_batches=args.calibration_batches,
+        limits=PruneLimits(max_ratio, stage_caps, layer_caps, args.min_channels),
+        reference=args.reference, seed=args.seed)
+    cfg.validate()
+    return cfg
+
+
+def make_runner(args: argparse.Namespace, configs: dict[str, Any], storage_path: str):
+    train_set, test_set = build_datasets(configs["data"])
+    if args.workers == 1:
+        return LocalRunner(train_set, test_set, configs["train"])
+    from ccpcsa.distributed import RayRunner
+
+    return RayRunner(configs["data"], configs["train"], args.workers,
+                     storage_path=storage.join(storage_path, "ray"))
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    configs = configs_from_args(args)
+    stage_caps = parse_caps(args.stage_cap, "--stage-cap")
+    layer_caps = parse_caps(args.layer_cap, "--layer-cap")
+    spec = get_spec(args.model)
+    unknown = sorted(set(stage_caps) - set(spec.stages))
+    if unknown:
+        raise UsageError(f"--stage-cap names unknown stage(s) {', '.join(unknown)} of "
+                         f"{args.model}; stages: {', '.join(spec.stages)}")
+    loop_cfg = loop_config_from_args(args, args.groups_per_round, args.max_ratio, stage_caps,
+                                     layer_caps)
+    storage.check_writable(args.out)
+    prep_cfg = configs["prepare"]
+    write_config(storage.join(args.out, "config.json"),
+                 {"command": "prune", **vars(args), "loop": asdict(loop_cfg)}, args.seed)
+
+    runner = make_runner(args, configs, args.out)
+    prepared = prepare(prep_cfg, runner, storage.join(args.out, "prepared"))
+    reference = prepared.reference_accuracy(loop_cfg.reference)
+    rows: list[dict[str, Any]] = []
+    print(f"baseline {prepared.baseline_accuracy:.2f}%  with BAM "
+          f"{prepared.attention_accuracy:.2f}%  reference ({loop_cfg.reference}) "
+          f"{reference:.2f}%  tolerance {loop_cfg.tolerance} points", flush=True)
+    print(table_header(), flush=True)
+
+    def on_round(record, model) -> None:
+        path = storage.join(args.out, "checkpoints", f"round_{record.round:03d}.pt")
+        save_checkpoint(model, checkpoint_info(prep_cfg, True, record, reference), path)
+        rows.append(record_row(record, prepared.baseline_flops, prepared.baseline_params, path))
+        write_rows(rows, storage.join(args.out, "rounds.parquet"))
+        print(table_line(rows[-1], reference), flush=True)
+
+    result = prune_loop(prepared.load_attention_model(), args.model, prep_cfg.input_shape,
+                        reference, runner, loop_cfg, on_round,
+                        initial_accuracy=prepared.attention_accuracy)
+    final = result.records[result.final_round]
+    final_path = storage.join(args.out, "final.pt")
+    save_checkpoint(result.model, checkpoint_info(prep_cfg, True, final, reference), final_path)
+    print(f"stopped: {result.stop_reason}; final model = round {result.final_round}: "
+          f"{final.accuracy:.2f}% top-1, FLOPs {rows[result.final_round]['flops_reduction']:.1f}% "
+          f"and params {rows[result.final_round]['params_reduction']:.1f}% below the baseline "
+          f"-> {final_path}", flush=True)
+    if args.strip_bam:
+        write_stripped(result.model, runner, prep_cfg, loop_cfg, args.out)
+    return 0
+
+
+def write_stripped(model, runner, prep_cfg: PrepareConfig, loop_cfg: LoopConfig, out: str
+                   ) -> None:
+    from ccpcsa.attention import strip_bam
+    from ccpcsa.flops import count_flops, count_params
+    from ccpcsa.loop import RoundRecord
+
+    model = runner.fit(strip_bam(model), loop_cfg.finetune_epochs, loop_cfg.finetune_lr,
+                       label="without BAM")
+    record = RoundRecord(-1, runner.evaluate(model), count_flops(model, prep_cfg.input_shape),
+                         count_params(model), 0, True, {})
+    path = storage.join(out, "final_nobam.pt")
+    save_checkpoint(model, checkpoint_info(prep_cfg, False, record, 0.0), path)
+    print(f"without BAM: {record.accuracy:.2f}% top-1 -> {path}", flush=True)
+
+
+def checkpoint_info(prep_cfg: PrepareConfig, with_bam: bool, record, reference: float
+                    ) -> CheckpointInfo:
+    return CheckpointInfo(
+        prep_cfg.model, prep_cfg.num_classes, with_bam, prep_cfg.input_shape, prep_cfg.dataset,
+        {"accuracy": record.accuracy, "flops": record.flops, "params": record.params},
+        {"round": record.round, "reference_accuracy": reference, "widths": record.widths})
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not verbose:
+        logging.getLogger("ccpcsa.loop").setLevel(logging.INFO)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return run_prune(args)
+    except (UsageError, DataError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

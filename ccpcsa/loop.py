@@ -1,0 +1,265 @@
+"""Algorithm 1 of the paper: prepare() is steps 1-2, prune_loop() steps 3-11."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from ccpcsa import storage
+from ccpcsa.attention import insert_bam
+from ccpcsa.checkpoint import CheckpointInfo, load_checkpoint, read_payload, save_checkpoint
+from ccpcsa.flops import count_flops, count_params
+from ccpcsa.importance import IMPORTANCES, compute_scores
+from ccpcsa.models import build_model, get_spec
+from ccpcsa.prune import (
+    PruneLimits,
+    build_graph,
+    find_groups,
+    group_widths,
+    remove_channels,
+    select_channels,
+)
+from ccpcsa.train import seed_everything
+
+log = logging.getLogger("ccpcsa.loop")
+
+REFERENCES = ("baseline", "attention")
+
+
+class Runner(Protocol):
+    """Where training happens: train.LocalRunner (one process) or distributed.RayRunner."""
+
+    def fit(self, model: nn.Module, epochs: int, lr: float, label: str = "train") -> nn.Module:
+        ...
+
+    def evaluate(self, model: nn.Module) -> float:
+        ...
+
+    def calibration_batches(self, count: int) -> Iterator[torch.Tensor]:
+        ...
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    model: str
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    dataset: str = "digits"
+    baseline_epochs: int = 10
+    attention_epochs: int = 5
+    lr: float = 0.05
+    seed: int = 0
+
+    def validate(self) -> None:
+        get_spec(self.model)
+        for name in ("baseline_epochs", "attention_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    groups_per_round: int = 8  # m: channels (each with its coupled channels) removed per round
+    tolerance: float = 0.5  # percentage points of top-1 below the reference
+    max_rounds: int = 10
+    finetune_epochs: int = 1
+    finetune_lr: float = 0.01
+    importance: str = "ccpcsa"
+    calibration_batches: int = 4
+    limits: PruneLimits = field(default_factory=PruneLimits)
+    # Algorithm 1 compares with Acc of step 1 (the model before BAM); "attention" uses M'.
+    reference: str = "baseline"
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.groups_per_round < 1:
+            raise ValueError(f"groups per round (m) must be >= 1, got {self.groups_per_round}")
+        if self.tolerance < 0:
+            raise ValueError(f"tolerance must be >= 0 percentage points, got {self.tolerance}")
+        if self.max_rounds < 1:
+            raise ValueError(f"max rounds must be >= 1, got {self.max_rounds}")
+        if self.finetune_epochs < 0:
+            raise ValueError(f"fine-tune epochs must be >= 0, got {self.finetune_epochs}")
+        if not self.finetune_lr > 0:
+            raise ValueError(f"fine-tune lr must be > 0, got {self.finetune_lr}")
+        if self.importance not in IMPORTANCES:
+            raise ValueError(
+                f"unknown importance {self.importance!r}; choose one of: {', '.join(IMPORTANCES)}")
+        if self.calibration_batches < 1:
+            raise ValueError(f"calibration batches must be >= 1, got {self.calibration_batches}")
+        if self.reference not in REFERENCES:
+            raise ValueError(f"unknown reference {self.reference!r}; choose one of: "
+                             f"{', '.join(REFERENCES)}")
+        self.limits.validate()
+
+
+@dataclass
+class Prepared:
+    """Steps 1-2, shared by every trial of a search."""
+
+    baseline_accuracy: float
+    baseline_flops: int
+    baseline_params: int
+    attention_accuracy: float
+    attention_checkpoint: str  # path of M' (BAM inserted and trained)
+
+    def reference_accuracy(self, reference: str) -> float:
+        return self.baseline_accuracy if reference == "baseline" else self.attention_accuracy
+
+    def load_attention_model(self) -> nn.Module:
+        return load_checkpoint(self.attention_checkpoint).train()
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    accuracy: float
+    flops: int
+    params: int
+    removed: int
+    within_tolerance: bool
+    widths: dict[str, int]
+    seconds_score: float = 0.0
+    seconds_prune: float = 0.0
+    seconds_finetune: float = 0.0
+
+
+@dataclass
+class LoopResult:
+    model: nn.Module  # the last model within tolerance
+    final_round: int
+    records: list[RoundRecord]
+    stop_reason: str
+
+
+def prepare(cfg: PrepareConfig, runner: Runner, cache_dir: str) -> Prepared:
+    """Train M (step 1), then M + BAM (step 2); cached in cache_dir and reused when the same
+    configuration asks again (a resumed or second search does not retrain them)."""
+    cfg.validate()
+    key = json.dumps(asdict(cfg), sort_keys=True)
+    meta_path = storage.join(cache_dir, "prepare.json")
+    attention_path = storage.join(cache_dir, "attention.pt")
+    if storage.exists(meta_path):
+        meta = json.loads(storage.read_text(meta_path))
+        if meta.get("key") == key and storage.exists(attention_path):
+            log.info("reusing prepared models from %s", cache_dir)
+            return Prepared(**meta["prepared"])
+        log.info("prepared models in %s were made with another config; retraining", cache_dir)
+
+    seed_everything(cfg.seed)
+    model = build_model(cfg.model, cfg.num_classes, with_bam=False)
+    log.info("step 1: training the baseline %s for %d epochs", cfg.model, cfg.baseline_epochs)
+    model = runner.fit(model, cfg.baseline_epochs, cfg.lr, label="baseline")
+    baseline = _measure(model, runner, cfg.input_shape)
+    log.info("baseline: accuracy %.2f%%, %s", baseline[0], _flops_text(baseline))
+    _save(model, cfg, False, baseline, storage.join(cache_dir, "baseline.pt"), {"round": -1})
+
+    insert_bam(model.cpu(), get_spec(cfg.model).bam_placements)
+    log.info("step 2: training with BAM for %d epochs", cfg.attention_epochs)
+    model = runner.fit(model, cfg.attention_epochs, cfg.lr, label="attention")
+    attention = _measure(model, runner, cfg.input_shape)
+    log.info("with BAM: accuracy %.2f%%, %s", attention[0], _flops_text(attention))
+    _save(model, cfg, True, attention, attention_path, {"round": 0})
+    prepared = Prepared(baseline[0], baseline[1], baseline[2], attention[0], attention_path)
+    storage.write_text(meta_path, json.dumps({"key": key, "prepared": asdict(prepared)}, indent=2))
+    return prepared
+
+
+def prune_loop(
+    model: nn.Module,
+    model_name: str,
+    input_shape: tuple[int, int, int],
+    reference_accuracy: float,
+    runner: Runner,
+    cfg: LoopConfig,
+    on_round: Callable[[RoundRecord, nn.Module], None] | None = None,
+    initial_accuracy: float | None = None,
+) -> LoopResult:
+    """Score -> remove the m lowest channel groups -> fine-tune -> evaluate, until the accuracy
+    falls more than `tolerance` below the reference, max_rounds pass, or nothing is prunable."""
+    cfg.validate()
+    spec = get_spec(model_name)
+    seed_everything(cfg.seed)
+    device = next(model.parameters()).device
+    original = group_widths(_groups(model, spec, input_shape, device)[1])
+    accuracy = runner.evaluate(model) if initial_accuracy is None else initial_accuracy
+    first = RoundRecord(0, accuracy, count_flops(model, input_shape), count_params(model), 0,
+                        reference_accuracy - accuracy <= cfg.tolerance, dict(original))
+    records = [first]
+    if on_round:
+        on_round(first, model)
+    best, best_round, reason = copy.deepcopy(model).cpu(), 0, "max_rounds"
+    for rnd in range(1, cfg.max_rounds + 1):
+        t0 = time.perf_counter()
+        device = next(model.parameters()).device
+        graph, groups = _groups(model, spec, input_shape, device)
+        scores = compute_scores(cfg.importance, model, groups,
+                                runner.calibration_batches(cfg.calibration_batches),
+                                seed=cfg.seed + rnd)
+        t1 = time.perf_counter()
+        chosen = select_channels(groups, scores, cfg.groups_per_round, cfg.limits, original)
+        if not chosen:
+            reason = "nothing_prunable"
+            log.info("round %d: every layer is at its cap or floor; stopping", rnd)
+            break
+        removed = remove_channels(graph, groups, chosen)
+        del graph, groups
+        t2 = time.perf_counter()
+        model = runner.fit(model, cfg.finetune_epochs, cfg.finetune_lr, label=f"round {rnd}")
+        accuracy = runner.evaluate(model)
+        t3 = time.perf_counter()
+        widths = group_widths(_groups(model, spec, input_shape,
+                                      next(model.parameters()).device)[1])
+        within = reference_accuracy - accuracy <= cfg.tolerance
+        record = RoundRecord(rnd, accuracy, count_flops(model, input_shape), count_params(model),
+                             removed, within, widths, t1 - t0, t2 - t1, t3 - t2)
+        records.append(record)
+        log.info("round %d: removed %d channels, accuracy %.2f%% (reference %.2f%%), %s",
+                 rnd, removed, accuracy, reference_accuracy,
+                 _flops_text((accuracy, record.flops, record.params)))
+        if on_round:
+            on_round(record, model)
+        if not within:
+            reason = "tolerance"
+            log.info("round %d dropped %.2f points (> %.2f): returning round %d", rnd,
+                     reference_accuracy - accuracy, cfg.tolerance, best_round)
+            break
+        best, best_round = copy.deepcopy(model).cpu(), rnd
+    return LoopResult(best, best_round, records, reason)
+
+
+def _groups(model: nn.Module, spec, input_shape, device):
+    example = torch.zeros(1, *input_shape, device=device)
+    graph = build_graph(model, example)
+    return graph, find_groups(model, graph, spec.classifier(model), spec.stage_of)
+
+
+def _measure(model: nn.Module, runner: Runner, input_shape) -> tuple[float, int, int]:
+    return runner.evaluate(model), count_flops(model, input_shape), count_params(model)
+
+
+def _flops_text(measured: tuple[float, int, int]) -> str:
+    from ccpcsa.flops import human
+
+    return f"FLOPs {human(measured[1])}, params {human(measured[2])}"
+
+
+def _save(model, cfg: PrepareConfig, with_bam: bool, measured, path: str, extra: dict) -> None:
+    info = CheckpointInfo(cfg.model, cfg.num_classes, with_bam, cfg.input_shape, cfg.dataset,
+                          {"accuracy": measured[0], "flops": measured[1], "params": measured[2]},
+                          extra)
+    save_checkpoint(model, info, path)
+
+
+__all__ = ["LoopConfig", "PrepareConfig", "Prepared", "RoundRecord", "LoopResult", "prepare",
+           "prune_loop", "read_payload"]

@@ -1,0 +1,199 @@
+"""Train and evaluate in one process. SGD + cosine; bf16 autocast and channels_last on CUDA."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+log = logging.getLogger("ccpcsa.train")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    loader_workers: int = 0
+    amp: bool = True  # bf16 autocast, CUDA only
+    channels_last: bool = True  # CUDA only
+    device: str | None = None  # None = cuda if available, else cpu
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.batch_size < 2:
+            raise ValueError(f"batch size must be >= 2, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ValueError(f"learning rate must be > 0, got {self.lr}")
+
+
+def pick_device(preferred: str | None = None) -> torch.device:
+    if preferred:
+        device = torch.device(preferred)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {preferred!r} requested but CUDA is not available")
+        return device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(
+    model: nn.Module, cfg: TrainConfig, lr: float, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    # No weight decay on BN/bias: standard practice, and it keeps BN-scale importance honest.
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    opt = torch.optim.SGD(
+        [{"params": decay, "weight_decay": cfg.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, momentum=cfg.momentum, nesterov=True,
+    )
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total_steps, 1))
+    return opt, sched
+
+
+def autocast(device: torch.device, cfg: TrainConfig):
+    if device.type == "cuda" and cfg.amp:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def to_device(model: nn.Module, device: torch.device, cfg: TrainConfig) -> nn.Module:
+    model.to(device)
+    if device.type == "cuda" and cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def run_epoch(
+    model: nn.Module,
+    batches,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    device: torch.device,
+    cfg: TrainConfig,
+    progress: str = "",
+) -> tuple[float, int]:
+    """One pass over `batches` of (x, y); returns (mean loss, samples seen)."""
+    model.train()
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    memory_format = (torch.channels_last if device.type == "cuda" and cfg.channels_last
+                     else torch.contiguous_format)
+    total, count = 0.0, 0
+    for x, y in _progress(batches, progress):
+        x = x.to(device, non_blocking=True, memory_format=memory_format)
+        y = y.to(device, non_blocking=True)
+        with autocast(device, cfg):
+            loss = loss_fn(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        total += loss.item() * len(y)
+        count += len(y)
+    return total / max(count, 1), count
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, cfg: TrainConfig) -> float:
+    """Top-1 accuracy in percent."""
+    device = pick_device(cfg.device)
+    to_device(model, device, cfg)
+    correct, seen = count_correct(model, loader(dataset, cfg, train=False), device, cfg)
+    return 100.0 * correct / max(seen, 1)
+
+
+@torch.no_grad()
+def count_correct(model: nn.Module, batches, device: torch.device, cfg: TrainConfig
+                  ) -> tuple[int, int]:
+    model.eval()
+    correct, seen = 0, 0
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(device, cfg):
+            pred = model(x).argmax(1)
+        correct += int((pred == y).sum())
+        seen += len(y)
+    return correct, seen
+
+
+def loader(dataset: Dataset, cfg: TrainConfig, train: bool, sampler=None,
+           batch_size: int | None = None) -> DataLoader:
+    gen = torch.Generator().manual_seed(cfg.seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size or cfg.batch_size,
+        shuffle=train and sampler is None,
+        sampler=sampler,
+        drop_last=train,  # BatchNorm1d in BAM's channel MLP cannot train on a batch of one
+        num_workers=cfg.loader_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=cfg.loader_workers > 0,
+        generator=gen,
+    )
+
+
+def fit(model: nn.Module, dataset: Dataset, cfg: TrainConfig, epochs: int, lr: float,
+        label: str = "train") -> nn.Module:
+    """Train in place for `epochs` with a fresh SGD + cosine schedule; returns the model."""
+    if epochs <= 0:
+        return model
+    device = pick_device(cfg.device)
+    to_device(model, device, cfg)
+    batches = loader(dataset, cfg, train=True)
+    opt, sched = make_optimizer(model, cfg, lr, epochs * len(batches))
+    for epoch in range(epochs):
+        start = time.perf_counter()
+        loss, seen = run_epoch(model, batches, opt, sched, device, cfg,
+                               progress=f"{label} epoch {epoch + 1}/{epochs}")
+        seconds = time.perf_counter() - start
+        log.info("%s epoch %d/%d loss %.4f (%d samples, %.1fs, %.0f img/s)", label, epoch + 1,
+                 epochs, loss, seen, seconds, seen / max(seconds, 1e-9))
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"{label}: loss became {loss} in epoch {epoch + 1}")
+    return model
+
+
+def _progress(batches, label: str):
+    if not label or not sys.stderr.isatty():
+        return batches
+    from tqdm import tqdm
+
+    return tqdm(batches, desc=label, leave=False, file=sys.stderr)
+
+
+class LocalRunner:
+    """The loop's training backend in one process (see distributed.RayRunner for N workers)."""
+
+    def __init__(self, train_set: Dataset, test_set: Dataset, cfg: TrainConfig) -> None:
+        self.train_set, self.test_set, self.cfg = train_set, test_set, cfg
+
+    def fit(self, model: nn.Module, epochs: int, lr: float, label: str = "train") -> nn.Module:
+        return fit(model, self.train_set, self.cfg, epochs, lr, label)
+
+    def evaluate(self, model: nn.Module) -> float:
+        return evaluate(model, self.test_set, self.cfg)
+
+    def calibration_batches(self, count: int):
+        """The first `count` training batches, unaugmented order fixed by the seed."""
+        batches = loader(self.train_set, self.cfg, train=True)
+        for i, (x, _y) in enumerate(batches):
+            if i >= count:
+                break
+            yield x

@@ -1,0 +1,410 @@
+"""Accuracy-vs-FLOPs Pareto frontier of the search's candidate points.
+
+Every reported round of every trial is a candidate; the frontier maximises top-1 accuracy and
+minimises FLOPs. Storage goes through pyarrow.fs so a run dir may be a local path or a URI
+(s3://, gs://, file://).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import posixpath
+import re
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from matplotlib.figure import Figure
+from matplotlib.ticker import Formatter, LogFormatter
+
+FRONTIER_FILE = "frontier.parquet"
+FRONTIER_DIR = "frontier"
+BASELINE_KEY = b"baseline"
+
+# ---------------------------------------------------------------------------------------------
+# Frontier maths
+
+
+def pareto_mask(accuracy: Sequence[float], flops: Sequence[float]) -> np.ndarray:
+    """Bool mask of non-dominated points (maximise accuracy, minimise flops), O(n log n).
+
+    A point is dominated iff another has accuracy >= and flops <= with at least one strict.
+    Exact duplicates of a non-dominated point are all kept; rows with NaN are never pareto.
+    """
+    acc = np.asarray(accuracy, dtype=float)
+    fl = np.asarray(flops, dtype=float)
+    if acc.shape != fl.shape or acc.ndim != 1:
+        raise ValueError(
+            f"accuracy and flops must be 1-D of equal length, got {acc.shape}, {fl.shape}"
+        )
+    mask = np.zeros(acc.shape, dtype=bool)
+    valid = np.flatnonzero(~(np.isnan(acc) | np.isnan(fl)))
+    if valid.size == 0:
+        return mask
+    # flops ascending, accuracy descending within equal flops.
+    order = valid[np.lexsort((-acc[valid], fl[valid]))]
+    a, f = acc[order], fl[order]
+    group_start = np.r_[True, f[1:] != f[:-1]]
+    start_idx = np.maximum.accumulate(np.where(group_start, np.arange(f.size), 0))
+    group_best = a[start_idx]  # best accuracy among points with the same flops
+    running_max = np.maximum.accumulate(a)
+    # best accuracy among points with strictly fewer flops (none for the first group)
+    has_prev = start_idx > 0
+    prev_best = np.where(has_prev, running_max[np.maximum(start_idx - 1, 0)], -np.inf)
+    keep = (a == group_best) & (~has_prev | (group_best > prev_best))
+    mask[order] = keep
+    return mask
+
+
+def hypervolume(
+    accuracy: Sequence[float],
+    flops: Sequence[float],
+    ref_flops: float,
+    ref_accuracy: float = 0.0,
+) -> float:
+    """Area dominated by the points w.r.t. (ref_flops, ref_accuracy).
+
+    x = fraction of ref_flops saved (1 - flops/ref_flops, clipped at 0), y = accuracy above
+    ref_accuracy (clipped at 0); the result is the area of the union of [0,x]x[0,y].
+    """
+    if not ref_flops > 0:
+        raise ValueError(f"ref_flops must be > 0, got {ref_flops}")
+    acc = np.asarray(accuracy, dtype=float)
+    fl = np.asarray(flops, dtype=float)
+    x = np.clip(1.0 - fl / float(ref_flops), 0.0, None)
+    y = np.clip(acc - float(ref_accuracy), 0.0, None)
+    ok = ~(np.isnan(x) | np.isnan(y)) & (x > 0) & (y > 0)
+    x, y = x[ok], y[ok]
+    area, y_top = 0.0, 0.0
+    for i in np.lexsort((-y, -x)):  # x descending, y descending within ties
+        if y[i] > y_top:
+            area += float(x[i]) * float(y[i] - y_top)
+            y_top = float(y[i])
+    return area
+
+
+def mark_frontier(points: pd.DataFrame, baseline: dict | None = None) -> pd.DataFrame:
+    """Copy of `points` with bool `pareto` and `flops_reduction` (% fewer FLOPs than baseline;
+    NaN when no baseline is given)."""
+    out = points.copy()
+    out["pareto"] = pareto_mask(out["accuracy"].to_numpy(float), out["flops"].to_numpy(float))
+    base_flops = _baseline_value(baseline, "flops")
+    out["flops_reduction"] = _reduction(out["flops"].to_numpy(float), base_flops)
+    return out
+
+
+def _baseline_value(baseline: dict | None, key: str) -> float:
+    if not baseline or baseline.get(key) is None:
+        return math.nan
+    return float(baseline[key])
+
+
+def _reduction(values: np.ndarray, base: float) -> np.ndarray:
+    if not base > 0:  # also catches NaN
+        return np.full(values.shape, np.nan)
+    return 100.0 * (1.0 - values / base)
+
+
+def _ensure_marked(df: pd.DataFrame, baseline: dict | None) -> pd.DataFrame:
+    return df if "pareto" in df.columns else mark_frontier(df, baseline)
+
+
+# ---------------------------------------------------------------------------------------------
+# Local path / URI plumbing
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _resolve(path: str) -> tuple[pafs.FileSystem, str]:
+    if _is_uri(path):
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+
+
+def join_path(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or a URI."""
+    if _is_uri(base):
+        return posixpath.join(base, *parts)
+    return os.path.join(base, *parts)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Parquet round trip
+
+
+def write_frontier(df: pd.DataFrame, run_dir: str, baseline: dict | None = None) -> str:
+    """Write `df` (marked if it has no `pareto` column) to <run_dir>/frontier.parquet, with the
+    baseline as JSON under schema metadata key b"baseline". Returns the file's path/URI."""
+    df = _ensure_marked(df, baseline)
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    if baseline is not None:
+        meta = dict(table.schema.metadata or {})
+        meta[BASELINE_KEY] = json.dumps(baseline, default=_json_default).encode()
+        table = table.replace_schema_metadata(meta)
+    fs, root = _resolve(run_dir)
+    fs.create_dir(root, recursive=True)
+    pq.write_table(table, posixpath.join(root, FRONTIER_FILE), filesystem=fs)
+    return join_path(run_dir, FRONTIER_FILE)
+
+
+def read_frontier(run_dir: str) -> tuple[pd.DataFrame, dict | None]:
+    """Read <run_dir>/frontier.parquet; returns (points, baseline or None)."""
+    fs, root = _resolve(run_dir)
+    if fs.get_file_info(root).type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"run dir not found: {run_dir}")
+    path = posixpath.join(root, FRONTIER_FILE)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        raise FileNotFoundError(f"no {FRONTIER_FILE} in run dir {run_dir}")
+    table = pq.read_table(path, filesystem=fs)
+    raw = (table.schema.metadata or {}).get(BASELINE_KEY)
+    baseline = json.loads(raw) if raw else None
+    return table.to_pandas(), baseline
+
+
+# ---------------------------------------------------------------------------------------------
+# Human units
+
+
+def human(value: float) -> str:
+    """1234 -> '1.23K', 3.2e8 -> '320M', 4.1e9 -> '4.1G'."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    v = float(value)
+    for scale, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(v) >= scale:
+            return f"{v / scale:.3g}{unit}"
+    return f"{v:.3g}"
+
+
+class _HumanLogFormatter(Formatter):
+    """Log-axis tick labels in human units; which ticks get labels is LogFormatter's choice."""
+
+    def __init__(self) -> None:
+        self._inner = LogFormatter(labelOnlyBase=False)
+
+    def set_axis(self, axis: Any) -> None:
+        super().set_axis(axis)
+        self._inner.set_axis(axis)
+
+    def set_locs(self, locs: Any) -> None:
+        super().set_locs(locs)
+        self._inner.set_locs(locs)
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        return human(x) if x > 0 and self._inner(x, pos) else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Plot
+
+
+def plot_frontier(
+    df: pd.DataFrame, path: str, baseline: dict | None = None, title: str = ""
+) -> str:
+    """Draw all points (grey), the frontier (step line) and the baseline (star) to a PNG."""
+    df = _ensure_marked(df, baseline)
+    fig = Figure(figsize=(7.5, 5.0), dpi=120)
+    ax = fig.add_subplot()
+    _draw_points(ax, df)
+    _draw_baseline(ax, baseline)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(_HumanLogFormatter())
+    ax.xaxis.set_minor_formatter(_HumanLogFormatter())
+    ax.set_xlabel("FLOPs (multiply-accumulates)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.grid(True, which="both", alpha=0.3)
+    if title:
+        ax.set_title(title)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right")
+    fig.tight_layout()
+    _save_figure(fig, path)
+    return path
+
+
+def _plottable(df: pd.DataFrame) -> pd.DataFrame:
+    acc = df["accuracy"].to_numpy(float)
+    fl = df["flops"].to_numpy(float)
+    return df[np.isfinite(acc) & np.isfinite(fl) & (fl > 0)]
+
+
+def _draw_points(ax: Any, df: pd.DataFrame) -> None:
+    pts = _plottable(df)
+    if pts.empty:
+        return
+    ax.scatter(pts["flops"], pts["accuracy"], s=14, color="0.6", alpha=0.6, label="all points")
+    front = pts[pts["pareto"].astype(bool)].drop_duplicates(["flops", "accuracy"])
+    front = front.sort_values("flops")
+    if front.empty:
+        return
+    ax.step(front["flops"], front["accuracy"], where="post", color="tab:blue", linewidth=1.5)
+    ax.scatter(
+        front["flops"],
+        front["accuracy"],
+        s=30,
+        color="tab:blue",
+        zorder=3,
+        label=f"Pareto frontier ({len(front)})",
+    )
+
+
+def _draw_baseline(ax: Any, baseline: dict | None) -> None:
+    acc = _baseline_value(baseline, "accuracy")
+    fl = _baseline_value(baseline, "flops")
+    if math.isfinite(acc) and math.isfinite(fl) and fl > 0:
+        ax.scatter(
+            [fl],
+            [acc],
+            marker="*",
+            s=220,
+            color="tab:red",
+            edgecolor="black",
+            zorder=4,
+            label="baseline (unpruned)",
+        )
+
+
+def _save_figure(fig: Figure, path: str) -> None:
+    if not _is_uri(path):
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        fig.savefig(path, format="png")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "plot.png")
+        fig.savefig(local, format="png")
+        fs, dest = _resolve(path)
+        fs.create_dir(posixpath.dirname(dest), recursive=True)
+        pafs.copy_files(
+            local, dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Text table
+
+_TABLE_COLUMNS = (
+    ("trial", "<"),
+    ("round", ">"),
+    ("accuracy", ">"),
+    ("Δacc", ">"),
+    ("FLOPs", ">"),
+    ("FLOPs ↓ %", ">"),
+    ("params", ">"),
+    ("params ↓ %", ">"),
+    ("checkpoint", "<"),
+)
+
+
+def format_table(df: pd.DataFrame, baseline: dict | None = None, only_pareto: bool = True) -> str:
+    """Aligned plain-text table sorted by FLOPs (pareto rows only unless only_pareto=False, in
+    which case a leading `pareto` column marks frontier rows with "*")."""
+    df = _ensure_marked(df, baseline)
+    if only_pareto:
+        df = df[df["pareto"].astype(bool)]
+    df = df.sort_values(["flops", "accuracy"], ascending=[True, False], kind="stable")
+    columns = list(_TABLE_COLUMNS) if only_pareto else [("pareto", "<"), *_TABLE_COLUMNS]
+    rows = []
+    for rec in df.to_dict("records"):
+        row = _table_row(rec, baseline)
+        rows.append(row if only_pareto else ["*" if rec["pareto"] else "", *row])
+    headers = [name for name, _ in columns]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    sides = [side for _, side in columns]
+    lines = [_align(headers, widths, sides), "  ".join("-" * w for w in widths)]
+    lines += [_align(r, widths, sides) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _align(cells: list[str], widths: list[int], sides: list[str]) -> str:
+    parts = []
+    for cell, width, side in zip(cells, widths, sides, strict=True):
+        parts.append(cell.ljust(width) if side == "<" else cell.rjust(width))
+    return "  ".join(parts)
+
+
+def _fmt(value: Any, spec: str) -> str:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return "-"
+    return "-" if math.isnan(v) else format(v, spec)
+
+
+def _pct_less(value: Any, base: float) -> str:
+    if not base > 0:
+        return "-"
+    return _fmt(100.0 * (1.0 - float(value) / base), ".1f")
+
+
+def _table_row(rec: dict, baseline: dict | None) -> list[str]:
+    base_acc = _baseline_value(baseline, "accuracy")
+    d_acc = float(rec["accuracy"]) - base_acc
+    rnd = rec.get("round")
+    ckpt = rec.get("checkpoint")
+    return [
+        str(rec.get("trial_id", "")),
+        "-" if rnd is None or pd.isna(rnd) else str(int(rnd)),
+        _fmt(rec["accuracy"], ".2f"),
+        _fmt(d_acc, "+.2f"),
+        human(float(rec["flops"])),
+        _pct_less(rec["flops"], _baseline_value(baseline, "flops")),
+        human(float(rec["params"])) if "params" in rec else "-",
+        _pct_less(rec["params"], _baseline_value(baseline, "params")) if "params" in rec else "-",
+        "" if ckpt is None or (isinstance(ckpt, float) and math.isnan(ckpt)) else str(ckpt),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def frontier_checkpoint_name(trial_id: Any, round_: Any) -> str:
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", str(trial_id)) or "trial"
+    return f"{safe}_round{int(round_)}.pt"
+
+
+def collect_checkpoints(df: pd.DataFrame, run_dir: str) -> pd.DataFrame:
+    """Copy each pareto row's checkpoint to <run_dir>/frontier/<trial_id>_round<k>.pt.
+
+    Returns a copy of df with `frontier_checkpoint` (the destination; "" for non-pareto rows
+    and for pareto rows that recorded no checkpoint). A recorded checkpoint that does not exist
+    raises FileNotFoundError.
+    """
+    out = _ensure_marked(df, None).copy()
+    dests = [""] * len(out)
+    for i, rec in enumerate(out.to_dict("records")):
+        src = rec.get("checkpoint")
+        if not bool(rec["pareto"]) or not isinstance(src, str) or not src:
+            continue
+        dest = join_path(
+            run_dir, FRONTIER_DIR, frontier_checkpoint_name(rec["trial_id"], rec["round"])
+        )
+        _copy_file(src, dest)
+        dests[i] = dest
+    out["frontier_checkpoint"] = dests
+    return out
+
+
+def _copy_file(src: str, dest: str) -> None:
+    src_fs, src_path = _resolve(src)
+    if src_fs.get_file_info(src_path).type != pafs.FileType.File:
+        raise FileNotFoundError(f"checkpoint not found: {src}")
+    dest_fs, dest_path = _resolve(dest)
+    dest_fs.create_dir(posixpath.dirname(dest_path), recursive=True)
+    pafs.copy_files(src_path, dest_path, source_filesystem=src_fs, destination_filesystem=dest_fs)
