@@ -40,11 +40,11 @@ def parse_caps(items: list[str] | None, flag: str) -> dict[str, float]:
 
 def add_training_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared by `ccpcsa prune` and the search (search/run.py)."""
-    p.add_argument("--model", default="resnet20", choices=sorted(MODELS),
-                   help="architecture to prune (default: %(default)s)")
-    p.add_argument("--dataset", default="digits", choices=DATASETS,
-                   help="digits = the embedded scikit-learn digits set, no download "
-                        "(default: %(default)s)")
+    p.add_argument("--model", default="resnet20",
+                   help=f"architecture to prune: {', '.join(MODELS)} (default: %(default)s)")
+    p.add_argument("--dataset", default="digits",
+                   help=f"one of {', '.join(DATASETS)}; digits = the embedded scikit-learn "
+                        "digits set, no download (default: %(default)s)")
     p.add_argument("--data-root", default=None,
                    help="folder holding cifar10/cifar100 (torchvision layout) or an ImageNet-"
                         "style imagefolder (train/ and val/)")
@@ -68,16 +68,18 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
                    help="fine-tune epochs after each pruning round (default: %(default)s)")
     p.add_argument("--finetune-lr", type=float, default=0.01,
                    help="SGD learning rate of each fine-tune (default: %(default)s)")
-    p.add_argument("--importance", default="ccpcsa", choices=IMPORTANCES,
-                   help="channel scoring: ccpcsa = channel correlation on attention-weighted "
-                        "maps; l1, bn_scale, attention (PCAS-style), random are baselines "
+    p.add_argument("--importance", default="ccpcsa",
+                   help=f"channel scoring, one of {', '.join(IMPORTANCES)}: ccpcsa = channel "
+                        "correlation on attention-weighted maps; l1, bn_scale, attention (PCAS), "
+                        "random are baselines "
                         "(default: %(default)s)")
     p.add_argument("--calibration-batches", type=int, default=4,
                    help="training batches streamed to score channels each round "
                         "(default: %(default)s)")
-    p.add_argument("--reference", default="baseline", choices=REFERENCES,
-                   help="accuracy the tolerance is measured from: baseline = step 1's model "
-                        "(Algorithm 1), attention = the BAM model (default: %(default)s)")
+    p.add_argument("--reference", default="baseline",
+                   help=f"one of {', '.join(REFERENCES)}: accuracy the tolerance is measured from: "
+                        "baseline = step 1's model (Algorithm 1), attention = the BAM model "
+                        "(default: %(default)s)")
     p.add_argument("--min-channels", type=int, default=4,
                    help="never shrink a layer below this many channels (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
@@ -91,11 +93,18 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="log every epoch")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is reported in one line (no usage dump)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m ccpcsa",
         description="CCPCSA: attention-guided channel pruning (Zhao et al., Electronics 2023).")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     p = sub.add_parser(
         "prune", help="train, insert BAM, then prune + fine-tune until accuracy drops",
         description="Algorithm 1: train the model, insert BAM and train it, then each round "
@@ -122,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def configs_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Validate every flag up front; raise UsageError / ValueError naming the bad value."""
+    get_spec(args.model)
     data_cfg = DataConfig(args.dataset, args.data_root, args.image_size)
     train_cfg = TrainConfig(batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                             device=args.device, loader_workers=args.loader_workers)

@@ -1,0 +1,30 @@
+# Two commands do all set-up: `make run` (the main job on the embedded data) and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+RUN_ARGS ?=
+
+.PHONY: run test lint prune clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# The product's main job: the pruning-schedule search on the embedded digits, a few minutes on
+# a laptop; results in runs/search/demo/ (frontier.parquet, frontier.png, frontier/*.pt).
+run: $(STAMP)
+	$(BIN)/python search/run.py --name demo $(RUN_ARGS)
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q
+
+# One model, one schedule, no search.
+prune: $(STAMP)
+	$(BIN)/python -m ccpcsa prune --model resnet20 --dataset digits --out runs/prune $(RUN_ARGS)
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,158 @@
+"""Algorithm 1 end to end on the embedded digits, in one process."""
+
+import io
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from ccpcsa.__main__ import main
+from ccpcsa.checkpoint import load_checkpoint
+from ccpcsa.data import DataConfig, build_datasets, dataset_info
+from ccpcsa.flops import count_flops, count_params
+from ccpcsa.loop import LoopConfig, PrepareConfig, prepare, prune_loop
+from ccpcsa.prune import PruneLimits
+from ccpcsa.train import LocalRunner, TrainConfig, evaluate
+
+
+class CountingRunner(LocalRunner):
+    """The real single-process runner, counting how often it trains."""
+
+    fits = 0
+
+    def fit(self, model, epochs, lr, label="train"):
+        self.fits += 1
+        return super().fit(model, epochs, lr, label)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    cfg = DataConfig("digits")
+    info = dataset_info(cfg)
+    train, test = build_datasets(cfg)
+    return info, train, test
+
+
+@pytest.fixture(scope="module")
+def prepared(digits, tmp_path_factory):
+    info, train, test = digits
+    runner = CountingRunner(train, test, TrainConfig(batch_size=64))
+    cfg = PrepareConfig("resnet20", info.num_classes, (3, info.image_size, info.image_size),
+                        baseline_epochs=4, attention_epochs=2)
+    cache = str(tmp_path_factory.mktemp("prep"))
+    result = prepare(cfg, runner, cache)
+    assert runner.fits == 2
+    return cfg, cache, result
+
+
+def test_prepare_trains_and_is_reused(prepared, digits):
+    cfg, cache, result = prepared
+    assert result.baseline_accuracy > 80.0  # digits are easy; a broken trainer would not be
+    assert result.baseline_flops < count_flops(result.load_attention_model(), cfg.input_shape)
+    runner = CountingRunner(digits[1], digits[2], TrainConfig())
+    again = prepare(cfg, runner, cache)
+    assert runner.fits == 0 and again == result
+
+
+def run_loop(prepared, digits, reference, **overrides):
+    cfg, _cache, result = prepared
+    runner = LocalRunner(digits[1], digits[2], TrainConfig(batch_size=64))
+    loop_cfg = LoopConfig(**{"groups_per_round": 6, "max_rounds": 2, "finetune_epochs": 1,
+                             **overrides})
+    return prune_loop(result.load_attention_model(), cfg.model, cfg.input_shape, reference,
+                      runner, loop_cfg, initial_accuracy=result.attention_accuracy), runner
+
+
+def test_loop_runs_max_rounds_when_within_tolerance(prepared, digits):
+    cfg = prepared[0]
+    result, runner = run_loop(prepared, digits, reference=0.0)
+    assert result.stop_reason == "max_rounds" and result.final_round == 2
+    assert [r.round for r in result.records] == [0, 1, 2]
+    flops = [r.flops for r in result.records]
+    assert flops[0] > flops[1] > flops[2]
+    assert all(r.removed == 6 for r in result.records[1:])
+    assert result.records[-1].flops == count_flops(result.model, cfg.input_shape)
+    assert result.records[-1].params == count_params(result.model)
+    assert evaluate(result.model, digits[2], runner.cfg) == pytest.approx(
+        result.records[-1].accuracy)
+
+
+def test_loop_returns_last_model_within_tolerance(prepared, digits):
+    cfg = prepared[0]
+    # A reference no pruned model can reach: round 1 breaks the tolerance, round 0 is returned.
+    result, _ = run_loop(prepared, digits, reference=100.0, tolerance=0.5)
+    assert result.stop_reason == "tolerance"
+    assert result.final_round == 0
+    assert not result.records[1].within_tolerance
+    assert count_flops(result.model, cfg.input_shape) == result.records[0].flops
+
+
+def test_loop_stops_when_nothing_is_prunable(prepared, digits):
+    result, _ = run_loop(prepared, digits, reference=0.0, groups_per_round=10_000,
+                         max_rounds=3, limits=PruneLimits(max_ratio=0.5))
+    assert result.stop_reason == "nothing_prunable"
+    assert result.final_round == 1
+
+
+def test_cli_prune_writes_rounds_checkpoints_config(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["prune", "--model", "resnet20", "--baseline-epochs", "3",
+                 "--attention-epochs", "1", "--max-rounds", "2", "-m", "4",
+                 "--tolerance", "100", "--out", str(out), "--seed", "1"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "round" in printed and "stopped: max_rounds" in printed
+    rows = pq.read_table(out / "rounds.parquet").to_pylist()
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[2]["flops"] < rows[1]["flops"] < rows[0]["flops"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["seed"] == 1 and config["versions"]["torch"].startswith("2.14")
+    for row in rows:
+        payload = torch.load(io.BytesIO(open(row["checkpoint"], "rb").read()),
+                             weights_only=True)
+        assert payload["metrics"]["flops"] == row["flops"]
+    final = load_checkpoint(str(out / "final.pt"))
+    assert count_flops(final, (3, 16, 16)) == rows[2]["flops"]
+    _train, test = build_datasets(DataConfig("digits"))
+    assert evaluate(final, test, TrainConfig()) == pytest.approx(rows[2]["accuracy"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-m", "-2"], "groups per round"),
+    (["--tolerance", "-0.1"], "tolerance"),
+    (["--max-ratio", "1.0"], "outside [0, 1)"),
+    (["--stage-cap", "layer1=1.2"], "outside [0, 1)"),
+    (["--stage-cap", "layer1"], "NAME=RATIO"),
+    (["--model", "resnet21"], "unknown model 'resnet21'"),
+    (["--dataset", "mnist"], "mnist"),
+    (["--dataset", "cifar10", "--data-root", "/nonexistent/cifar"], "/nonexistent/cifar"),
+    (["--importance", "magic"], "unknown importance"),
+    (["--workers", "0"], "--workers"),
+    (["--max-rounds", "0"], "max rounds"),
+    (["-m", "abc"], "invalid int value"),
+])
+def test_bad_input_one_line_error_before_training(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) if "abc" in argv else _no_raise():
+        code = main(["prune", "--out", str(out), *argv])
+        assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not (out / "prepared").exists()
+
+
+def test_unwritable_out_dir(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["prune", "--out", str(blocker / "sub")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot write" in err and str(blocker) in err and len(err.splitlines()) == 1
+
+
+class _no_raise:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
