@@ -356,7 +356,7 @@ def _table_row(rec: dict, baseline: dict | None) -> list[str]:
     base_acc = _baseline_value(baseline, "accuracy")
     d_acc = float(rec["accuracy"]) - base_acc
     rnd = rec.get("round")
-    ckpt = rec.get("checkpoint")
+    ckpt = rec.get("frontier_checkpoint") or rec.get("checkpoint")  # the collected copy if any
     return [
         str(rec.get("trial_id", "")),
         "-" if rnd is None or pd.isna(rnd) else str(int(rnd)),

@@ -1,0 +1,320 @@
+"""The pruning-schedule search: Ray Tune + Optuna (multi-objective) over CCPCSA schedules.
+
+    python search/run.py [flags]                              # local Ray, embedded data
+    ray job submit --working-dir . -- python search/run.py ... # on a running cluster
+
+Stage 0 (baseline and BAM training) runs once and is cached under <storage>/<name>/stage0;
+every trial then runs the CCPCSA loop with its own m and ratio caps; every round of every
+trial is a candidate point, and the accuracy-FLOPs Pareto frontier of all of them is written
+to <storage>/<name>/ (frontier.parquet, frontier.png, frontier/*.pt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+if __package__ in (None, ""):  # `python search/run.py`: make the repo importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ccpcsa import storage  # noqa: E402
+from ccpcsa.data import DataError, dataset_info  # noqa: E402
+from ccpcsa.loop import PrepareConfig, Prepared  # noqa: E402
+from ccpcsa.results import versions  # noqa: E402
+from search.config import (  # noqa: E402
+    SAMPLERS,
+    ConfigError,
+    SearchConfig,
+    build_config,
+    load_yaml,
+)
+
+log = logging.getLogger("ccpcsa.search")
+DEFAULTS = SearchConfig()
+CONFIG_FILE = "search_config.json"
+STATE_FILE = "tuner.pkl"  # written by Tune in the experiment folder
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see search/run.py --help)\n")
+
+
+def _range_arg(kind):
+    def parse(text: str) -> list:
+        parts = text.replace(",", " ").split()
+        try:
+            return [kind(p) for p in parts]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected LOW,HIGH numbers, got {text!r}") from None
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = DEFAULTS
+    p = OneLineParser(
+        prog="search/run.py",
+        description="Search CCPCSA pruning schedules (m and per-stage or per-layer ratio caps) "
+                    "with Ray Tune + Optuna, maximising top-1 accuracy and minimising FLOPs "
+                    "(multiply-accumulates); writes the Pareto frontier with its checkpoints "
+                    "to <storage>/<name>/. Flags override --config; unset flags keep defaults.",
+        argument_default=None)
+    a = p.add_argument
+    a("--config", metavar="YAML", help="YAML file with any of these settings (keys = flag "
+      "names, dashes or underscores)")
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", help=f"architecture (default {d.model}); one of resnet20, "
+                   "resnet56, resnet18, resnet50, resnet101, vgg16_bn, mobilenet_v2")
+    g.add_argument("--dataset", help=f"digits (embedded, no download), cifar10, cifar100, "
+                   f"imagefolder, parquet (default {d.dataset})")
+    g.add_argument("--data-root", help="dataset folder or URI (cifar/imagefolder/parquet)")
+    g.add_argument("--image-size", type=int, help="input side in pixels (default: dataset's)")
+    g = p.add_argument_group("search")
+    g.add_argument("--num-samples", type=int, help=f"trials to run (default {d.num_samples})")
+    g.add_argument("--max-concurrent-trials", type=int,
+                   help=f"trials running at once (default {d.max_concurrent_trials})")
+    g.add_argument("--sampler", help=f"Optuna multi-objective sampler: {', '.join(SAMPLERS)} "
+                   f"(default {d.sampler})")
+    g.add_argument("--seed", type=int, help=f"seed of training and sampler (default {d.seed})")
+    g.add_argument("--per-layer", action="store_true", default=None,
+                   help="search one ratio cap per layer group instead of one per stage")
+    g.add_argument("--m-range", type=_range_arg(int), metavar="LOW,HIGH",
+                   help="range of m, channel groups removed per round (default: 0.5%%-4%% of "
+                        "the model's prunable channels)")
+    g.add_argument("--cap-range", type=_range_arg(float), metavar="LOW,HIGH",
+                   help=f"range of each ratio cap, in [0, 1) (default {d.cap_range})")
+    g.add_argument("--search-finetune", action="store_true", default=None,
+                   help="also search the fine-tune learning rate and epochs")
+    g.add_argument("--lr-range", type=_range_arg(float), metavar="LOW,HIGH",
+                   help=f"fine-tune lr range with --search-finetune (default {d.lr_range})")
+    g.add_argument("--epochs-range", type=_range_arg(int), metavar="LOW,HIGH",
+                   help=f"fine-tune epochs range with --search-finetune "
+                        f"(default {d.epochs_range})")
+    g = p.add_argument_group("resources")
+    g.add_argument("--workers-per-trial", type=int,
+                   help=f"Ray Train data-parallel workers per trial; 1 = train inside the trial "
+                        f"process (default {d.workers_per_trial})")
+    g.add_argument("--gpus-per-worker", type=float,
+                   help="GPUs per training worker (default: 1 if the cluster has GPUs, else 0)")
+    g.add_argument("--cpus-per-worker", type=float,
+                   help=f"CPUs per training worker (default {d.cpus_per_worker})")
+    g.add_argument("--max-failures", type=int,
+                   help=f"retries of a crashed trial, from its last checkpoint "
+                        f"(default {d.max_failures})")
+    g = p.add_argument_group("results")
+    g.add_argument("--storage", help=f"results folder or URI: local path, file://, s3://, "
+                   f"gs://, NFS (default {d.storage})")
+    g.add_argument("--name", help=f"run name; results in <storage>/<name> (default {d.name})")
+    g.add_argument("--resume", action="store_true", default=None,
+                   help="continue the interrupted search <storage>/<name>: finished trials are "
+                        "kept, unfinished ones continue; the saved configuration is used")
+    g.add_argument("--dry-run", action="store_true", default=False,
+                   help="validate the configuration, print it, and exit")
+    g = p.add_argument_group("stage 0 (once per search) and each trial's loop")
+    g.add_argument("--baseline-epochs", type=int,
+                   help=f"step 1 epochs, model without BAM (default {d.baseline_epochs})")
+    g.add_argument("--attention-epochs", type=int,
+                   help=f"step 2 epochs, model with BAM (default {d.attention_epochs})")
+    g.add_argument("--lr", type=float, help=f"stage 0 learning rate (default {d.lr})")
+    g.add_argument("--batch-size", type=int, help=f"global batch size (default {d.batch_size})")
+    g.add_argument("--tolerance", type=float,
+                   help=f"allowed top-1 drop in points before a trial stops "
+                        f"(default {d.tolerance})")
+    g.add_argument("--max-rounds", type=int, help=f"rounds per trial (default {d.max_rounds})")
+    g.add_argument("--epochs", type=int,
+                   help=f"fine-tune epochs per round (default {d.epochs})")
+    g.add_argument("--finetune-lr", type=float,
+                   help=f"fine-tune learning rate (default {d.finetune_lr})")
+    g.add_argument("--importance", help=f"channel criterion: ccpcsa, l1, bn_scale, attention, "
+                   f"random (default {d.importance})")
+    g.add_argument("--calibration-batches", type=int,
+                   help=f"batches used to score channels (default {d.calibration_batches})")
+    g.add_argument("--min-channels", type=int,
+                   help=f"channel floor per layer (default {d.min_channels})")
+    g.add_argument("--reference", help=f"tolerance measured from: baseline or attention "
+                   f"(default {d.reference})")
+    a("-v", "--verbose", action="store_true", default=False, help="debug logging")
+    return p
+
+
+def config_from_argv(argv: list[str] | None) -> tuple[SearchConfig, argparse.Namespace]:
+    args = build_parser().parse_args(argv)
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "dry_run", "verbose")}
+    return build_config(load_yaml(args.config) if args.config else {}, flags), args
+
+
+def run_dir_of(cfg: SearchConfig) -> str:
+    return storage.join(cfg.storage, cfg.name)
+
+
+def resolve_storage(cfg: SearchConfig) -> SearchConfig:
+    if storage.is_uri(cfg.storage):
+        return cfg
+    if "/runtime_resources/" in os.getcwd() and not os.path.isabs(cfg.storage):
+        # Inside `ray job submit --working-dir`, a relative path would land in a temporary copy.
+        cfg.storage = os.path.expanduser(os.path.join("~", "ccpcsa-runs"))
+        log.warning("relative --storage inside a Ray job: writing to %s instead", cfg.storage)
+    cfg.storage = os.path.abspath(cfg.storage)
+    return cfg
+
+
+def check_run_folder(cfg: SearchConfig) -> SearchConfig:
+    """New run: refuse to overwrite. --resume: use the configuration saved with the run."""
+    run_dir = run_dir_of(cfg)
+    saved = storage.join(run_dir, CONFIG_FILE)
+    if cfg.resume:
+        if not storage.exists(storage.join(run_dir, STATE_FILE)):
+            raise ConfigError(f"nothing to resume at {run_dir!r}: no search state there")
+        stored = json.loads(storage.read_text(saved))["config"]
+        stored.update(resume=True, storage=cfg.storage, name=cfg.name)
+        return SearchConfig(**stored)
+    if storage.exists(saved):
+        raise ConfigError(f"{run_dir!r} already holds a search; pass --resume to continue it "
+                          f"or choose another --name")
+    return cfg
+
+
+def connect_ray(cfg: SearchConfig):
+    import ray
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(log_to_driver=True)
+        else:
+            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
+                     log_to_driver=True)
+    resources = ray.cluster_resources()
+    gpus = resources.get("GPU", 0.0)
+    if cfg.gpus_per_worker is None:
+        cfg.gpus_per_worker = 1.0 if gpus > 0 else 0.0
+    wanted = cfg.workers_per_trial * cfg.gpus_per_worker
+    if wanted > gpus:
+        raise ConfigError(f"a trial needs {wanted:g} GPUs ({cfg.workers_per_trial} workers x "
+                          f"{cfg.gpus_per_worker:g}) but the cluster has {gpus:g}")
+    cpus = resources.get("CPU", 0.0)
+    if cfg.workers_per_trial * cfg.cpus_per_worker > cpus:
+        raise ConfigError(f"a trial needs {cfg.workers_per_trial * cfg.cpus_per_worker:g} CPUs "
+                          f"but the cluster has {cpus:g}")
+    log.info("Ray cluster: %g CPUs, %g GPUs", cpus, gpus)
+    return ray
+
+
+def run_stage0(ray, cfg: SearchConfig, prep_cfg: PrepareConfig, run_dir: str) -> Prepared:
+    """Algorithm 1 steps 1-2 as a Ray task on a worker with the trial's resources (the head
+    node of a GPU cluster often has no GPU); cached, so a resumed search skips it."""
+    from ccpcsa.loop import prepare
+    from search.trial import make_runner
+
+    def stage0() -> Prepared:
+        logging.basicConfig(level=logging.INFO)
+        runner = make_runner(cfg, prep_cfg.num_classes, storage.join(run_dir, "train", "stage0"))
+        return prepare(prep_cfg, runner, storage.join(run_dir, "stage0"))
+
+    if cfg.workers_per_trial > 1:  # Ray Train places its own workers
+        return stage0()
+    task = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker)(stage0)
+    return ray.get(task.remote())
+
+
+def make_tuner(cfg: SearchConfig, trainable, space: dict[str, Any]):
+    import optuna
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    run_dir = run_dir_of(cfg)
+    if cfg.resume:
+        return tune.Tuner.restore(run_dir, trainable, resume_unfinished=True,
+                                  resume_errored=False)
+    # NSGA-II's default population (50) would leave a small search in its random first
+    # generation; scale it so a search sees a few generations.
+    population = max(4, min(50, cfg.num_samples // 4))
+    sampler = (optuna.samplers.NSGAIISampler(population_size=population, seed=cfg.seed)
+               if cfg.sampler == "nsga2" else optuna.samplers.TPESampler(seed=cfg.seed))
+    search = OptunaSearch(space=space, metric=["accuracy", "flops"], mode=["max", "min"],
+                          sampler=sampler, seed=cfg.seed)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=search, num_samples=cfg.num_samples,
+                                    max_concurrent_trials=cfg.max_concurrent_trials),
+        run_config=tune.RunConfig(
+            name=cfg.name, storage_path=cfg.storage,
+            failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+            verbose=1),
+    )
+
+
+def trial_resources(cfg: SearchConfig) -> dict[str, float]:
+    if cfg.workers_per_trial == 1:
+        return {"cpu": cfg.cpus_per_worker, "gpu": cfg.gpus_per_worker or 0.0}
+    return {"cpu": 0.01}  # the trial only drives Ray Train, whose workers reserve their own
+
+
+def run_search(cfg: SearchConfig) -> int:
+    from ray import tune
+
+    from search import collect
+    from search.space import build_space, describe_model
+    from search.trial import TrialSettings, run_trial
+
+    cfg = check_run_folder(resolve_storage(cfg))
+    run_dir = run_dir_of(cfg)
+    storage.check_writable(run_dir)
+    info = dataset_info_of(cfg)
+    input_shape = (info.channels, info.image_size, info.image_size)
+    ray = connect_ray(cfg)
+    if not cfg.resume:
+        storage.write_text(storage.join(run_dir, CONFIG_FILE), json.dumps(
+            {"config": cfg.to_dict(), "versions": versions()}, indent=2, default=str))
+    started = time.time()
+    prep_cfg = PrepareConfig(cfg.model, info.num_classes, input_shape, cfg.dataset,
+                             cfg.baseline_epochs, cfg.attention_epochs, cfg.lr, cfg.seed)
+    print(f"stage 0: baseline and BAM training for {cfg.model} on {cfg.dataset} "
+          f"(cached in {storage.join(run_dir, 'stage0')})", flush=True)
+    prepared = run_stage0(ray, cfg, prep_cfg, run_dir)
+    print(f"stage 0: baseline {prepared.baseline_accuracy:.2f}% top-1, "
+          f"with BAM {prepared.attention_accuracy:.2f}%", flush=True)
+    layout = describe_model(cfg.model, info.num_classes, input_shape)
+    space = build_space(cfg, layout)
+    fail = frozenset(int(i) for i in os.environ.get("CCPCSA_FAIL_TRIALS", "").split(",") if i)
+    settings = TrialSettings(cfg, layout, prepared, info.num_classes, input_shape, run_dir, fail)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings),
+                                    trial_resources(cfg))
+    print(f"search: {cfg.num_samples} trials, {cfg.max_concurrent_trials} at once, "
+          f"params {', '.join(space)}", flush=True)
+    grid = make_tuner(cfg, trainable, space).fit()
+    summary = collect.write_results(grid, cfg, prepared, run_dir)
+    print(summary, flush=True)
+    print(f"done in {time.time() - started:.0f}s; results in {run_dir}", flush=True)
+    return 0
+
+
+def dataset_info_of(cfg: SearchConfig):
+    from search.trial import data_config
+
+    return dataset_info(data_config(cfg))
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg, args = config_from_argv(argv)
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                            stream=sys.stderr,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        if args.dry_run:  # syntax and ranges only: storage and data are not touched
+            print(json.dumps(cfg.to_dict(), indent=2))
+            return 0
+        return run_search(cfg)
+    except (ConfigError, DataError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

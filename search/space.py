@@ -1,0 +1,96 @@
+"""The search space: m (channel groups removed per round) and pruning-ratio caps per stage
+(default) or per layer, optionally the fine-tune lr and epochs. Ranges scale with the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+import torch
+
+from ccpcsa.models import build_model, get_spec
+from ccpcsa.prune import build_graph, find_groups
+from search.config import SearchConfig
+
+M_PARAM = "groups_per_round"
+LR_PARAM = "finetune_lr"
+EPOCHS_PARAM = "finetune_epochs"
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """What the space needs to know about the model: its prunable groups and their stages."""
+
+    total_channels: int
+    stages: tuple[str, ...]
+    layers: tuple[str, ...]
+    widths: dict[str, int]  # original width of each group, which ratio caps refer to
+
+
+def describe_model(model_name: str, num_classes: int, input_shape: tuple[int, ...]
+                   ) -> ModelLayout:
+    spec = get_spec(model_name)
+    model = build_model(model_name, num_classes, with_bam=True)
+    graph = build_graph(model, torch.zeros(1, *input_shape))
+    groups = find_groups(model, graph, spec.classifier(model), spec.stage_of)
+    stages = tuple(s for s in spec.stages if any(g.stage == s for g in groups))
+    others = tuple(sorted({g.stage for g in groups} - set(stages)))
+    return ModelLayout(sum(g.width for g in groups), stages + others,
+                       tuple(sorted(g.key for g in groups)), {g.key: g.width for g in groups})
+
+
+def default_m_range(total_channels: int) -> list[int]:
+    """From 0.5 % to 4 % of the prunable channels per round."""
+    low = max(1, round(0.005 * total_channels))
+    return [low, max(low + 1, round(0.04 * total_channels))]
+
+
+def cap_param(name: str) -> str:
+    return "cap_" + name.replace(".", "_")
+
+
+def build_space(cfg: SearchConfig, layout: ModelLayout) -> dict[str, Any]:
+    m_low, m_high = cfg.m_range or default_m_range(layout.total_channels)
+    space: dict[str, Any] = {
+        M_PARAM: optuna.distributions.IntDistribution(int(m_low), int(m_high),
+                                                      log=m_high >= 8 * m_low),
+    }
+    cap_low, cap_high = cfg.cap_range
+    for name in layout.layers if cfg.per_layer else layout.stages:
+        space[cap_param(name)] = optuna.distributions.FloatDistribution(cap_low, cap_high)
+    if cfg.search_finetune:
+        lr_low, lr_high = cfg.lr_range
+        space[LR_PARAM] = optuna.distributions.FloatDistribution(lr_low, lr_high, log=True)
+        space[EPOCHS_PARAM] = optuna.distributions.IntDistribution(*map(int, cfg.epochs_range))
+    return space
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """One trial's pruning schedule, decoded from its parameters."""
+
+    groups_per_round: int
+    stage_caps: dict[str, float]
+    layer_caps: dict[str, float]
+    finetune_lr: float
+    finetune_epochs: int
+
+
+def decode(params: dict[str, Any], cfg: SearchConfig, layout: ModelLayout) -> Schedule:
+    names = layout.layers if cfg.per_layer else layout.stages
+    caps = {name: float(params[cap_param(name)]) for name in names if cap_param(name) in params}
+    return Schedule(
+        groups_per_round=int(params[M_PARAM]),
+        stage_caps={} if cfg.per_layer else caps,
+        layer_caps=caps if cfg.per_layer else {},
+        finetune_lr=float(params.get(LR_PARAM, cfg.finetune_lr)),
+        finetune_epochs=int(params.get(EPOCHS_PARAM, cfg.epochs)),
+    )
+
+
+def uniform_params(cfg: SearchConfig, layout: ModelLayout, m: int, cap: float
+                   ) -> dict[str, Any]:
+    """The paper's kind of schedule: one m, the same cap everywhere."""
+    names = layout.layers if cfg.per_layer else layout.stages
+    return {M_PARAM: m, **{cap_param(name): cap for name in names}}

@@ -1,0 +1,132 @@
+"""One Tune trial: the CCPCSA loop (Algorithm 1 steps 3-11) with one pruning schedule.
+
+Every round is reported to Tune with its checkpoint; the last report is the trial's returned
+model (the last round within tolerance), which is what Optuna's objectives see.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from ray import tune
+
+from ccpcsa.checkpoint import CheckpointInfo, model_from_payload, read_payload, save_checkpoint
+from ccpcsa.data import DataConfig, build_datasets
+from ccpcsa.loop import LoopConfig, Prepared, RoundRecord, prune_loop, record_of
+from ccpcsa.prune import PruneLimits
+from ccpcsa.train import LocalRunner, TrainConfig
+from search.config import SearchConfig
+from search.space import ModelLayout, decode
+
+CHECKPOINT_FILE = "model.pt"
+
+
+@dataclass
+class TrialSettings:
+    """What every trial shares; sent once through the object store (tune.with_parameters)."""
+
+    cfg: SearchConfig
+    layout: ModelLayout
+    prepared: Prepared
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    run_dir: str
+    fail_trials: frozenset[int] = field(default_factory=frozenset)  # test hook: these raise
+
+
+def data_config(cfg: SearchConfig) -> DataConfig:
+    return DataConfig(cfg.dataset, cfg.data_root, cfg.image_size)
+
+
+def train_config(cfg: SearchConfig) -> TrainConfig:
+    return TrainConfig(batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
+
+
+def make_runner(cfg: SearchConfig, num_classes: int, storage_path: str):
+    """One process when workers_per_trial == 1, else Ray Train over that many workers."""
+    if cfg.workers_per_trial == 1:
+        train_set, test_set = build_datasets(data_config(cfg))
+        return LocalRunner(train_set, test_set, train_config(cfg))
+    from ccpcsa.distributed import RayRunner
+
+    return RayRunner(cfg.model, num_classes, data_config(cfg), train_config(cfg),
+                     cfg.workers_per_trial, storage_path=storage_path,
+                     gpus_per_worker=cfg.gpus_per_worker or 0.0,
+                     use_gpu=bool(cfg.gpus_per_worker), cpus_per_worker=cfg.cpus_per_worker)
+
+
+def run_trial(params: dict[str, Any], settings: TrialSettings) -> None:
+    cfg, prepared = settings.cfg, settings.prepared
+    trial_id = tune.get_context().get_trial_id() or "trial"
+    if _trial_index(trial_id) in settings.fail_trials:
+        raise RuntimeError(f"injected failure in trial {trial_id} (CCPCSA_FAIL_TRIALS)")
+    if not cfg.gpus_per_worker:
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    schedule = decode(params, cfg, settings.layout)
+    loop_cfg = LoopConfig(
+        groups_per_round=schedule.groups_per_round, tolerance=cfg.tolerance,
+        max_rounds=cfg.max_rounds, finetune_epochs=schedule.finetune_epochs,
+        finetune_lr=schedule.finetune_lr, importance=cfg.importance,
+        calibration_batches=cfg.calibration_batches,
+        limits=PruneLimits(max(cfg.cap_range), schedule.stage_caps, schedule.layer_caps,
+                           cfg.min_channels),
+        reference=cfg.reference, seed=cfg.seed)
+    reference = prepared.reference_accuracy(cfg.reference)
+    runner = make_runner(cfg, settings.num_classes,
+                         os.path.join(settings.run_dir, "train", trial_id))
+
+    model, start_round, accuracy = _starting_point(prepared)
+
+    def on_round(record: RoundRecord, pruned: torch.nn.Module) -> None:
+        if record.round == 0:
+            return  # the unpruned M' is one shared point; the driver adds it once
+        info = CheckpointInfo(cfg.model, settings.num_classes, True, settings.input_shape,
+                              cfg.dataset, _metrics(record, prepared),
+                              {"round": record.round, "widths": record.widths,
+                               "within_tolerance": record.within_tolerance})
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(pruned, info, os.path.join(tmp, CHECKPOINT_FILE))
+            tune.report({**_metrics(record, prepared), "is_final": False},
+                        checkpoint=tune.Checkpoint.from_directory(tmp))
+
+    result = prune_loop(model, cfg.model, settings.input_shape, reference, runner, loop_cfg,
+                        on_round, initial_accuracy=accuracy, start_round=start_round,
+                        original_widths=settings.layout.widths)
+    final = record_of(result, result.final_round)
+    tune.report({**_metrics(final, prepared), "is_final": True,
+                 "final_round": result.final_round, "stop_reason": result.stop_reason})
+
+
+def _starting_point(prepared: Prepared) -> tuple[torch.nn.Module, int, float]:
+    """M' for a new trial; the last reported round when Tune retries a failed trial (or M'
+    again if that round had already broken the tolerance: its predecessor was not kept)."""
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            payload = read_payload(os.path.join(folder, CHECKPOINT_FILE))
+        if payload["extra"].get("within_tolerance", False):
+            model = model_from_payload(payload).train()
+            return model, int(payload["extra"]["round"]), float(payload["metrics"]["accuracy"])
+    return prepared.load_attention_model(), 0, prepared.attention_accuracy
+
+
+def _metrics(record: RoundRecord, prepared: Prepared) -> dict[str, Any]:
+    return {
+        "round": record.round,
+        "accuracy": record.accuracy,
+        "flops": record.flops,
+        "params": record.params,
+        "removed": record.removed,
+        "within_tolerance": record.within_tolerance,
+        "flops_reduction": 100.0 * (1 - record.flops / prepared.baseline_flops),
+        "params_reduction": 100.0 * (1 - record.params / prepared.baseline_params),
+    }
+
+
+def _trial_index(trial_id: str) -> int:
+    tail = trial_id.rsplit("_", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
