@@ -12,7 +12,7 @@ from ccpcsa import storage
 from ccpcsa.checkpoint import CheckpointInfo, save_checkpoint
 from ccpcsa.data import DATASETS, DataConfig, DataError, build_datasets, dataset_info
 from ccpcsa.importance import IMPORTANCES
-from ccpcsa.loop import REFERENCES, LoopConfig, PrepareConfig, prepare, prune_loop
+from ccpcsa.loop import REFERENCES, LoopConfig, PrepareConfig, prepare, prune_loop, record_of
 from ccpcsa.models import MODELS, get_spec
 from ccpcsa.prune import PruneLimits
 from ccpcsa.results import record_row, table_header, table_line, write_config, write_rows
@@ -207,7 +207,7 @@ def run_prune(args: argparse.Namespace) -> int:
     result = prune_loop(prepared.load_attention_model(), args.model, prep_cfg.input_shape,
                         reference, runner, loop_cfg, on_round,
                         initial_accuracy=prepared.attention_accuracy)
-    final = result.records[result.final_round]
+    final = record_of(result, result.final_round)
     final_path = storage.join(args.out, "final.pt")
     save_checkpoint(result.model, checkpoint_info(prep_cfg, True, final, reference), final_path)
     print(f"stopped: {result.stop_reason}; final model = round {result.final_round}: "

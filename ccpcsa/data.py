@@ -1,7 +1,9 @@
 """Image-classification datasets for training and pruning, plus ImageFolder -> Parquet export.
 
 Datasets: "digits" (scikit-learn's embedded 8x8 handwritten digits, no download), "cifar10",
-"cifar100" (torchvision's on-disk layout) and "imagefolder" (ImageNet layout root/train, root/val).
+"cifar100" (torchvision's on-disk layout), "imagefolder" (ImageNet layout root/train, root/val)
+and "parquet" (root/train, root/val of Parquet shards written by `to-parquet`, local or URI;
+Ray Train streams them through Ray Data, one process reads them into memory).
 Every item is (float32 tensor 3xHxW, normalised; int label).
 
 CLI: python -m ccpcsa.data to-parquet SRC DST [--rows-per-shard N] [--split NAME]
@@ -28,9 +30,10 @@ from torch.utils.data import Dataset
 from torchvision import datasets as tv_datasets
 from torchvision import transforms as T
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
-NEEDS_ROOT = ("cifar10", "cifar100", "imagefolder")
-DEFAULT_IMAGE_SIZE = {"digits": 16, "cifar10": 32, "cifar100": 32, "imagefolder": 224}
+DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "parquet")
+NEEDS_ROOT = ("cifar10", "cifar100", "imagefolder", "parquet")
+DEFAULT_IMAGE_SIZE = {"digits": 16, "cifar10": 32, "cifar100": 32, "imagefolder": 224,
+                      "parquet": 224}
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
 MIN_IMAGE_SIZE = 8
 
@@ -94,6 +97,8 @@ def dataset_info(cfg: DataConfig) -> DatasetInfo:
     size = _validate(cfg)
     if cfg.name == "imagefolder":
         num_classes = len(_find_classes(os.path.join(str(cfg.root), "train")))
+    elif cfg.name == "parquet":
+        num_classes = len(parquet_classes(str(cfg.root), "train"))
     else:
         num_classes = NUM_CLASSES[cfg.name]
     return DatasetInfo(num_classes=num_classes, image_size=size, channels=3)
@@ -106,6 +111,8 @@ def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
         return _digits(size, cfg.augment)
     if cfg.name in ("cifar10", "cifar100"):
         return _cifar(cfg.name, str(cfg.root), size, cfg.augment)
+    if cfg.name == "parquet":
+        return _parquet(str(cfg.root), size, cfg.augment)
     return _imagefolder(str(cfg.root), size, cfg.augment)
 
 
@@ -369,6 +376,78 @@ def decode_image_batch(images: Sequence[bytes], image_size: int, train: bool) ->
             raise DataError(f"image {i} of the batch: not a decodable image ({exc})") from exc
         out[i] = transform(img)
     return out
+
+
+# ---------------------------------------------------------------- parquet shards (read)
+
+
+def parquet_split_dir(root: str, split: str) -> str:
+    return _join(root, split)
+
+
+def parquet_classes(root: str, split: str) -> list[str]:
+    """Class names of a shard folder (root/split/_classes.json, written by to-parquet)."""
+    folder = parquet_split_dir(root, split)
+    fs, base = _resolve_dst(folder)
+    if fs.get_file_info(base).type != pafs.FileType.Directory:
+        raise DataError(f"{folder}: not found; expected a folder of Parquet shards written by "
+                        "`python -m ccpcsa.data to-parquet` (with train/ and val/ under the root)")
+    try:
+        with fs.open_input_stream(_join(base, CLASSES_FILE)) as f:
+            classes = json.loads(f.read())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{folder}: no readable {CLASSES_FILE}; expected the class list that "
+                        f"to-parquet writes ({exc})") from None
+    if not isinstance(classes, list) or len(classes) < 2:
+        raise DataError(f"{folder}/{CLASSES_FILE}: expected a JSON list of >= 2 class names")
+    return classes
+
+
+def parquet_shards(root: str, split: str) -> list[str]:
+    """The shard files of root/split in order, in root's form (local path or URI)."""
+    folder = parquet_split_dir(root, split)
+    parquet_classes(root, split)
+    fs, base = _resolve_dst(folder)
+    entries = fs.get_file_info(pafs.FileSelector(base))
+    names = sorted(e.base_name for e in entries if e.base_name.endswith(".parquet"))
+    if not names:
+        raise DataError(f"{folder}: no *.parquet shards; expected part-00000.parquet, ...")
+    return [_join(folder, n) for n in names]
+
+
+def read_shard_table(path: str) -> pa.Table:
+    fs, p = _resolve_dst(path)
+    return pq.read_table(p, filesystem=fs, columns=["image", "label"])
+
+
+class ParquetImages(Dataset):
+    """Parquet shards (image bytes, label) held in memory, decoded and transformed on access.
+    For one process; N workers stream the same shards through Ray Data instead."""
+
+    def __init__(self, shards: list[str], classes: list[str], image_size: int, train: bool
+                 ) -> None:
+        table = pa.concat_tables([read_shard_table(s) for s in shards])
+        self.images = table.column("image").to_pylist()
+        self.targets = table.column("label").to_pylist()
+        self.classes = classes
+        self.transform = imagefolder_transform(image_size, train)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        img = Image.open(io.BytesIO(self.images[index])).convert("RGB")
+        return self.transform(img), self.targets[index]
+
+
+def _parquet(root: str, image_size: int, augment: bool) -> tuple[Dataset, Dataset]:
+    classes = parquet_classes(root, "train")
+    if parquet_classes(root, "val") != classes:
+        raise DataError(f"{parquet_split_dir(root, 'val')}: classes differ from train; "
+                        "expected both splits exported from the same class folders")
+    train = ParquetImages(parquet_shards(root, "train"), classes, image_size, augment)
+    val = ParquetImages(parquet_shards(root, "val"), classes, image_size, False)
+    return train, val
 
 
 # ---------------------------------------------------------------- parquet export

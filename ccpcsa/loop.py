@@ -184,22 +184,30 @@ def prune_loop(
     cfg: LoopConfig,
     on_round: Callable[[RoundRecord, nn.Module], None] | None = None,
     initial_accuracy: float | None = None,
+    start_round: int = 0,
+    original_widths: dict[str, int] | None = None,
 ) -> LoopResult:
     """Score -> remove the m lowest channel groups -> fine-tune -> evaluate, until the accuracy
-    falls more than `tolerance` below the reference, max_rounds pass, or nothing is prunable."""
+    falls more than `tolerance` below the reference, max_rounds pass, or nothing is prunable.
+
+    To continue an interrupted loop, pass the model of round `start_round` and the group widths
+    of the unpruned model (`original_widths`, which the ratio caps refer to); the record of the
+    starting round is then not passed to `on_round` again."""
     cfg.validate()
     spec = get_spec(model_name)
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed + start_round)
     device = next(model.parameters()).device
-    original = group_widths(_groups(model, spec, input_shape, device)[1])
+    widths_now = group_widths(_groups(model, spec, input_shape, device)[1])
+    original = dict(original_widths or widths_now)
     accuracy = runner.evaluate(model) if initial_accuracy is None else initial_accuracy
-    first = RoundRecord(0, accuracy, count_flops(model, input_shape), count_params(model), 0,
-                        reference_accuracy - accuracy <= cfg.tolerance, dict(original))
+    first = RoundRecord(start_round, accuracy, count_flops(model, input_shape),
+                        count_params(model), 0, reference_accuracy - accuracy <= cfg.tolerance,
+                        widths_now)
     records = [first]
-    if on_round:
+    if on_round and start_round == 0:
         on_round(first, model)
-    best, best_round, reason = copy.deepcopy(model).cpu(), 0, "max_rounds"
-    for rnd in range(1, cfg.max_rounds + 1):
+    best, best_round, reason = copy.deepcopy(model).cpu(), start_round, "max_rounds"
+    for rnd in range(start_round + 1, cfg.max_rounds + 1):
         t0 = time.perf_counter()
         device = next(model.parameters()).device
         graph, groups = _groups(model, spec, input_shape, device)
@@ -236,6 +244,10 @@ def prune_loop(
             break
         best, best_round = copy.deepcopy(model).cpu(), rnd
     return LoopResult(best, best_round, records, reason)
+
+
+def record_of(result: LoopResult, round_number: int) -> RoundRecord:
+    return next(r for r in result.records if r.round == round_number)
 
 
 def _groups(model: nn.Module, spec, input_shape, device):

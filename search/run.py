@@ -213,7 +213,7 @@ def run_stage0(ray, cfg: SearchConfig, prep_cfg: PrepareConfig, run_dir: str) ->
 
     def stage0() -> Prepared:
         logging.basicConfig(level=logging.INFO)
-        runner = make_runner(cfg, prep_cfg.num_classes, storage.join(run_dir, "train", "stage0"))
+        runner = make_runner(cfg, storage.join(run_dir, "train", "stage0"))
         return prepare(prep_cfg, runner, storage.join(run_dir, "stage0"))
 
     if cfg.workers_per_trial > 1:  # Ray Train places its own workers

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from ray import tune
 
+from ccpcsa import storage
 from ccpcsa.checkpoint import CheckpointInfo, model_from_payload, read_payload, save_checkpoint
 from ccpcsa.data import DataConfig, build_datasets
 from ccpcsa.loop import LoopConfig, Prepared, RoundRecord, prune_loop, record_of
@@ -46,17 +47,15 @@ def train_config(cfg: SearchConfig) -> TrainConfig:
     return TrainConfig(batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
 
 
-def make_runner(cfg: SearchConfig, num_classes: int, storage_path: str):
+def make_runner(cfg: SearchConfig, storage_path: str):
     """One process when workers_per_trial == 1, else Ray Train over that many workers."""
     if cfg.workers_per_trial == 1:
         train_set, test_set = build_datasets(data_config(cfg))
         return LocalRunner(train_set, test_set, train_config(cfg))
     from ccpcsa.distributed import RayRunner
 
-    return RayRunner(cfg.model, num_classes, data_config(cfg), train_config(cfg),
-                     cfg.workers_per_trial, storage_path=storage_path,
-                     gpus_per_worker=cfg.gpus_per_worker or 0.0,
-                     use_gpu=bool(cfg.gpus_per_worker), cpus_per_worker=cfg.cpus_per_worker)
+    return RayRunner(data_config(cfg), train_config(cfg), cfg.workers_per_trial, storage_path,
+                     gpus_per_worker=cfg.gpus_per_worker, cpus_per_worker=cfg.cpus_per_worker)
 
 
 def run_trial(params: dict[str, Any], settings: TrialSettings) -> None:
@@ -76,8 +75,7 @@ def run_trial(params: dict[str, Any], settings: TrialSettings) -> None:
                            cfg.min_channels),
         reference=cfg.reference, seed=cfg.seed)
     reference = prepared.reference_accuracy(cfg.reference)
-    runner = make_runner(cfg, settings.num_classes,
-                         os.path.join(settings.run_dir, "train", trial_id))
+    runner = make_runner(cfg, storage.join(settings.run_dir, "train", trial_id))
 
     model, start_round, accuracy = _starting_point(prepared)
 
