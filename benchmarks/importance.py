@@ -624,6 +624,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["machine"] = host
     text = render(results, args, host)
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=1, default=str)
     if args.out == "-":
