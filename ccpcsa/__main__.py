@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from ccpcsa import storage
@@ -88,6 +88,14 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1,
                    help="data-parallel training workers under Ray Train; 1 = one process, "
                         "no Ray (default: %(default)s)")
+    p.add_argument("--gpus-per-worker", type=float, default=None,
+                   help="GPUs per Ray Train worker with --workers > 1 (default: 1 when the Ray "
+                        "cluster has GPUs, else 0)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0,
+                   help="CPUs per Ray Train worker with --workers > 1 (default: %(default)s)")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="BatchNorm statistics over the global batch of all Ray Train workers "
+                        "(SyncBatchNorm on GPUs, an all-reduce BatchNorm on CPUs)")
     p.add_argument("--loader-workers", type=int, default=0,
                    help="DataLoader worker processes per training process (default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every epoch")
@@ -163,13 +171,17 @@ def loop_config_from_args(args: argparse.Namespace, groups_per_round: int, max_r
 
 
 def make_runner(args: argparse.Namespace, configs: dict[str, Any], storage_path: str):
-    train_set, test_set = build_datasets(configs["data"])
+    """One process for --workers 1 (no Ray), else Ray Train over that many workers."""
+    data_cfg = configs["data"]
     if args.workers == 1:
-        return LocalRunner(train_set, test_set, configs["train"])
+        train_set, test_set = build_datasets(data_cfg)
+        calibration_set = build_datasets(replace(data_cfg, augment=False))[0]
+        return LocalRunner(train_set, test_set, configs["train"], calibration_set)
     from ccpcsa.distributed import RayRunner
 
-    return RayRunner(configs["data"], configs["train"], args.workers,
-                     storage_path=storage.join(storage_path, "ray"))
+    return RayRunner(data_cfg, configs["train"], args.workers, storage.join(storage_path, "ray"),
+                     gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+                     sync_bn=args.sync_bn)
 
 
 def run_prune(args: argparse.Namespace) -> int:

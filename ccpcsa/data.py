@@ -415,6 +415,16 @@ def parquet_shards(root: str, split: str) -> list[str]:
     return [_join(folder, n) for n in names]
 
 
+def parquet_rows(root: str, split: str) -> int:
+    """Rows of a shard folder, from the Parquet footers (no image is read)."""
+    total = 0
+    for shard in parquet_shards(root, split):
+        fs, p = _resolve_dst(shard)
+        with fs.open_input_file(p) as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total
+
+
 def read_shard_table(path: str) -> pa.Table:
     fs, p = _resolve_dst(path)
     return pq.read_table(p, filesystem=fs, columns=["image", "label"])

@@ -164,6 +164,7 @@ def build_model(name: str, num_classes: int, with_bam: bool = False) -> nn.Modul
         raise ModelError(f"num_classes must be >= 2, got {num_classes}")
     spec = get_spec(name)
     model = spec.build(num_classes)
+    model.ccpcsa_model = name  # lets the model be rebuilt elsewhere (Ray workers, checkpoints)
     if with_bam:
         insert_bam(model, spec.bam_placements)
     return model

@@ -7,13 +7,14 @@ import math
 import random
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 log = logging.getLogger("ccpcsa.train")
 
@@ -149,6 +150,15 @@ def loader(dataset: Dataset, cfg: TrainConfig, train: bool, sampler=None,
     )
 
 
+def train_sampler(dataset: Dataset, cfg: TrainConfig, world_size: int = 1, rank: int = 0
+                  ) -> DistributedSampler:
+    """The seeded epoch order shared by one process and N workers: worker r of N takes every
+    N-th index of the same permutation, so with a global batch B split as B/N per worker each
+    step covers the same samples whatever N is (call set_epoch before each epoch)."""
+    return DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                              seed=cfg.seed, drop_last=True)
+
+
 def fit(model: nn.Module, dataset: Dataset, cfg: TrainConfig, epochs: int, lr: float,
         label: str = "train") -> nn.Module:
     """Train in place for `epochs` with a fresh SGD + cosine schedule; returns the model."""
@@ -156,18 +166,34 @@ def fit(model: nn.Module, dataset: Dataset, cfg: TrainConfig, epochs: int, lr: f
         return model
     device = pick_device(cfg.device)
     to_device(model, device, cfg)
-    batches = loader(dataset, cfg, train=True)
+    sampler = train_sampler(dataset, cfg)
+    batches = loader(dataset, cfg, train=True, sampler=sampler)
     opt, sched = make_optimizer(model, cfg, lr, epochs * len(batches))
     for epoch in range(epochs):
+        sampler.set_epoch(epoch)
         start = time.perf_counter()
         loss, seen = run_epoch(model, batches, opt, sched, device, cfg,
                                progress=f"{label} epoch {epoch + 1}/{epochs}")
-        seconds = time.perf_counter() - start
-        log.info("%s epoch %d/%d loss %.4f (%d samples, %.1fs, %.0f img/s)", label, epoch + 1,
-                 epochs, loss, seen, seconds, seen / max(seconds, 1e-9))
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"{label}: loss became {loss} in epoch {epoch + 1}")
+        log_epoch(label, epoch, epochs, loss, seen, time.perf_counter() - start)
     return model
+
+
+def log_epoch(label: str, epoch: int, epochs: int, loss: float, seen: int, seconds: float
+              ) -> None:
+    log.info("%s epoch %d/%d loss %.4f (%d samples, %.1fs, %.0f img/s)", label, epoch + 1,
+             epochs, loss, seen, seconds, seen / max(seconds, 1e-9))
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"{label}: loss became {loss} in epoch {epoch + 1}")
+
+
+def calibration_batches(dataset: Dataset, cfg: TrainConfig, count: int
+                        ) -> Iterator[torch.Tensor]:
+    """The first `count` batches of the seeded epoch-0 order: what channels are scored on."""
+    batches = loader(dataset, cfg, train=True, sampler=train_sampler(dataset, cfg))
+    for i, (x, _y) in enumerate(batches):
+        if i >= count:
+            break
+        yield x
 
 
 def _progress(batches, label: str):
@@ -179,10 +205,13 @@ def _progress(batches, label: str):
 
 
 class LocalRunner:
-    """The loop's training backend in one process (see distributed.RayRunner for N workers)."""
+    """The loop's training backend in one process (see distributed.RayRunner for N workers).
+    Channels are scored on `calibration_set` (default: the training set)."""
 
-    def __init__(self, train_set: Dataset, test_set: Dataset, cfg: TrainConfig) -> None:
+    def __init__(self, train_set: Dataset, test_set: Dataset, cfg: TrainConfig,
+                 calibration_set: Dataset | None = None) -> None:
         self.train_set, self.test_set, self.cfg = train_set, test_set, cfg
+        self.calibration_set = train_set if calibration_set is None else calibration_set
 
     def fit(self, model: nn.Module, epochs: int, lr: float, label: str = "train") -> nn.Module:
         return fit(model, self.train_set, self.cfg, epochs, lr, label)
@@ -190,10 +219,5 @@ class LocalRunner:
     def evaluate(self, model: nn.Module) -> float:
         return evaluate(model, self.test_set, self.cfg)
 
-    def calibration_batches(self, count: int):
-        """The first `count` training batches, unaugmented order fixed by the seed."""
-        batches = loader(self.train_set, self.cfg, train=True)
-        for i, (x, _y) in enumerate(batches):
-            if i >= count:
-                break
-            yield x
+    def calibration_batches(self, count: int) -> Iterator[torch.Tensor]:
+        return calibration_batches(self.calibration_set, self.cfg, count)

@@ -1,7 +1,11 @@
 import os
 
-import pytest
-import torch
+# Ray started by the tests (ray.init, `ray start`) binds its node to 127.0.0.1: with this
+# (Ray's own switch for single-machine use) it does not resolve 127.0.0.1 to the host's address.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Two cores in CI: keep torch from oversubscribing them when Ray workers run beside the tests.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

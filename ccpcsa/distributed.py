@@ -1,0 +1,428 @@
+"""Ray Train: the loop's training and evaluation, data-parallel over N workers (TorchTrainer).
+
+The model travels to the workers as a checkpoint payload (architecture name + state dict, no
+pickled module), so a model that pruning has just reshaped is rebuilt exactly on every worker.
+Map-style datasets (digits, CIFAR, ImageFolder) are sharded by the same seeded sampler a single
+process uses; Parquet shards stream through Ray Data (`get_dataset_shard`) and are decoded and
+augmented on the workers. Every epoch is checkpointed through `ray.train.report`; a worker that
+dies is replaced and training resumes from the last epoch's checkpoint (FailureConfig).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import tempfile
+import time
+import uuid
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Dataset
+
+from ccpcsa import storage
+from ccpcsa.checkpoint import CheckpointInfo, model_from_payload, to_payload
+from ccpcsa.data import (
+    DataConfig,
+    build_datasets,
+    dataset_info,
+    decode_image_batch,
+    parquet_rows,
+    parquet_shards,
+    read_shard_table,
+)
+from ccpcsa.syncbn import convert_batchnorm
+from ccpcsa.train import (
+    TrainConfig,
+    calibration_batches,
+    count_correct,
+    loader,
+    log_epoch,
+    make_optimizer,
+    run_epoch,
+    to_device,
+    train_sampler,
+)
+
+log = logging.getLogger("ccpcsa.distributed")
+
+STATE_FILE = "train_state.pt"
+KILL_ENV = "CCPCSA_KILL_WORKER"  # test hook "RANK:EPOCH:BATCH:MARKER": SIGKILL once, mid-epoch
+_CHECKSUM_MOD = (1 << 61) - 1
+
+
+class DistributedError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """Everything a worker needs, as plain data."""
+
+    payload: dict[str, Any]  # the model: checkpoint payload (architecture + weights)
+    data: DataConfig
+    train: TrainConfig
+    epochs: int
+    lr: float
+    label: str
+    sync_bn: bool = False
+    kill: str = ""
+    train_rows: int = 0  # Parquet: rows of the train split (sizes the cosine schedule)
+
+
+class RayRunner:
+    """The loop's training backend on N Ray Train workers (see train.LocalRunner for one)."""
+
+    def __init__(self, data: DataConfig, train: TrainConfig, num_workers: int,
+                 storage_path: str, *, gpus_per_worker: float | None = None,
+                 cpus_per_worker: float = 1.0, sync_bn: bool = False, max_failures: int = 2
+                 ) -> None:
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+            raise DistributedError(f"workers must be an integer >= 1, got {num_workers!r}")
+        if train.batch_size % num_workers or train.batch_size // num_workers < 2:
+            raise DistributedError(
+                f"batch size {train.batch_size} must split into {num_workers} equal per-worker "
+                "batches of at least 2")
+        if not cpus_per_worker > 0:
+            raise DistributedError(f"cpus per worker must be > 0, got {cpus_per_worker}")
+        if max_failures < 0:
+            raise DistributedError(f"max failures must be >= 0, got {max_failures}")
+        self.data, self.train_cfg, self.num_workers = data, train, num_workers
+        self.cpus_per_worker, self.sync_bn, self.max_failures = (
+            cpus_per_worker, sync_bn, max_failures)
+        self.storage_path = storage_path if storage.is_uri(storage_path) else os.path.abspath(
+            storage_path)
+        storage.check_writable(self.storage_path)
+        dataset_info(data)  # a bad dataset fails here, before any worker starts
+        self.gpus_per_worker = check_cluster(num_workers, gpus_per_worker, cpus_per_worker)
+        self._calibration: Dataset | None = None
+        self._evaluated: tuple[tuple, float] | None = None
+        self.last_result = None  # the ray.train.Result of the latest run, for inspection
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+    def fit(self, model: nn.Module, epochs: int, lr: float, label: str = "train") -> nn.Module:
+        """Train `model` in place on N workers, then evaluate it there (the accuracy is kept
+        for evaluate(), which the loop calls next)."""
+        if epochs <= 0:
+            return model
+        state, accuracy = self._run(model, epochs, lr, label)
+        model.load_state_dict(state)
+        self._evaluated = (fingerprint(model), accuracy)
+        return model
+
+    def evaluate(self, model: nn.Module) -> float:
+        if self._evaluated is not None and self._evaluated[0] == fingerprint(model):
+            return self._evaluated[1]
+        _state, accuracy = self._run(model, 0, self.train_cfg.lr, "evaluate")
+        self._evaluated = (fingerprint(model), accuracy)
+        return accuracy
+
+    def calibration_batches(self, count: int) -> Iterator[torch.Tensor]:
+        """The first training batches, unaugmented, read on the driver (where scoring runs)."""
+        if self.data.name == "parquet":
+            return _parquet_calibration(self.data, self.train_cfg, count)
+        if self._calibration is None:
+            self._calibration = build_datasets(replace(self.data, augment=False))[0]
+        return calibration_batches(self._calibration, self.train_cfg, count)
+
+    def _run(self, model: nn.Module, epochs: int, lr: float, label: str
+             ) -> tuple[dict[str, torch.Tensor], float]:
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        info = _payload_info(model)
+        rows = parquet_rows(str(self.data.root), "train") if self.data.name == "parquet" else 0
+        job = WorkerJob(to_payload(model, info), self.data, self.train_cfg, epochs, lr, label,
+                        self.sync_bn, os.environ.get(KILL_ENV, ""), rows)
+        resources = {"CPU": self.cpus_per_worker}
+        if self.use_gpu:
+            resources["GPU"] = self.gpus_per_worker
+        trainer = TorchTrainer(
+            worker_loop,
+            train_loop_config={"job": job},
+            scaling_config=ScalingConfig(num_workers=self.num_workers, use_gpu=self.use_gpu,
+                                         resources_per_worker=resources),
+            run_config=RunConfig(
+                name=f"{_slug(label)}-{uuid.uuid4().hex[:8]}", storage_path=self.storage_path,
+                failure_config=FailureConfig(max_failures=self.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=2)),
+            datasets=_ray_datasets(self.data),
+            dataset_config=_dataset_config(),
+        )
+        start = time.perf_counter()
+        log.info("%s: %d epoch(s) on %d Ray Train worker(s)%s", label, epochs,
+                 self.num_workers, " with GPUs" if self.use_gpu else "")
+        result = trainer.fit()
+        self.last_result = result
+        with result.checkpoint.as_directory() as folder:
+            final = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu",
+                               weights_only=True)
+        log.info("%s: done in %.1fs, accuracy %.2f%%", label, time.perf_counter() - start,
+                 final["accuracy"])
+        return final["model"], float(final["accuracy"])
+
+
+def check_cluster(num_workers: int, gpus_per_worker: float | None, cpus_per_worker: float
+                  ) -> float:
+    """Connect to Ray (RAY_ADDRESS or a new local instance) and check the workers fit; returns
+    the GPUs per worker (None = 1 when the cluster has GPUs, else 0)."""
+    import ray
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(log_to_driver=True)
+        else:
+            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
+    resources = ray.cluster_resources()
+    gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
+    if gpus_per_worker is None:
+        gpus_per_worker = 1.0 if gpus > 0 else 0.0
+    if gpus_per_worker < 0:
+        raise DistributedError(f"GPUs per worker must be >= 0, got {gpus_per_worker}")
+    if num_workers * gpus_per_worker > gpus:
+        raise DistributedError(
+            f"{num_workers} workers x {gpus_per_worker:g} GPUs need "
+            f"{num_workers * gpus_per_worker:g} GPUs but the Ray cluster has {gpus:g}")
+    if num_workers * cpus_per_worker > cpus:
+        raise DistributedError(
+            f"{num_workers} workers x {cpus_per_worker:g} CPUs need "
+            f"{num_workers * cpus_per_worker:g} CPUs but the Ray cluster has {cpus:g}")
+    return float(gpus_per_worker)
+
+
+def fingerprint(model: nn.Module) -> tuple:
+    """Cheap identity of a model's weights: shapes and sums of every tensor."""
+    with torch.no_grad():
+        return tuple((k, tuple(v.shape), float(v.double().sum()))
+                     for k, v in model.state_dict().items())
+
+
+# ------------------------------------------------------------------------------- the worker
+
+
+def worker_loop(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: train `epochs` (resuming from the latest checkpoint
+    after a restart), checkpoint each epoch, then evaluate; rank 0 reports the weights."""
+    import ray.train
+    import ray.train.torch
+
+    job: WorkerJob = config["job"]
+    cfg = job.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed * 1000 + rank)  # augmentation draws differ per worker
+    device = ray.train.torch.get_device()
+    model = model_from_payload(job.payload).train()
+    if job.sync_bn and world > 1:  # BatchNorm statistics of the global batch
+        model = (nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda"
+                 else convert_batchnorm(model))
+    to_device(model, device, cfg)
+    source = _TrainSource(job, rank, world)
+    opt, sched = make_optimizer(model, cfg, job.lr, max(job.epochs * source.steps_per_epoch, 1))
+    start_epoch = _restore(model, opt, sched, device)
+    wrapped = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
+    metrics: dict[str, Any] = {}
+    for epoch in range(start_epoch, job.epochs):
+        started = time.perf_counter()
+        batches = _maybe_kill(source.epoch(epoch), job.kill, rank, epoch)
+        loss, seen = run_epoch(wrapped, batches, opt, sched, device, cfg)
+        loss, seen, checksum = _all_reduce([loss * seen, seen, source.checksum], device)
+        loss /= max(seen, 1)
+        if rank == 0:
+            log_epoch(f"{job.label} ({world} workers)", epoch, job.epochs, loss, int(seen),
+                      time.perf_counter() - started)
+        metrics = {"epoch": epoch + 1, "loss": loss, "samples": int(seen),
+                   "sample_checksum": int(checksum) % _CHECKSUM_MOD, "start_epoch": start_epoch}
+        _report(metrics, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                          "scheduler": sched.state_dict(), "epoch": epoch + 1}, rank)
+    correct, total = _evaluate(model, job, rank, world, device)
+    accuracy = 100.0 * correct / max(total, 1)
+    last_epoch = {f"last_{k}": v for k, v in metrics.items() if k in ("samples", "sample_checksum")}
+    _report({"epoch": job.epochs, "accuracy": accuracy, "evaluated": int(total),
+             "start_epoch": start_epoch, **last_epoch},
+            {"model": model.state_dict(), "accuracy": accuracy, "epoch": job.epochs}, rank)
+
+
+class _TrainSource:
+    """A worker's training batches: its sampler shard of a map-style dataset, or its Ray Data
+    shard of Parquet rows. Keeps an order-free checksum of the samples of the last epoch."""
+
+    def __init__(self, job: WorkerJob, rank: int, world: int) -> None:
+        import ray.train
+
+        self.job, self.rank, self.world = job, rank, world
+        self.batch_size = job.train.batch_size // world
+        self.checksum = 0
+        if job.data.name == "parquet":
+            self.shard = ray.train.get_dataset_shard("train")
+            self.steps_per_epoch = max(job.train_rows // job.train.batch_size, 1)
+            self.image_size = dataset_info(job.data).image_size
+        elif job.epochs > 0:
+            self.dataset = build_datasets(job.data)[0]
+            self.sampler = train_sampler(self.dataset, job.train, world, rank)
+            self.loader = loader(self.dataset, job.train, train=True, sampler=self.sampler,
+                                 batch_size=self.batch_size)
+            self.steps_per_epoch = len(self.loader)
+        else:
+            self.steps_per_epoch = 0
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.checksum = 0
+        if self.job.data.name == "parquet":
+            yield from self._parquet_epoch()
+            return
+        self.sampler.set_epoch(epoch)
+        indices = list(self.sampler)
+        used = len(indices) // self.batch_size * self.batch_size  # the loader drops the rest
+        self.checksum = sum(i + 1 for i in indices[:used])
+        yield from self.loader
+
+    def _parquet_epoch(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy"):
+            images, labels = batch["image"], batch["label"]
+            if len(labels) < 2:  # BatchNorm cannot train on one sample; every worker agrees
+                continue
+            self.checksum += sum(zlib.crc32(bytes(b)) for b in images)
+            x = decode_image_batch(list(images), self.image_size, self.job.data.augment)
+            yield x, torch.as_tensor(labels, dtype=torch.int64)
+
+
+def _evaluate(model: nn.Module, job: WorkerJob, rank: int, world: int, device: torch.device
+              ) -> tuple[int, int]:
+    """Top-1 over the whole test split, each sample on exactly one worker, summed."""
+    if job.data.name == "parquet":
+        size = dataset_info(job.data).image_size
+        shards = parquet_shards(str(job.data.root), "val")[rank::world]
+        batches = _parquet_eval_batches(shards, size, job.train.batch_size)
+    else:
+        test_set = build_datasets(job.data)[1]
+        subset = torch.utils.data.Subset(test_set, range(rank, len(test_set), world))
+        batches = loader(subset, job.train, train=False)
+    correct, seen = count_correct(model, batches, device, job.train)
+    correct, seen = _all_reduce([correct, seen], device)
+    return int(correct), int(seen)
+
+
+def _parquet_eval_batches(shards: list[str], image_size: int, batch_size: int
+                          ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for shard in shards:
+        for batch in read_shard_table(shard).to_batches(max_chunksize=batch_size):
+            images = batch.column("image").to_pylist()
+            labels = torch.as_tensor(batch.column("label").to_pylist(), dtype=torch.int64)
+            yield decode_image_batch(images, image_size, train=False), labels
+
+
+def _all_reduce(values: list[float], device: torch.device) -> list[float]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(values)
+    reduce_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    tensor = torch.tensor(values, dtype=torch.float64, device=reduce_device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _report(metrics: dict[str, Any], state: dict[str, Any], rank: int) -> None:
+    """Every worker reports (it is a barrier); rank 0 attaches the checkpoint."""
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        torch.save(state, os.path.join(folder, STATE_FILE))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def _restore(model: nn.Module, opt, sched, device: torch.device) -> int:
+    """After a worker failure: load the last epoch's checkpoint; returns the epoch to run."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as folder:
+        state = torch.load(os.path.join(folder, STATE_FILE), map_location=device,
+                           weights_only=True)
+    model.load_state_dict(state["model"])
+    if "optimizer" in state:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+    log.warning("resuming training from the checkpoint of epoch %d", state["epoch"])
+    return int(state["epoch"])
+
+
+def _maybe_kill(batches, kill: str, rank: int, epoch: int):
+    """Test hook for fault tolerance: KILL_ENV="RANK:EPOCH:BATCH:MARKER" makes that worker
+    SIGKILL itself at that batch, once (the marker file records that it happened)."""
+    if not kill:
+        yield from batches
+        return
+    want_rank, want_epoch, want_batch, marker = kill.split(":", 3)
+    armed = (rank == int(want_rank) and epoch == int(want_epoch)
+             and not os.path.exists(marker))
+    for i, batch in enumerate(batches):
+        if armed and i == int(want_batch):
+            with open(marker, "w") as f:
+                f.write(f"killed rank {rank} in epoch {epoch} at batch {i}\n")
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield batch
+
+
+# ------------------------------------------------------------------------------- driver side
+
+
+def _payload_info(model: nn.Module) -> CheckpointInfo:
+    from ccpcsa.attention import has_bam
+    from ccpcsa.models import get_spec
+
+    name = getattr(model, "ccpcsa_model", None)
+    if name is None:
+        raise DistributedError("RayRunner needs a model made by ccpcsa (build_model or "
+                               "load_checkpoint): it rebuilds the architecture by name")
+    num_classes = get_spec(name).classifier(model).out_features
+    return CheckpointInfo(name, num_classes, has_bam(model), (0, 0, 0))
+
+
+def _ray_datasets(data: DataConfig) -> dict[str, Any] | None:
+    if data.name != "parquet":
+        return None
+    import ray.data
+
+    return {"train": ray.data.read_parquet(parquet_shards(str(data.root), "train"),
+                                           columns=["image", "label"])}
+
+
+def _dataset_config():
+    from ray.train import DataConfig as RayDataConfig
+
+    return RayDataConfig(datasets_to_split=["train"])
+
+
+def _parquet_calibration(data: DataConfig, cfg: TrainConfig, count: int
+                         ) -> Iterator[torch.Tensor]:
+    """The first `count` full batches of the train shards, in shard order, unaugmented."""
+    size = dataset_info(data).image_size
+    pending: list[bytes] = []
+    for shard in parquet_shards(str(data.root), "train"):
+        pending += read_shard_table(shard).column("image").to_pylist()
+        while len(pending) >= cfg.batch_size and count > 0:
+            yield decode_image_batch(pending[:cfg.batch_size], size, train=False)
+            pending, count = pending[cfg.batch_size:], count - 1
+        if count == 0:
+            return
+    if pending and count > 0:
+        yield decode_image_batch(pending, size, train=False)
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9_-]+", "-", label).strip("-") or "fit"
