@@ -242,12 +242,14 @@ def worker_loop(config: dict[str, Any]) -> None:
             log_epoch(f"{job.label} ({world} workers)", epoch, job.epochs, loss, int(seen),
                       time.perf_counter() - started)
         metrics = {"epoch": epoch + 1, "loss": loss, "samples": int(seen),
+                   "seconds": time.perf_counter() - started,
                    "sample_checksum": int(checksum) % _CHECKSUM_MOD, "start_epoch": start_epoch}
         _report(metrics, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                           "scheduler": sched.state_dict(), "epoch": epoch + 1}, rank)
     correct, total = _evaluate(model, job, rank, world, device)
     accuracy = 100.0 * correct / max(total, 1)
-    last_epoch = {f"last_{k}": v for k, v in metrics.items() if k in ("samples", "sample_checksum")}
+    last_epoch = {f"last_{k}": metrics[k] for k in ("samples", "sample_checksum", "seconds")
+                  if k in metrics}
     _report({"epoch": job.epochs, "accuracy": accuracy, "evaluated": int(total),
              "start_epoch": start_epoch, **last_epoch},
             {"model": model.state_dict(), "accuracy": accuracy, "epoch": job.epochs}, rank)

@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from ccpcsa import load_checkpoint
 from ccpcsa.__main__ import main
-from ccpcsa.checkpoint import load_checkpoint
 from ccpcsa.data import DataConfig, build_datasets, dataset_info
 from ccpcsa.flops import count_flops, count_params
 from ccpcsa.loop import LoopConfig, PrepareConfig, prepare, prune_loop
