@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import posixpath
+import re
 from typing import Any
 
 import pandas as pd
@@ -36,13 +38,15 @@ def stage0_point(prepared: Prepared) -> dict[str, Any]:
             "checkpoint": prepared.attention_checkpoint, "status": "stage0"}
 
 
-def trial_points(grid, storage_root: str) -> tuple[list[dict[str, Any]], int, int]:
-    """Every reported round of every trial (finished or errored), with its checkpoint file."""
-    points, finished, errored = [], 0, 0
+def trial_points(grid, storage_root: str) -> tuple[list[dict[str, Any]], int, list[str]]:
+    """Every reported round of every trial (finished or errored), with its checkpoint file;
+    the number of finished trials and a one-line description of each failed one."""
+    points, finished, failed = [], 0, []
     for result in grid:
         status = "error" if result.error else "finished"
-        errored += result.error is not None
         finished += result.error is None
+        if result.error is not None:
+            failed.append(f"{_trial_name(result.path)}: {_last_line(result.error)}")
         paths = {}
         for checkpoint, metrics in result.best_checkpoints or []:
             paths[int(metrics["round"])] = _uri(storage_root, checkpoint.path)
@@ -60,7 +64,19 @@ def trial_points(grid, storage_root: str) -> tuple[list[dict[str, Any]], int, in
                 "params": int(row["params"]),
                 "checkpoint": storage.join(paths[rnd], CHECKPOINT_FILE) if rnd in paths else "",
                 "status": status, **params})
-    return points, finished, errored
+    return points, finished, failed
+
+
+def _trial_name(path: str) -> str:
+    """run_trial_<id>_<number> from a trial folder run_trial_<id>_<number>_<params>_<date>."""
+    name = posixpath.basename(str(path).rstrip("/"))
+    found = re.match(r"(.+?_[0-9a-f]{5,}_\d+)(?:_|$)", name)
+    return found.group(1) if found else name
+
+
+def _last_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 def _uri(storage_root: str, path: str) -> str:
@@ -70,7 +86,7 @@ def _uri(storage_root: str, path: str) -> str:
 
 
 def write_results(grid, cfg: SearchConfig, prepared: Prepared, run_dir: str) -> str:
-    points, finished, errored = trial_points(grid, cfg.storage)
+    points, finished, failed = trial_points(grid, cfg.storage)
     frame = pd.DataFrame([stage0_point(prepared), *points])
     baseline = baseline_of(prepared)
     frame = mark_frontier(frame, baseline)
@@ -79,6 +95,7 @@ def write_results(grid, cfg: SearchConfig, prepared: Prepared, run_dir: str) -> 
     plot = plot_frontier(frame, storage.join(run_dir, "frontier.png"), baseline,
                          title=f"{cfg.model} on {cfg.dataset}: CCPCSA schedules")
     table = format_table(frame, baseline)
-    return (f"{finished} trials finished, {errored} failed; {len(frame)} points, "
-            f"{int(frame['pareto'].sum())} on the frontier\n{table}\n"
+    failures = "".join(f"\nfailed: {line}" for line in failed)
+    return (f"{finished} trials finished, {len(failed)} failed; {len(frame)} points, "
+            f"{int(frame['pareto'].sum())} on the frontier{failures}\n{table}\n"
             f"frontier: {storage.join(run_dir, 'frontier.parquet')}\nplot: {plot}")

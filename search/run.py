@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
 from typing import Any
@@ -38,6 +39,11 @@ log = logging.getLogger("ccpcsa.search")
 DEFAULTS = SearchConfig()
 CONFIG_FILE = "search_config.json"
 STATE_FILE = "tuner.pkl"  # written by Tune in the experiment folder
+FAIL_ENV = "CCPCSA_FAIL_TRIALS"  # test hook: comma-separated trial numbers that raise
+# Seconds between saves of Tune's experiment state (trial statuses), which --resume reads.
+# Tune's default ("auto", >= 10 s) forgets trials that finished in the last 10 s before an
+# interruption, and --resume then runs them again; the state is small, so save it often.
+STATE_PERIOD_S = "1"
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -169,8 +175,10 @@ def check_run_folder(cfg: SearchConfig) -> SearchConfig:
     run_dir = run_dir_of(cfg)
     saved = storage.join(run_dir, CONFIG_FILE)
     if cfg.resume:
-        if not storage.exists(storage.join(run_dir, STATE_FILE)):
-            raise ConfigError(f"nothing to resume at {run_dir!r}: no search state there")
+        # The configuration is saved before stage 0; Tune's state only once the trials start.
+        # A search interrupted in between resumes too: stage 0 from its cache, then the trials.
+        if not storage.exists(saved):
+            raise ConfigError(f"nothing to resume at {run_dir!r}: no search there")
         stored = json.loads(storage.read_text(saved))["config"]
         stored.update(resume=True, storage=cfg.storage, name=cfg.name)
         return SearchConfig(**stored)
@@ -228,9 +236,13 @@ def make_tuner(cfg: SearchConfig, trainable, space: dict[str, Any]):
     from ray.tune.search.optuna import OptunaSearch
 
     run_dir = run_dir_of(cfg)
-    if cfg.resume:
+    if cfg.resume and storage.exists(storage.join(run_dir, STATE_FILE)):
+        # finished and failed trials are kept as they are; interrupted ones continue from
+        # their last checkpoint; the searcher suggests the trials not started yet
         return tune.Tuner.restore(run_dir, trainable, resume_unfinished=True,
                                   resume_errored=False)
+    if cfg.resume:
+        log.info("no trial of %s had started: starting its trials", run_dir)
     # NSGA-II's default population (50) would leave a small search in its random first
     # generation; scale it so a search sees a few generations.
     population = max(4, min(50, cfg.num_samples // 4))
@@ -256,13 +268,46 @@ def trial_resources(cfg: SearchConfig) -> dict[str, float]:
     return {"cpu": 0.01}  # the trial only drives Ray Train, whose workers reserve their own
 
 
+def fail_numbers_from_env() -> frozenset[int]:
+    text = os.environ.get(FAIL_ENV, "")
+    try:
+        return frozenset(int(i) for i in text.replace(",", " ").split())
+    except ValueError:
+        raise ConfigError(f"{FAIL_ENV} must be comma-separated trial numbers, got {text!r}"
+                          ) from None
+
+
+def trial_number(trial_dir: str, trial_id: str) -> int | None:
+    """Tune's creation number of a trial (1, 2, ...): the N in its folder run_trial_<id>_N_..."""
+    found = re.search(rf"_{re.escape(trial_id)}_(\d+)(?:_|$)", os.path.basename(trial_dir))
+    return int(found.group(1)) if found else None
+
+
+def run_trial(params: dict[str, Any], settings, fail_numbers: frozenset[int] = frozenset()):
+    """search.trial.run_trial, except that the trials numbered in CCPCSA_FAIL_TRIALS raise (a
+    test hook for a crashing trial; a retried trial keeps its number, so it fails again)."""
+    from ray import tune
+
+    from search import trial
+
+    if fail_numbers:
+        context = tune.get_context()
+        number = trial_number(context.get_trial_dir(), context.get_trial_id())
+        if number in fail_numbers:
+            raise RuntimeError(f"injected failure in trial {number} ({context.get_trial_id()}; "
+                               f"{FAIL_ENV})")
+    return trial.run_trial(params, settings)
+
+
 def run_search(cfg: SearchConfig) -> int:
     from ray import tune
 
     from search import collect
     from search.space import build_space, describe_model
-    from search.trial import TrialSettings, run_trial
+    from search.trial import TrialSettings
 
+    fail = fail_numbers_from_env()
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", STATE_PERIOD_S)
     cfg = check_run_folder(resolve_storage(cfg))
     run_dir = run_dir_of(cfg)
     storage.check_writable(run_dir)
@@ -282,10 +327,12 @@ def run_search(cfg: SearchConfig) -> int:
           f"with BAM {prepared.attention_accuracy:.2f}%", flush=True)
     layout = describe_model(cfg.model, info.num_classes, input_shape)
     space = build_space(cfg, layout)
-    fail = frozenset(int(i) for i in os.environ.get("CCPCSA_FAIL_TRIALS", "").split(",") if i)
-    settings = TrialSettings(cfg, layout, prepared, info.num_classes, input_shape, run_dir, fail)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings),
-                                    trial_resources(cfg))
+    # fail_trials of TrialSettings matches trial ids, which Tune's search algorithms draw at
+    # random (8 hex digits): the hook is run_trial above, which knows the trial's number.
+    settings = TrialSettings(cfg, layout, prepared, info.num_classes, input_shape, run_dir)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, settings=settings, fail_numbers=fail),
+        trial_resources(cfg))
     print(f"search: {cfg.num_samples} trials, {cfg.max_concurrent_trials} at once, "
           f"params {', '.join(space)}", flush=True)
     grid = make_tuner(cfg, trainable, space).fit()
