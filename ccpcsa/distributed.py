@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import signal
+import sys
 import tempfile
 import time
 import uuid
@@ -54,6 +55,7 @@ from ccpcsa.train import (
 log = logging.getLogger("ccpcsa.distributed")
 
 STATE_FILE = "train_state.pt"
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's single-machine mode
 KILL_ENV = "CCPCSA_KILL_WORKER"  # test hook "RANK:EPOCH:BATCH:MARKER": SIGKILL once, mid-epoch
 _CHECKSUM_MOD = (1 << 61) - 1
 
@@ -172,18 +174,33 @@ class RayRunner:
         return final["model"], float(final["accuracy"])
 
 
-def check_cluster(num_workers: int, gpus_per_worker: float | None, cpus_per_worker: float
-                  ) -> float:
-    """Connect to Ray (RAY_ADDRESS or a new local instance) and check the workers fit; returns
-    the GPUs per worker (None = 1 when the cluster has GPUs, else 0)."""
+def prefer_loopback() -> None:
+    """Without RAY_ADDRESS we start a private single-machine Ray instance: bind it to
+    127.0.0.1 (Ray otherwise resolves 127.0.0.1 to the host's address). Call before Ray is
+    imported; a driver joining a real cluster (RAY_ADDRESS set) is left alone."""
+    if not os.environ.get("RAY_ADDRESS") and "ray" not in sys.modules:
+        os.environ.setdefault(LOOPBACK_ENV, "0")
+
+
+def connect_ray():
+    """Join the cluster RAY_ADDRESS names, else start a local instance on 127.0.0.1."""
+    prefer_loopback()
     import ray
 
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
             ray.init(log_to_driver=True)
         else:
-            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
-    resources = ray.cluster_resources()
+            # the dashboard (on 127.0.0.1) also serves the state API Ray Train's cleanup uses
+            ray.init(address="local", dashboard_host="127.0.0.1")
+    return ray
+
+
+def check_cluster(num_workers: int, gpus_per_worker: float | None, cpus_per_worker: float
+                  ) -> float:
+    """Connect to Ray and check the workers fit; returns the GPUs per worker (None = 1 when
+    the cluster has GPUs, else 0)."""
+    resources = connect_ray().cluster_resources()
     gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
     if gpus_per_worker is None:
         gpus_per_worker = 1.0 if gpus > 0 else 0.0

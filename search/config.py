@@ -13,7 +13,7 @@ from ccpcsa.importance import IMPORTANCES
 from ccpcsa.loop import REFERENCES
 from ccpcsa.models import MODELS
 
-SAMPLERS = ("nsga2", "tpe")
+SAMPLERS = ("nsga2", "tpe", "random")
 
 
 class ConfigError(ValueError):

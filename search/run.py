@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-samples", type=int, help=f"trials to run (default {d.num_samples})")
     g.add_argument("--max-concurrent-trials", type=int,
                    help=f"trials running at once (default {d.max_concurrent_trials})")
-    g.add_argument("--sampler", help=f"Optuna multi-objective sampler: {', '.join(SAMPLERS)} "
+    g.add_argument("--sampler", help=f"Optuna sampler: {', '.join(SAMPLERS)} (random = the "
+                   "baseline that ignores results) "
                    f"(default {d.sampler})")
     g.add_argument("--seed", type=int, help=f"seed of training and sampler (default {d.seed})")
     g.add_argument("--per-layer", action="store_true", default=None,
@@ -189,14 +190,11 @@ def check_run_folder(cfg: SearchConfig) -> SearchConfig:
 
 
 def connect_ray(cfg: SearchConfig):
-    import ray
+    """The running cluster (RAY_ADDRESS, as under `ray job submit`) or a local instance on
+    127.0.0.1; checks that one trial's workers fit in it."""
+    from ccpcsa.distributed import connect_ray as connect
 
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(log_to_driver=True)
-        else:
-            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
-                     log_to_driver=True)
+    ray = connect()
     resources = ray.cluster_resources()
     gpus = resources.get("GPU", 0.0)
     if cfg.gpus_per_worker is None:
@@ -246,8 +244,11 @@ def make_tuner(cfg: SearchConfig, trainable, space: dict[str, Any]):
     # NSGA-II's default population (50) would leave a small search in its random first
     # generation; scale it so a search sees a few generations.
     population = max(4, min(50, cfg.num_samples // 4))
-    sampler = (optuna.samplers.NSGAIISampler(population_size=population, seed=cfg.seed)
-               if cfg.sampler == "nsga2" else optuna.samplers.TPESampler(seed=cfg.seed))
+    sampler = {
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(population_size=population, seed=cfg.seed),
+        "tpe": lambda: optuna.samplers.TPESampler(seed=cfg.seed),
+        "random": lambda: optuna.samplers.RandomSampler(seed=cfg.seed),  # a baseline
+    }[cfg.sampler]()
     search = OptunaSearch(space=space, metric=["accuracy", "flops"], mode=["max", "min"],
                           sampler=sampler, seed=cfg.seed)
     return tune.Tuner(
@@ -300,6 +301,9 @@ def run_trial(params: dict[str, Any], settings, fail_numbers: frozenset[int] = f
 
 
 def run_search(cfg: SearchConfig) -> int:
+    from ccpcsa.distributed import prefer_loopback
+
+    prefer_loopback()  # before Ray is imported
     from ray import tune
 
     from search import collect
