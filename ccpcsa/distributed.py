@@ -139,7 +139,13 @@ class RayRunner:
 
     def _run(self, model: nn.Module, epochs: int, lr: float, label: str
              ) -> tuple[dict[str, torch.Tensor], float]:
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train import (
+            CheckpointConfig,
+            FailureConfig,
+            LoggingConfig,
+            RunConfig,
+            ScalingConfig,
+        )
         from ray.train.torch import TorchTrainer
 
         info = _payload_info(model)
@@ -157,7 +163,8 @@ class RayRunner:
             run_config=RunConfig(
                 name=f"{_slug(label)}-{uuid.uuid4().hex[:8]}", storage_path=self.storage_path,
                 failure_config=FailureConfig(max_failures=self.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                logging_config=LoggingConfig(log_level="WARNING")),  # epochs: our own log
             datasets=_ray_datasets(self.data),
             dataset_config=_dataset_config(),
         )
