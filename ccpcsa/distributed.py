@@ -10,6 +10,7 @@ dies is replaced and training resumes from the last epoch's checkpoint (FailureC
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -77,6 +78,7 @@ class WorkerJob:
     sync_bn: bool = False
     kill: str = ""
     train_rows: int = 0  # Parquet: rows of the train split (sizes the cosine schedule)
+    run_dir: str = ""  # where this run's checkpoints are persisted (storage path / name)
 
 
 class RayRunner:
@@ -150,8 +152,10 @@ class RayRunner:
 
         info = _payload_info(model)
         rows = parquet_rows(str(self.data.root), "train") if self.data.name == "parquet" else 0
+        name = f"{_slug(label)}-{uuid.uuid4().hex[:8]}"
         job = WorkerJob(to_payload(model, info), self.data, self.train_cfg, epochs, lr, label,
-                        self.sync_bn, os.environ.get(KILL_ENV, ""), rows)
+                        self.sync_bn, os.environ.get(KILL_ENV, ""), rows,
+                        storage.join(self.storage_path, name))
         resources = {"CPU": self.cpus_per_worker}
         if self.use_gpu:
             resources["GPU"] = self.gpus_per_worker
@@ -161,7 +165,7 @@ class RayRunner:
             scaling_config=ScalingConfig(num_workers=self.num_workers, use_gpu=self.use_gpu,
                                          resources_per_worker=resources),
             run_config=RunConfig(
-                name=f"{_slug(label)}-{uuid.uuid4().hex[:8]}", storage_path=self.storage_path,
+                name=name, storage_path=self.storage_path,
                 failure_config=FailureConfig(max_failures=self.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 logging_config=LoggingConfig(log_level="WARNING")),  # epochs: our own log
@@ -253,7 +257,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     to_device(model, device, cfg)
     source = _TrainSource(job, rank, world)
     opt, sched = make_optimizer(model, cfg, job.lr, max(job.epochs * source.steps_per_epoch, 1))
-    start_epoch = _restore(model, opt, sched, device)
+    start_epoch = _restore(model, opt, sched, device, job.run_dir)
     wrapped = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
     metrics: dict[str, Any] = {}
     for epoch in range(start_epoch, job.epochs):
@@ -369,22 +373,40 @@ def _report(metrics: dict[str, Any], state: dict[str, Any], rank: int) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
-def _restore(model: nn.Module, opt, sched, device: torch.device) -> int:
-    """After a worker failure: load the last epoch's checkpoint; returns the epoch to run."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+def _restore(model: nn.Module, opt, sched, device: torch.device, run_dir: str) -> int:
+    """After a worker failure: load the newest epoch checkpoint; returns the epoch to run."""
+    state = _latest_epoch_state(run_dir, device)
+    if state is None:
         return 0
-    with checkpoint.as_directory() as folder:
-        state = torch.load(os.path.join(folder, STATE_FILE), map_location=device,
-                           weights_only=True)
     model.load_state_dict(state["model"])
-    if "optimizer" in state:
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
     log.warning("resuming training from the checkpoint of epoch %d", state["epoch"])
     return int(state["epoch"])
+
+
+def _latest_epoch_state(run_dir: str, device: torch.device) -> dict[str, Any] | None:
+    """The newest readable epoch checkpoint rank 0 persisted under the run folder. Read from
+    storage rather than ray.train.get_checkpoint(): rank 0 writes each checkpoint before it
+    goes on, but the controller may not have registered the last one when the group failed."""
+    import pyarrow.fs as pafs
+
+    fs, base = storage.resolve(run_dir)
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    except OSError:
+        return None
+    folders = sorted((e.path for e in entries if e.type == pafs.FileType.Directory
+                      and e.base_name.startswith("checkpoint_")), reverse=True)  # newest first
+    for folder in folders:
+        try:
+            with fs.open_input_stream(f"{folder}/{STATE_FILE}") as f:
+                state = torch.load(io.BytesIO(f.read()), map_location=device, weights_only=True)
+        except Exception:  # a checkpoint cut short by the failure: try an older one
+            continue
+        if "optimizer" in state:  # an epoch checkpoint, not the final evaluation's
+            return state
+    return None
 
 
 def _maybe_kill(batches, kill: str, rank: int, epoch: int):

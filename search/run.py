@@ -231,7 +231,8 @@ def run_stage0(ray, cfg: SearchConfig, prep_cfg: PrepareConfig, run_dir: str) ->
 def make_tuner(cfg: SearchConfig, trainable, space: dict[str, Any]):
     import optuna
     from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
+
+    from search.searcher import ResumableOptunaSearch
 
     run_dir = run_dir_of(cfg)
     if cfg.resume and storage.exists(storage.join(run_dir, STATE_FILE)):
@@ -249,8 +250,8 @@ def make_tuner(cfg: SearchConfig, trainable, space: dict[str, Any]):
         "tpe": lambda: optuna.samplers.TPESampler(seed=cfg.seed),
         "random": lambda: optuna.samplers.RandomSampler(seed=cfg.seed),  # a baseline
     }[cfg.sampler]()
-    search = OptunaSearch(space=space, metric=["accuracy", "flops"], mode=["max", "min"],
-                          sampler=sampler, seed=cfg.seed)
+    search = ResumableOptunaSearch(space=space, metric=["accuracy", "flops"],
+                                   mode=["max", "min"], sampler=sampler, seed=cfg.seed)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=search, num_samples=cfg.num_samples,
