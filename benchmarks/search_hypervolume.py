@@ -25,8 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local Ray on 127.0.0.1
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sections import write_section  # noqa: E402
 
 from search import run as search_run  # noqa: E402
 from search.pareto import hypervolume, read_frontier  # noqa: E402
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
             ray.shutdown()
     text = render(results, args)
-    write_section(args.out, text)
+    write_section(args.out, SECTION, text)
     print(text)
     return 0
 
@@ -131,18 +132,6 @@ def render(results: dict, args: argparse.Namespace) -> str:
         *rows, "",
         f"Optuna beat random search on {wins[0]} of {len(args.seeds)} seeds and the fixed "
         f"schedule on {wins[1]} of {len(args.seeds)}.", ""])
-
-
-def write_section(path: str, text: str) -> None:
-    old = Path(path).read_text() if Path(path).exists() else ""
-    if SECTION in old:
-        head, _, rest = old.partition(SECTION)
-        tail = rest[rest.find("\n## "):] if "\n## " in rest else ""
-        new = head + text + tail.lstrip("\n")
-    else:
-        new = old.rstrip("\n") + "\n\n" + text if old else text
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(new)
 
 
 if __name__ == "__main__":

@@ -22,15 +22,14 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local Ray on 127.0.0.1
+import numpy as np
+import torch
+from PIL import Image
+from sections import write_section
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from ccpcsa.data import DataConfig, build_datasets  # noqa: E402
-from ccpcsa.models import build_model  # noqa: E402
-from ccpcsa.train import TrainConfig, fit, pick_device  # noqa: E402
+from ccpcsa.data import DataConfig, build_datasets
+from ccpcsa.models import build_model
+from ccpcsa.train import TrainConfig, fit, pick_device
 
 SECTION = "## Training throughput: one process vs Ray Train workers"
 
@@ -98,6 +97,9 @@ def gpu_variants(model_name: str, data: DataConfig, batch_size: int) -> list[tup
 
 
 def run(args: argparse.Namespace) -> list[str]:
+    from ccpcsa.distributed import prefer_loopback
+
+    prefer_loopback()  # a local Ray instance on 127.0.0.1
     import ray
 
     torch.set_num_threads(args.threads)
@@ -159,22 +161,10 @@ def render(lines: list[str], args: argparse.Namespace) -> str:
         "returning the weights: the fixed cost of one Ray Train run.", ""])
 
 
-def write_section(path: str, text: str) -> None:
-    old = Path(path).read_text() if Path(path).exists() else ""
-    if SECTION in old:
-        head, _, rest = old.partition(SECTION)
-        tail = rest[rest.find("\n## "):] if "\n## " in rest else ""
-        new = head + text + tail.lstrip("\n")
-    else:
-        new = old.rstrip("\n") + "\n\n" + text if old else text
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(new)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     lines = run(args)
-    write_section(args.out, render(lines, args))
+    write_section(args.out, SECTION, render(lines, args))
     print(f"wrote {args.out}")
     return 0
 
