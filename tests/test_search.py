@@ -465,3 +465,27 @@ def test_ray_job_submit_end_to_end(ray_head, tmp_path):
     with Image.open(png) as image:
         assert image.format == "PNG" and image.size[0] > 0 and image.size[1] > 0
         image.load()
+
+
+# --------------------------------------------------------------------------- Ray Train trials
+
+
+def test_trials_fine_tune_on_ray_train_workers(tmp_path):
+    """--workers-per-trial 2: stage 0 and every round's fine-tune run data-parallel under Ray
+    Train (their runs land in <run>/train/), and the frontier is built as usual."""
+    storage = tmp_path / "runs"
+    run_dir = storage / "ddp"
+    with _ray_processes("ddp") as (marker, ray_tmp):
+        done = _search(["--storage", str(storage), "--name", "ddp", "--num-samples", "1",
+                        "--workers-per-trial", "2", "--cpus-per-worker", "0.5", *TINY],
+                       _env(marker, ray_tmp), tmp_path / "search.log")
+    out = done.stdout
+    assert done.returncode == 0, _tail(out)
+    assert "1 trials finished, 0 failed" in out, _tail(out)
+    assert "(2 workers) epoch 1/1" in out, _tail(out)
+    runs = {p.name.rsplit("-", 1)[0] for p in (run_dir / "train").glob("*/*") if p.is_dir()}
+    assert {"baseline", "attention", "round-1"} <= runs, runs
+    frame = pd.read_parquet(run_dir / "frontier.parquet")
+    assert (frame["round"] >= 1).any()
+    for path in frame.loc[frame["round"] >= 1, "checkpoint"]:
+        assert load_checkpoint(path).ccpcsa_model == "resnet20"
