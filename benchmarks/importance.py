@@ -51,6 +51,9 @@ from ccpcsa.prune import (
 )
 from ccpcsa.train import LocalRunner, TrainConfig, seed_everything
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/sections.py
+import sections  # noqa: E402
+
 SECTION = "## Importance criteria at equal FLOPs"
 METHODS = ("ccpcsa", "l1", "attention", "random")
 TEST_IMAGES = 360  # digits test split
@@ -564,7 +567,7 @@ def _summary(results: dict, args: argparse.Namespace) -> list[str]:
             if rest:
                 gap = top - rest[0][0]
                 verdict = ("a clear margin" if gap > 1.0 else
-                           "within noise (≤ 1 point)")
+                           "within noise, ≤ 1 point")
                 text = (f"−{t:g} %: {winner} {top:.2f} %, ahead of {rest[0][1]} by "
                         f"{gap:.2f} points ({verdict})")
             else:
@@ -595,24 +598,7 @@ def _summary(results: dict, args: argparse.Namespace) -> list[str]:
 
 def write_section(path: str, text: str) -> None:
     """Write `text` (starting with SECTION) into `path`, replacing only that section."""
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            old = f.read().splitlines()
-    else:
-        old = ["# Benchmarks", ""]
-    start = next((i for i, line in enumerate(old) if line.strip() == SECTION), None)
-    if start is None:
-        while old and not old[-1].strip():
-            old.pop()
-        new = [*old, "", *text.rstrip("\n").splitlines()]
-    else:
-        end = next((i for i in range(start + 1, len(old))
-                    if old[i].startswith("## ")), len(old))
-        tail = old[end:]
-        new = [*old[:start], *text.rstrip("\n").splitlines(), *([""] + tail if tail else [])]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(new) + "\n")
+    sections.write_section(path, SECTION, text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
