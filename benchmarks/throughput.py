@@ -156,9 +156,13 @@ def render(lines: list[str], args: argparse.Namespace) -> str:
         "scaling efficiency |",
         "|---|---|---|---|---|---|---|",
         *lines, "",
-        "img/s in the epoch is the steady state (samples / epoch seconds, from the workers' "
-        "report); wall includes starting the workers, building the data, evaluating and "
-        "returning the weights: the fixed cost of one Ray Train run.", ""])
+        "img/s in the epoch is samples / epoch seconds (from the workers' report; the epoch "
+        "includes the first, slower steps); wall includes starting the workers, building the "
+        "data, evaluating and returning the weights: the fixed cost of one Ray Train run. "
+        "Scaling efficiency is against one Ray Train worker.", "",
+        *([] if torch.cuda.is_available() else [
+            "No GPU on this machine: the GPU rows (fp32 vs bf16 autocast, channels_last on/off, "
+            "`--gpu`) and GPU scaling are not measured here.", ""])])
 
 
 def main(argv: list[str] | None = None) -> int:

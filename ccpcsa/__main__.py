@@ -225,7 +225,9 @@ def run_prune(args: argparse.Namespace) -> int:
     print(f"stopped: {result.stop_reason}; final model = round {result.final_round}: "
           f"{final.accuracy:.2f}% top-1, FLOPs {rows[result.final_round]['flops_reduction']:.1f}% "
           f"and params {rows[result.final_round]['params_reduction']:.1f}% below the baseline "
-          f"-> {final_path}", flush=True)
+          f"-> {final_path}"
+          f"{'' if final.within_tolerance else ' (over tolerance: no round stayed within it)'}",
+          flush=True)
     if args.strip_bam:
         write_stripped(result.model, runner, prep_cfg, loop_cfg, args.out)
     return 0

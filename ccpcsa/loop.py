@@ -204,6 +204,11 @@ def prune_loop(
                         count_params(model), 0, reference_accuracy - accuracy <= cfg.tolerance,
                         widths_now)
     records = [first]
+    if not first.within_tolerance:
+        log.warning("the starting model (%.2f%%) is already more than %.2f points below the "
+                    "reference (%.2f%%): if no round gets back within the tolerance, the "
+                    "unpruned model is returned (train stage 0 longer, or --reference "
+                    "attention)", accuracy, cfg.tolerance, reference_accuracy)
     if on_round and start_round == 0:
         on_round(first, model)
     best, best_round, reason = copy.deepcopy(model).cpu(), start_round, "max_rounds"
