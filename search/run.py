@@ -332,8 +332,6 @@ def run_search(cfg: SearchConfig) -> int:
           f"with BAM {prepared.attention_accuracy:.2f}%", flush=True)
     layout = describe_model(cfg.model, info.num_classes, input_shape)
     space = build_space(cfg, layout)
-    # fail_trials of TrialSettings matches trial ids, which Tune's search algorithms draw at
-    # random (8 hex digits): the hook is run_trial above, which knows the trial's number.
     settings = TrialSettings(cfg, layout, prepared, info.num_classes, input_shape, run_dir)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, settings=settings, fail_numbers=fail),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,7 +36,6 @@ class TrialSettings:
     num_classes: int
     input_shape: tuple[int, int, int]
     run_dir: str
-    fail_trials: frozenset[int] = field(default_factory=frozenset)  # test hook: these raise
 
 
 def data_config(cfg: SearchConfig) -> DataConfig:
@@ -61,8 +60,6 @@ def make_runner(cfg: SearchConfig, storage_path: str):
 def run_trial(params: dict[str, Any], settings: TrialSettings) -> None:
     cfg, prepared = settings.cfg, settings.prepared
     trial_id = tune.get_context().get_trial_id() or "trial"
-    if _trial_index(trial_id) in settings.fail_trials:
-        raise RuntimeError(f"injected failure in trial {trial_id} (CCPCSA_FAIL_TRIALS)")
     if not cfg.gpus_per_worker:
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     schedule = decode(params, cfg, settings.layout)
@@ -124,7 +121,3 @@ def _metrics(record: RoundRecord, prepared: Prepared) -> dict[str, Any]:
         "params_reduction": 100.0 * (1 - record.params / prepared.baseline_params),
     }
 
-
-def _trial_index(trial_id: str) -> int:
-    tail = trial_id.rsplit("_", 1)[-1]
-    return int(tail) if tail.isdigit() else -1
