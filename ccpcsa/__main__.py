@@ -5,18 +5,18 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from typing import Any
 
 from ccpcsa import storage
 from ccpcsa.checkpoint import CheckpointInfo, save_checkpoint
-from ccpcsa.data import DATASETS, DataConfig, DataError, build_datasets, dataset_info
+from ccpcsa.data import DATASETS, DataConfig, DataError, dataset_info
 from ccpcsa.importance import IMPORTANCES
 from ccpcsa.loop import REFERENCES, LoopConfig, PrepareConfig, prepare, prune_loop, record_of
 from ccpcsa.models import MODELS, get_spec
 from ccpcsa.prune import PruneLimits
 from ccpcsa.results import record_row, table_header, table_line, write_config, write_rows
-from ccpcsa.train import LocalRunner, TrainConfig, pick_device
+from ccpcsa.train import TrainConfig, make_runner, pick_device
 
 log = logging.getLogger("ccpcsa")
 
@@ -170,20 +170,6 @@ def loop_config_from_args(args: argparse.Namespace, groups_per_round: int, max_r
     return cfg
 
 
-def make_runner(args: argparse.Namespace, configs: dict[str, Any], storage_path: str):
-    """One process for --workers 1 (no Ray), else Ray Train over that many workers."""
-    data_cfg = configs["data"]
-    if args.workers == 1:
-        train_set, test_set = build_datasets(data_cfg)
-        calibration_set = build_datasets(replace(data_cfg, augment=False))[0]
-        return LocalRunner(train_set, test_set, configs["train"], calibration_set)
-    from ccpcsa.distributed import RayRunner
-
-    return RayRunner(data_cfg, configs["train"], args.workers, storage.join(storage_path, "ray"),
-                     gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
-                     sync_bn=args.sync_bn)
-
-
 def run_prune(args: argparse.Namespace) -> int:
     configs = configs_from_args(args)
     stage_caps = parse_caps(args.stage_cap, "--stage-cap")
@@ -200,7 +186,9 @@ def run_prune(args: argparse.Namespace) -> int:
     write_config(storage.join(args.out, "config.json"),
                  {"command": "prune", **vars(args), "loop": asdict(loop_cfg)}, args.seed)
 
-    runner = make_runner(args, configs, args.out)
+    runner = make_runner(configs["data"], configs["train"], args.workers,
+                         storage.join(args.out, "ray"), gpus_per_worker=args.gpus_per_worker,
+                         cpus_per_worker=args.cpus_per_worker, sync_bn=args.sync_bn)
     prepared = prepare(prep_cfg, runner, storage.join(args.out, "prepared"))
     reference = prepared.reference_accuracy(loop_cfg.reference)
     rows: list[dict[str, Any]] = []

@@ -192,22 +192,17 @@ def check_run_folder(cfg: SearchConfig) -> SearchConfig:
 def connect_ray(cfg: SearchConfig):
     """The running cluster (RAY_ADDRESS, as under `ray job submit`) or a local instance on
     127.0.0.1; checks that one trial's workers fit in it."""
-    from ccpcsa.distributed import connect_ray as connect
+    from ccpcsa.distributed import DistributedError, check_cluster, connect_ray
 
-    ray = connect()
+    try:
+        cfg.gpus_per_worker = check_cluster(cfg.workers_per_trial, cfg.gpus_per_worker,
+                                            cfg.cpus_per_worker)
+    except DistributedError as exc:
+        raise ConfigError(f"a trial does not fit the cluster: {exc}") from None
+    ray = connect_ray()
     resources = ray.cluster_resources()
-    gpus = resources.get("GPU", 0.0)
-    if cfg.gpus_per_worker is None:
-        cfg.gpus_per_worker = 1.0 if gpus > 0 else 0.0
-    wanted = cfg.workers_per_trial * cfg.gpus_per_worker
-    if wanted > gpus:
-        raise ConfigError(f"a trial needs {wanted:g} GPUs ({cfg.workers_per_trial} workers x "
-                          f"{cfg.gpus_per_worker:g}) but the cluster has {gpus:g}")
-    cpus = resources.get("CPU", 0.0)
-    if cfg.workers_per_trial * cfg.cpus_per_worker > cpus:
-        raise ConfigError(f"a trial needs {cfg.workers_per_trial * cfg.cpus_per_worker:g} CPUs "
-                          f"but the cluster has {cpus:g}")
-    log.info("Ray cluster: %g CPUs, %g GPUs", cpus, gpus)
+    log.info("Ray cluster: %g CPUs, %g GPUs", resources.get("CPU", 0.0),
+             resources.get("GPU", 0.0))
     return ray
 
 

@@ -14,12 +14,12 @@ from typing import Any
 import torch
 from ray import tune
 
-from ccpcsa import storage
+from ccpcsa import storage, train
 from ccpcsa.checkpoint import CheckpointInfo, model_from_payload, read_payload, save_checkpoint
-from ccpcsa.data import DataConfig, build_datasets
+from ccpcsa.data import DataConfig
 from ccpcsa.loop import LoopConfig, Prepared, RoundRecord, prune_loop, record_of
 from ccpcsa.prune import PruneLimits
-from ccpcsa.train import LocalRunner, TrainConfig
+from ccpcsa.train import TrainConfig
 from search.config import SearchConfig
 from search.space import ModelLayout, decode
 
@@ -48,13 +48,9 @@ def train_config(cfg: SearchConfig) -> TrainConfig:
 
 def make_runner(cfg: SearchConfig, storage_path: str):
     """One process when workers_per_trial == 1, else Ray Train over that many workers."""
-    if cfg.workers_per_trial == 1:
-        train_set, test_set = build_datasets(data_config(cfg))
-        return LocalRunner(train_set, test_set, train_config(cfg))
-    from ccpcsa.distributed import RayRunner
-
-    return RayRunner(data_config(cfg), train_config(cfg), cfg.workers_per_trial, storage_path,
-                     gpus_per_worker=cfg.gpus_per_worker, cpus_per_worker=cfg.cpus_per_worker)
+    return train.make_runner(data_config(cfg), train_config(cfg), cfg.workers_per_trial,
+                             storage_path, gpus_per_worker=cfg.gpus_per_worker,
+                             cpus_per_worker=cfg.cpus_per_worker)
 
 
 def run_trial(params: dict[str, Any], settings: TrialSettings) -> None:
