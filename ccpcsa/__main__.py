@@ -16,7 +16,8 @@ from ccpcsa.loop import REFERENCES, LoopConfig, PrepareConfig, prepare, prune_lo
 from ccpcsa.models import MODELS, get_spec
 from ccpcsa.prune import PruneLimits
 from ccpcsa.results import record_row, table_header, table_line, write_config, write_rows
-from ccpcsa.train import TrainConfig, make_runner, pick_device
+from ccpcsa.runners import make_runner
+from ccpcsa.train import TrainConfig, pick_device
 
 log = logging.getLogger("ccpcsa")
 

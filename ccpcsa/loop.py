@@ -6,9 +6,8 @@ import copy
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
 
 import torch
 from torch import nn
@@ -27,24 +26,12 @@ from ccpcsa.prune import (
     remove_channels,
     select_channels,
 )
+from ccpcsa.runners import Runner
 from ccpcsa.train import seed_everything
 
 log = logging.getLogger("ccpcsa.loop")
 
 REFERENCES = ("baseline", "attention")
-
-
-class Runner(Protocol):
-    """Where training happens: train.LocalRunner (one process) or distributed.RayRunner."""
-
-    def fit(self, model: nn.Module, epochs: int, lr: float, label: str = "train") -> nn.Module:
-        ...
-
-    def evaluate(self, model: nn.Module) -> float:
-        ...
-
-    def calibration_batches(self, count: int) -> Iterator[torch.Tensor]:
-        ...
 
 
 @dataclass(frozen=True)

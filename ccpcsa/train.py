@@ -9,14 +9,12 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-
-from ccpcsa.data import DataConfig, build_datasets
 
 log = logging.getLogger("ccpcsa.train")
 
@@ -204,21 +202,6 @@ def _progress(batches, label: str):
     from tqdm import tqdm
 
     return tqdm(batches, desc=label, leave=False, file=sys.stderr)
-
-
-def make_runner(data: DataConfig, cfg: TrainConfig, workers: int, storage_path: str, *,
-                gpus_per_worker: float | None = None, cpus_per_worker: float = 1.0,
-                sync_bn: bool = False):
-    """The loop's training backend: this process for one worker (no Ray), else Ray Train over
-    `workers` (runs under `storage_path`). Channels are scored on unaugmented training data."""
-    if workers == 1:
-        train_set, test_set = build_datasets(data)
-        calibration_set = build_datasets(replace(data, augment=False))[0]
-        return LocalRunner(train_set, test_set, cfg, calibration_set)
-    from ccpcsa.distributed import RayRunner
-
-    return RayRunner(data, cfg, workers, storage_path, gpus_per_worker=gpus_per_worker,
-                     cpus_per_worker=cpus_per_worker, sync_bn=sync_bn)
 
 
 class LocalRunner:

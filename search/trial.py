@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from ray import tune
 
-from ccpcsa import storage, train
+from ccpcsa import runners, storage
 from ccpcsa.checkpoint import CheckpointInfo, model_from_payload, read_payload, save_checkpoint
 from ccpcsa.data import DataConfig
 from ccpcsa.loop import LoopConfig, Prepared, RoundRecord, prune_loop, record_of
@@ -48,7 +48,7 @@ def train_config(cfg: SearchConfig) -> TrainConfig:
 
 def make_runner(cfg: SearchConfig, storage_path: str):
     """One process when workers_per_trial == 1, else Ray Train over that many workers."""
-    return train.make_runner(data_config(cfg), train_config(cfg), cfg.workers_per_trial,
+    return runners.make_runner(data_config(cfg), train_config(cfg), cfg.workers_per_trial,
                              storage_path, gpus_per_worker=cfg.gpus_per_worker,
                              cpus_per_worker=cfg.cpus_per_worker)
 

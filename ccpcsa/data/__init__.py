@@ -1,0 +1,84 @@
+"""Image-classification datasets for training and pruning, plus ImageFolder -> Parquet export.
+
+Datasets: "digits" (scikit-learn's embedded 8x8 handwritten digits, no download), "cifar10",
+"cifar100" (torchvision's on-disk layout), "imagefolder" (ImageNet layout root/train, root/val)
+and "parquet" (root/train, root/val of Parquet shards written by `to-parquet`, local or URI;
+Ray Train streams them through Ray Data, one process reads them into memory).
+Every item is (float32 tensor 3xHxW, normalised; int label).
+
+One module per source (digits, cifar, imagefolder, parquet); the CLI is `python -m ccpcsa.data`.
+"""
+
+from __future__ import annotations
+
+import os
+
+from torch.utils.data import Dataset
+
+from ccpcsa.data.cifar import cifar_datasets
+from ccpcsa.data.cli import main
+from ccpcsa.data.common import (
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    CIFAR_MEAN,
+    CIFAR_STD,
+    DATASETS,
+    DEFAULT_IMAGE_SIZE,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    NEEDS_ROOT,
+    NUM_CLASSES,
+    DataConfig,
+    DataError,
+    DatasetInfo,
+    validate_config,
+)
+from ccpcsa.data.digits import digits_datasets
+from ccpcsa.data.imagefolder import (
+    decode_image_batch,
+    find_classes,
+    imagefolder_datasets,
+    imagefolder_transform,
+    scan_imagefolder,
+)
+from ccpcsa.data.parquet import (
+    imagefolder_to_parquet,
+    parquet_classes,
+    parquet_datasets,
+    parquet_rows,
+    parquet_shards,
+    read_shard_table,
+)
+
+
+def dataset_info(cfg: DataConfig) -> DatasetInfo:
+    """Classes and input geometry; for imagefolder this lists the class folders of root/train."""
+    size = validate_config(cfg)
+    if cfg.name == "imagefolder":
+        num_classes = len(find_classes(os.path.join(str(cfg.root), "train")))
+    elif cfg.name == "parquet":
+        num_classes = len(parquet_classes(str(cfg.root), "train"))
+    else:
+        num_classes = NUM_CLASSES[cfg.name]
+    return DatasetInfo(num_classes=num_classes, image_size=size, channels=3)
+
+
+def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
+    """(train, test) map-style datasets of (float32 3xSxS normalised tensor, int label)."""
+    size = validate_config(cfg)
+    if cfg.name == "digits":
+        return digits_datasets(size, cfg.augment)
+    if cfg.name in ("cifar10", "cifar100"):
+        return cifar_datasets(cfg.name, str(cfg.root), size, cfg.augment)
+    if cfg.name == "parquet":
+        return parquet_datasets(str(cfg.root), size, cfg.augment)
+    return imagefolder_datasets(str(cfg.root), size, cfg.augment)
+
+
+__all__ = [
+    "CIFAR100_MEAN", "CIFAR100_STD", "CIFAR_MEAN", "CIFAR_STD", "DATASETS", "DEFAULT_IMAGE_SIZE",
+    "IMAGENET_MEAN", "IMAGENET_STD", "NEEDS_ROOT", "NUM_CLASSES", "DataConfig", "DataError",
+    "DatasetInfo", "build_datasets", "dataset_info", "decode_image_batch",
+    "imagefolder_to_parquet", "imagefolder_transform", "main", "parquet_classes",
+    "parquet_rows", "parquet_shards", "read_shard_table", "scan_imagefolder",
+]

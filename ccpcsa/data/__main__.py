@@ -1,0 +1,5 @@
+import sys
+
+from ccpcsa.data.cli import main
+
+sys.exit(main())

@@ -1,0 +1,129 @@
+"""ImageNet-style folders (root/train/<class>/..., root/val/<class>/...) and image decoding."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision import transforms as T
+
+from ccpcsa.data.common import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MIN_IMAGE_SIZE,
+    DataError,
+    require_dir,
+)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def imagefolder_transform(image_size: int, train: bool) -> Callable:
+    """Train: RandomResizedCrop + flip; eval: resize to size*256/224 and centre crop."""
+    if train:
+        steps: list[Callable] = [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()]
+    else:
+        steps = [T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size)]
+    return T.Compose([*steps, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def _is_image(filename: str) -> bool:
+    return filename.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def find_classes(folder: str) -> list[str]:
+    require_dir(folder, "a folder of class subfolders")
+    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    if not classes:
+        raise DataError(f"{folder}: no class folders; expected {folder}/<class>/<image files>")
+    return classes
+
+
+def _class_files(class_dir: str) -> list[str]:
+    """Image files under class_dir (recursive, like torchvision's ImageFolder), sorted."""
+    files = []
+    for dirpath, _, names in sorted(os.walk(class_dir, followlinks=True)):
+        files += [os.path.join(dirpath, n) for n in sorted(names) if _is_image(n)]
+    return files
+
+
+def scan_imagefolder(folder: str) -> tuple[list[str], list[tuple[str, int]]]:
+    """(sorted class names, [(file path, class index)]) in deterministic order."""
+    classes = find_classes(folder)
+    samples: list[tuple[str, int]] = []
+    for index, name in enumerate(classes):
+        class_dir = os.path.join(folder, name)
+        files = _class_files(class_dir)
+        if not files:
+            raise DataError(
+                f"{class_dir}: no images; expected files ending in {', '.join(IMAGE_EXTENSIONS)}"
+            )
+        samples += [(path, index) for path in files]
+    return classes, samples
+
+
+def load_rgb(path: str) -> Image.Image:
+    with open(path, "rb") as f:
+        return Image.open(f).convert("RGB")
+
+
+class ImageFiles(Dataset):
+    """Image files with labels, decoded to RGB and transformed on access."""
+
+    def __init__(
+        self, samples: list[tuple[str, int]], classes: list[str], transform: Callable
+    ) -> None:
+        self.samples = samples
+        self.targets = [label for _, label in samples]
+        self.classes = classes
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        return self.transform(load_rgb(path)), label
+
+
+def imagefolder_datasets(root: str, image_size: int, augment: bool) -> tuple[Dataset, Dataset]:
+    require_dir(root, "an ImageNet-style folder holding train/<class>/ and val/<class>/")
+    train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
+    require_dir(train_dir, "train/<class>/<image files> under the dataset root")
+    require_dir(val_dir, "val/<class>/<image files> under the dataset root")
+    train_classes, train_samples = scan_imagefolder(train_dir)
+    val_classes, val_samples = scan_imagefolder(val_dir)
+    if val_classes != train_classes:
+        only_train = sorted(set(train_classes) - set(val_classes))
+        only_val = sorted(set(val_classes) - set(train_classes))
+        raise DataError(
+            f"{val_dir}: class folders differ from {train_dir}; expected the same classes "
+            f"(only in train: {only_train[:5]}, only in val: {only_val[:5]})"
+        )
+    train_tf = imagefolder_transform(image_size, train=augment)
+    test_tf = imagefolder_transform(image_size, train=False)
+    return ImageFiles(train_samples, train_classes, train_tf), ImageFiles(
+        val_samples, val_classes, test_tf
+    )
+
+
+def decode_image_batch(images: Sequence[bytes], image_size: int, train: bool) -> torch.Tensor:
+    """Encoded image bytes -> N x 3 x S x S float32, with the imagefolder dataset's transforms."""
+    if isinstance(image_size, bool) or not isinstance(image_size, int):
+        raise DataError(f"image_size must be an int >= {MIN_IMAGE_SIZE}; got {image_size!r}")
+    if image_size < MIN_IMAGE_SIZE:
+        raise DataError(f"image_size must be an int >= {MIN_IMAGE_SIZE}; got {image_size!r}")
+    transform = imagefolder_transform(image_size, train)
+    out = torch.empty(len(images), 3, image_size, image_size, dtype=torch.float32)
+    for i, data in enumerate(images):
+        try:
+            img = Image.open(io.BytesIO(bytes(data))).convert("RGB")
+        except (UnidentifiedImageError, OSError) as exc:
+            raise DataError(f"image {i} of the batch: not a decodable image ({exc})") from exc
+        out[i] = transform(img)
+    return out
+
