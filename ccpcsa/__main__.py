@@ -97,8 +97,10 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sync-bn", action="store_true",
                    help="BatchNorm statistics over the global batch of all Ray Train workers "
                         "(SyncBatchNorm on GPUs, an all-reduce BatchNorm on CPUs)")
-    p.add_argument("--loader-workers", type=int, default=0,
-                   help="DataLoader worker processes per training process (default: %(default)s)")
+    p.add_argument("--loader-workers", type=int, default=None,
+                   help="DataLoader worker processes that decode images per training process "
+                        "(map-style data; default: one per CPU the process may use, minus one, "
+                        "at most 8; 0 for digits and on one CPU)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every epoch")
 
 
@@ -148,7 +150,7 @@ def configs_from_args(args: argparse.Namespace) -> dict[str, Any]:
     pick_device(args.device)
     if args.workers < 1:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
-    if args.loader_workers < 0:
+    if args.loader_workers is not None and args.loader_workers < 0:
         raise UsageError(f"--loader-workers must be >= 0, got {args.loader_workers}")
     info = dataset_info(data_cfg)
     prep_cfg = PrepareConfig(args.model, info.num_classes,

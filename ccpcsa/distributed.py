@@ -3,9 +3,11 @@
 The model travels to the workers as a checkpoint payload (architecture name + state dict, no
 pickled module), so a model that pruning has just reshaped is rebuilt exactly on every worker.
 Map-style datasets (digits, CIFAR, ImageFolder) are sharded by the same seeded sampler a single
-process uses; Parquet shards stream through Ray Data (`get_dataset_shard`) and are decoded and
-augmented on the workers. Every epoch is checkpointed through `ray.train.report`; a worker that
-dies is replaced and training resumes from the last epoch's checkpoint (FailureConfig).
+process uses; Parquet shards follow a seeded per-epoch plan and stream through Ray Data, decoded
+and augmented in tasks on the cluster's free CPUs and delivered to the workers as uint8 pixels
+that are normalised on the device (ccpcsa.ingest). Every epoch is checkpointed through
+`ray.train.report`; a worker that dies is replaced and training resumes from the last epoch's
+checkpoint (FailureConfig).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import sys
 import tempfile
 import time
 import uuid
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -33,13 +34,15 @@ from ccpcsa import storage
 from ccpcsa.checkpoint import CheckpointInfo, model_from_payload, to_payload
 from ccpcsa.data import (
     DataConfig,
+    ShardIndex,
     build_datasets,
+    check_parquet_splits,
     dataset_info,
-    decode_image_batch,
-    parquet_rows,
-    parquet_shards,
-    read_shard_table,
+    parquet_split_dir,
+    shard_index,
+    warn_if_class_sorted,
 )
+from ccpcsa.ingest import DECODE_CPUS, IngestConfig, ParquetBatches
 from ccpcsa.syncbn import convert_batchnorm
 from ccpcsa.train import (
     TrainConfig,
@@ -77,8 +80,16 @@ class WorkerJob:
     label: str
     sync_bn: bool = False
     kill: str = ""
-    train_rows: int = 0  # Parquet: rows of the train split (sizes the cosine schedule)
     run_dir: str = ""  # where this run's checkpoints are persisted (storage path / name)
+    parquet: tuple[ShardIndex, ShardIndex] | None = None  # (train, val) row groups
+
+
+def parquet_batches(job: WorkerJob, device: torch.device, world: int) -> ParquetBatches:
+    """The Parquet stream of a job: the epoch plans, decode tasks and device normalisation."""
+    assert job.parquet is not None
+    cfg = IngestConfig(dataset_info(job.data).image_size, job.train.batch_size // world,
+                       job.train.seed, job.data.augment)
+    return ParquetBatches(*job.parquet, cfg, device)
 
 
 class RayRunner:
@@ -106,6 +117,7 @@ class RayRunner:
         storage.check_writable(self.storage_path)
         dataset_info(data)  # a bad dataset fails here, before any worker starts
         self.gpus_per_worker = check_cluster(num_workers, gpus_per_worker, cpus_per_worker)
+        self._parquet = _parquet_indexes(data, num_workers, cpus_per_worker)
         self._calibration: Dataset | None = None
         self._evaluated: tuple[tuple, float] | None = None
         self.last_result = None  # the ray.train.Result of the latest run, for inspection
@@ -132,12 +144,24 @@ class RayRunner:
         return accuracy
 
     def calibration_batches(self, count: int) -> Iterator[torch.Tensor]:
-        """The first training batches, unaugmented, read on the driver (where scoring runs)."""
+        """Unaugmented training batches for scoring, on the driver (where scoring runs): for
+        Parquet, row groups drawn at random across the split; else the seeded epoch-0 order."""
         if self.data.name == "parquet":
-            return _parquet_calibration(self.data, self.train_cfg, count)
+            return (x for x, _ in self.parquet_calibration(count))
         if self._calibration is None:
             self._calibration = build_datasets(replace(self.data, augment=False))[0]
         return calibration_batches(self._calibration, self.train_cfg, count)
+
+    def parquet_calibration(self, count: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """`count` global batches of (normalised float images, labels) drawn at random across
+        the Parquet training split (the same every call), decoded by Ray Data tasks."""
+        assert self._parquet is not None
+        job = WorkerJob({}, self.data, self.train_cfg, 0, 0.0, "calibration",
+                        parquet=self._parquet)
+        source = parquet_batches(job, torch.device("cpu"), 1)
+        batch = self.train_cfg.batch_size
+        for images, labels in source.calibration(count * batch, batch):
+            yield source.normalize(images), labels
 
     def _run(self, model: nn.Module, epochs: int, lr: float, label: str
              ) -> tuple[dict[str, torch.Tensor], float]:
@@ -151,11 +175,10 @@ class RayRunner:
         from ray.train.torch import TorchTrainer
 
         info = _payload_info(model)
-        rows = parquet_rows(str(self.data.root), "train") if self.data.name == "parquet" else 0
         name = f"{_slug(label)}-{uuid.uuid4().hex[:8]}"
         job = WorkerJob(to_payload(model, info), self.data, self.train_cfg, epochs, lr, label,
-                        self.sync_bn, os.environ.get(KILL_ENV, ""), rows,
-                        storage.join(self.storage_path, name))
+                        self.sync_bn, os.environ.get(KILL_ENV, ""),
+                        storage.join(self.storage_path, name), self._parquet)
         resources = {"CPU": self.cpus_per_worker}
         if self.use_gpu:
             resources["GPU"] = self.gpus_per_worker
@@ -169,8 +192,6 @@ class RayRunner:
                 failure_config=FailureConfig(max_failures=self.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 logging_config=LoggingConfig(log_level="WARNING")),  # epochs: our own log
-            datasets=_ray_datasets(self.data),
-            dataset_config=_dataset_config(),
         )
         start = time.perf_counter()
         log.info("%s: %d epoch(s) on %d Ray Train worker(s)%s", label, epochs,
@@ -255,7 +276,7 @@ def worker_loop(config: dict[str, Any]) -> None:
         model = (nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda"
                  else convert_batchnorm(model))
     to_device(model, device, cfg)
-    source = _TrainSource(job, rank, world)
+    source = _TrainSource(job, rank, world, device)
     opt, sched = make_optimizer(model, cfg, job.lr, max(job.epochs * source.steps_per_epoch, 1))
     start_epoch = _restore(model, opt, sched, device, job.run_dir)
     wrapped = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
@@ -264,7 +285,7 @@ def worker_loop(config: dict[str, Any]) -> None:
         started = time.perf_counter()
         batches = _maybe_kill(source.epoch(epoch), job.kill, rank, epoch)
         loss, seen = run_epoch(wrapped, batches, opt, sched, device, cfg)
-        loss, seen, checksum = _all_reduce([loss * seen, seen, source.checksum], device)
+        loss, seen, checksum = _all_reduce([loss * seen, seen, source.checksum()], device)
         loss /= max(seen, 1)
         if rank == 0:
             log_epoch(f"{job.label} ({world} workers)", epoch, job.epochs, loss, int(seen),
@@ -284,19 +305,17 @@ def worker_loop(config: dict[str, Any]) -> None:
 
 
 class _TrainSource:
-    """A worker's training batches: its sampler shard of a map-style dataset, or its Ray Data
-    shard of Parquet rows. Keeps an order-free checksum of the samples of the last epoch."""
+    """A worker's training batches for any epoch: its sampler shard of a map-style dataset, or
+    its part of the Parquet epoch plan (uint8 from Ray Data, normalised here on the device).
+    Keeps an order-free checksum of the samples of the last epoch."""
 
-    def __init__(self, job: WorkerJob, rank: int, world: int) -> None:
-        import ray.train
-
+    def __init__(self, job: WorkerJob, rank: int, world: int, device: torch.device) -> None:
         self.job, self.rank, self.world = job, rank, world
         self.batch_size = job.train.batch_size // world
-        self.checksum = 0
-        if job.data.name == "parquet":
-            self.shard = ray.train.get_dataset_shard("train")
-            self.steps_per_epoch = max(job.train_rows // job.train.batch_size, 1)
-            self.image_size = dataset_info(job.data).image_size
+        self._checksum: int = 0
+        self.parquet = parquet_batches(job, device, world) if job.parquet else None
+        if self.parquet is not None:
+            self.steps_per_epoch = self.parquet.steps_per_epoch(world)
         elif job.epochs > 0:
             self.dataset = build_datasets(job.data)[0]
             self.sampler = train_sampler(self.dataset, job.train, world, rank)
@@ -307,33 +326,29 @@ class _TrainSource:
             self.steps_per_epoch = 0
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        self.checksum = 0
-        if self.job.data.name == "parquet":
-            yield from self._parquet_epoch()
+        if self.parquet is not None:
+            for images, labels in self.parquet.epoch(epoch, self.rank, self.world):
+                yield self.parquet.normalize(images), labels
             return
         self.sampler.set_epoch(epoch)
         indices = list(self.sampler)
         used = len(indices) // self.batch_size * self.batch_size  # the loader drops the rest
-        self.checksum = sum(i + 1 for i in indices[:used])
+        self._checksum = sum(i + 1 for i in indices[:used])
         yield from self.loader
 
-    def _parquet_epoch(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for batch in self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy"):
-            images, labels = batch["image"], batch["label"]
-            if len(labels) < 2:  # BatchNorm cannot train on one sample; every worker agrees
-                continue
-            self.checksum += sum(zlib.crc32(bytes(b)) for b in images)
-            x = decode_image_batch(list(images), self.image_size, self.job.data.augment)
-            yield x, torch.as_tensor(labels, dtype=torch.int64)
+    def checksum(self) -> int:
+        if self.parquet is not None:
+            return int(self.parquet.checksum)  # one host sync per epoch
+        return self._checksum
 
 
 def _evaluate(model: nn.Module, job: WorkerJob, rank: int, world: int, device: torch.device
               ) -> tuple[int, int]:
-    """Top-1 over the whole test split, each sample on exactly one worker, summed."""
-    if job.data.name == "parquet":
-        size = dataset_info(job.data).image_size
-        shards = parquet_shards(str(job.data.root), "val")[rank::world]
-        batches = _parquet_eval_batches(shards, size, job.train.batch_size)
+    """Top-1 over the whole test split, each sample on exactly one worker (an even split:
+    counts differ by at most one), summed."""
+    if job.parquet is not None:
+        source = parquet_batches(job, device, world)
+        batches = ((source.normalize(x), y) for x, y in source.evaluation(rank, world))
     else:
         test_set = build_datasets(job.data)[1]
         subset = torch.utils.data.Subset(test_set, range(rank, len(test_set), world))
@@ -341,15 +356,6 @@ def _evaluate(model: nn.Module, job: WorkerJob, rank: int, world: int, device: t
     correct, seen = count_correct(model, batches, device, job.train)
     correct, seen = _all_reduce([correct, seen], device)
     return int(correct), int(seen)
-
-
-def _parquet_eval_batches(shards: list[str], image_size: int, batch_size: int
-                          ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    for shard in shards:
-        for batch in read_shard_table(shard).to_batches(max_chunksize=batch_size):
-            images = batch.column("image").to_pylist()
-            labels = torch.as_tensor(batch.column("label").to_pylist(), dtype=torch.int64)
-            yield decode_image_batch(images, image_size, train=False), labels
 
 
 def _all_reduce(values: list[float], device: torch.device) -> list[float]:
@@ -441,35 +447,24 @@ def _payload_info(model: nn.Module) -> CheckpointInfo:
     return CheckpointInfo(name, num_classes, has_bam(model), (0, 0, 0))
 
 
-def _ray_datasets(data: DataConfig) -> dict[str, Any] | None:
+def _parquet_indexes(data: DataConfig, num_workers: int, cpus_per_worker: float
+                     ) -> tuple[ShardIndex, ShardIndex] | None:
+    """Parquet: the row groups of train/ and val/, read once per runner (not per run), after
+    checking that the decode tasks have CPUs beside the workers."""
     if data.name != "parquet":
         return None
-    import ray.data
-
-    return {"train": ray.data.read_parquet(parquet_shards(str(data.root), "train"),
-                                           columns=["image", "label"])}
-
-
-def _dataset_config():
-    from ray.train import DataConfig as RayDataConfig
-
-    return RayDataConfig(datasets_to_split=["train"])
-
-
-def _parquet_calibration(data: DataConfig, cfg: TrainConfig, count: int
-                         ) -> Iterator[torch.Tensor]:
-    """The first `count` full batches of the train shards, in shard order, unaugmented."""
-    size = dataset_info(data).image_size
-    pending: list[bytes] = []
-    for shard in parquet_shards(str(data.root), "train"):
-        pending += read_shard_table(shard).column("image").to_pylist()
-        while len(pending) >= cfg.batch_size and count > 0:
-            yield decode_image_batch(pending[:cfg.batch_size], size, train=False)
-            pending, count = pending[cfg.batch_size:], count - 1
-        if count == 0:
-            return
-    if pending and count > 0:
-        yield decode_image_batch(pending, size, train=False)
+    cpus = connect_ray().cluster_resources().get("CPU", 0.0)
+    spare = cpus - num_workers * cpus_per_worker
+    if spare < DECODE_CPUS:
+        raise DistributedError(
+            f"Parquet images are decoded by Ray Data tasks ({DECODE_CPUS:g} CPU each) on CPUs "
+            f"the workers leave free, but {num_workers} workers x {cpus_per_worker:g} CPUs "
+            f"leave {max(spare, 0):g} of the cluster's {cpus:g}; lower --cpus-per-worker")
+    root = str(data.root)
+    check_parquet_splits(root)
+    train, val = shard_index(root, "train"), shard_index(root, "val")
+    warn_if_class_sorted(train, parquet_split_dir(root, "train"))
+    return train, val
 
 
 def _slug(label: str) -> str:

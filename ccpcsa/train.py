@@ -1,9 +1,12 @@
-"""Train and evaluate in one process. SGD + cosine; bf16 autocast and channels_last on CUDA."""
+"""Train and evaluate in one process. SGD + cosine; bf16 autocast, channels_last and
+cudnn.benchmark on CUDA; the loss is summed on the device and read once per epoch (no host sync
+per step); DataLoader worker processes decode images beside the training thread."""
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -18,6 +21,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 log = logging.getLogger("ccpcsa.train")
 
+MAX_AUTO_LOADER_WORKERS = 8
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -26,7 +31,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
-    loader_workers: int = 0
+    loader_workers: int | None = None  # None: one per spare CPU (see loader_workers_for)
     amp: bool = True  # bf16 autocast, CUDA only
     channels_last: bool = True  # CUDA only
     device: str | None = None  # None = cuda if available, else cpu
@@ -77,9 +82,16 @@ def autocast(device: torch.device, cfg: TrainConfig):
 
 def to_device(model: nn.Module, device: torch.device, cfg: TrainConfig) -> nn.Module:
     model.to(device)
-    if device.type == "cuda" and cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick kernels
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
     return model
+
+
+def input_memory_format(device: torch.device, cfg: TrainConfig) -> torch.memory_format:
+    return (torch.channels_last if device.type == "cuda" and cfg.channels_last
+            else torch.contiguous_format)
 
 
 def run_epoch(
@@ -94,9 +106,9 @@ def run_epoch(
     """One pass over `batches` of (x, y); returns (mean loss, samples seen)."""
     model.train()
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    memory_format = (torch.channels_last if device.type == "cuda" and cfg.channels_last
-                     else torch.contiguous_format)
-    total, count = 0.0, 0
+    memory_format = input_memory_format(device, cfg)
+    total = torch.zeros((), dtype=torch.float64, device=device)  # read once, at the end
+    count = 0
     for x, y in _progress(batches, progress):
         x = x.to(device, non_blocking=True, memory_format=memory_format)
         y = y.to(device, non_blocking=True)
@@ -106,9 +118,9 @@ def run_epoch(
         loss.backward()
         opt.step()
         sched.step()
-        total += loss.item() * len(y)
+        total += loss.detach() * len(y)
         count += len(y)
-    return total / max(count, 1), count
+    return float(total) / max(count, 1), count
 
 
 @torch.no_grad()
@@ -124,30 +136,58 @@ def evaluate(model: nn.Module, dataset: Dataset, cfg: TrainConfig) -> float:
 def count_correct(model: nn.Module, batches, device: torch.device, cfg: TrainConfig
                   ) -> tuple[int, int]:
     model.eval()
-    correct, seen = 0, 0
+    memory_format = input_memory_format(device, cfg)
+    correct = torch.zeros((), dtype=torch.int64, device=device)  # read once, at the end
+    seen = 0
     for x, y in batches:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x = x.to(device, non_blocking=True, memory_format=memory_format)
+        y = y.to(device, non_blocking=True)
         with autocast(device, cfg):
             pred = model(x).argmax(1)
-        correct += int((pred == y).sum())
+        correct += (pred == y).sum()
         seen += len(y)
-    return correct, seen
+    return int(correct), seen
 
 
 def loader(dataset: Dataset, cfg: TrainConfig, train: bool, sampler=None,
            batch_size: int | None = None) -> DataLoader:
     gen = torch.Generator().manual_seed(cfg.seed)
+    workers = loader_workers_for(dataset, cfg)
     return DataLoader(
         dataset,
         batch_size=batch_size or cfg.batch_size,
         shuffle=train and sampler is None,
         sampler=sampler,
         drop_last=train,  # BatchNorm1d in BAM's channel MLP cannot train on a batch of one
-        num_workers=cfg.loader_workers,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=cfg.loader_workers > 0,
+        num_workers=workers,
+        pin_memory=pick_device(cfg.device).type == "cuda",
+        persistent_workers=workers > 0,
         generator=gen,
     )
+
+
+def loader_workers_for(dataset: Dataset, cfg: TrainConfig) -> int:
+    """cfg.loader_workers if set; else one DataLoader process per CPU this process may use,
+    minus the training thread (at most MAX_AUTO_LOADER_WORKERS), and none on one CPU or for
+    data already in memory as tensors (digits: nothing to decode, and starting processes cost
+    more than they save: 2 digits epochs took 2.1 s with 0 workers, 2.4 s with 1)."""
+    if cfg.loader_workers is not None:
+        return cfg.loader_workers
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    if not getattr(dataset, "needs_decoding", True):
+        return 0
+    return max(0, min(MAX_AUTO_LOADER_WORKERS, usable_cpus() - 1))
+
+
+def usable_cpus() -> int:
+    """CPUs this process is meant to use: OMP_NUM_THREADS where set (Ray sets it to a worker's
+    reserved CPUs), else the CPUs it may run on."""
+    try:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
 
 
 def train_sampler(dataset: Dataset, cfg: TrainConfig, world_size: int = 1, rank: int = 0

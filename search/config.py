@@ -42,6 +42,7 @@ class SearchConfig:
     workers_per_trial: int = 1
     gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
     cpus_per_worker: float = 1.0
+    loader_workers: int | None = None  # None: one per spare CPU (ccpcsa.train.loader_workers_for)
     max_failures: int = 1
     # where results go
     storage: str = "runs/search"
@@ -78,6 +79,9 @@ class SearchConfig:
         for name in ("lr", "finetune_lr", "cpus_per_worker"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        lw = self.loader_workers
+        if lw is not None and (not isinstance(lw, int) or isinstance(lw, bool) or lw < 0):
+            raise ConfigError(f"loader_workers must be an integer >= 0, got {lw!r}")
         if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
             raise ConfigError(f"gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
         if self.m_range is not None:

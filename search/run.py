@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPUs per training worker (default: 1 if the cluster has GPUs, else 0)")
     g.add_argument("--cpus-per-worker", type=float,
                    help=f"CPUs per training worker (default {d.cpus_per_worker})")
+    g.add_argument("--loader-workers", type=int,
+                   help="DataLoader processes that decode map-style images per training process "
+                        "(default: one per CPU it may use, minus one, at most 8; 0 for digits)")
     g.add_argument("--max-failures", type=int,
                    help=f"retries of a crashed trial, from its last checkpoint "
                         f"(default {d.max_failures})")

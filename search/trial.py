@@ -43,7 +43,8 @@ def data_config(cfg: SearchConfig) -> DataConfig:
 
 
 def train_config(cfg: SearchConfig) -> TrainConfig:
-    return TrainConfig(batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
+    return TrainConfig(batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
+                       loader_workers=cfg.loader_workers)
 
 
 def make_runner(cfg: SearchConfig, storage_path: str):

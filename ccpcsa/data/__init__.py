@@ -4,7 +4,8 @@ Datasets: "digits" (scikit-learn's embedded 8x8 handwritten digits, no download)
 "cifar100" (torchvision's on-disk layout), "imagefolder" (ImageNet layout root/train, root/val)
 and "parquet" (root/train, root/val of Parquet shards written by `to-parquet`, local or URI;
 Ray Train streams them through Ray Data, one process reads them into memory).
-Every item is (float32 tensor 3xHxW, normalised; int label).
+Every item of a map-style dataset is (float32 tensor 3xHxW, normalised; int label); Parquet
+under Ray Train arrives as uint8 pixels and is normalised on the device (Uint8Normalizer).
 
 One module per source (digits, cifar, imagefolder, parquet); the CLI is `python -m ccpcsa.data`.
 """
@@ -31,23 +32,38 @@ from ccpcsa.data.common import (
     DataConfig,
     DataError,
     DatasetInfo,
+    Uint8Normalizer,
     validate_config,
 )
 from ccpcsa.data.digits import digits_datasets
 from ccpcsa.data.imagefolder import (
     decode_image_batch,
+    decode_uint8_batch,
     find_classes,
     imagefolder_datasets,
+    imagefolder_geometry,
     imagefolder_transform,
     scan_imagefolder,
 )
 from ccpcsa.data.parquet import (
+    Piece,
+    ShardIndex,
+    calibration_pieces,
+    check_parquet_splits,
+    decode_pieces,
+    eval_pieces,
     imagefolder_to_parquet,
     parquet_classes,
     parquet_datasets,
     parquet_rows,
     parquet_shards,
+    parquet_split_dir,
+    read_piece,
     read_shard_table,
+    shard_index,
+    steps_per_epoch,
+    train_pieces,
+    warn_if_class_sorted,
 )
 
 
@@ -78,7 +94,10 @@ def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
 __all__ = [
     "CIFAR100_MEAN", "CIFAR100_STD", "CIFAR_MEAN", "CIFAR_STD", "DATASETS", "DEFAULT_IMAGE_SIZE",
     "IMAGENET_MEAN", "IMAGENET_STD", "NEEDS_ROOT", "NUM_CLASSES", "DataConfig", "DataError",
-    "DatasetInfo", "build_datasets", "dataset_info", "decode_image_batch",
+    "DatasetInfo", "Piece", "ShardIndex", "Uint8Normalizer", "build_datasets",
+    "calibration_pieces", "check_parquet_splits", "dataset_info", "decode_image_batch",
+    "decode_pieces", "decode_uint8_batch", "eval_pieces", "imagefolder_geometry",
     "imagefolder_to_parquet", "imagefolder_transform", "main", "parquet_classes",
-    "parquet_rows", "parquet_shards", "read_shard_table", "scan_imagefolder",
+    "parquet_rows", "parquet_shards", "parquet_split_dir", "read_piece", "read_shard_table",
+    "scan_imagefolder", "shard_index", "steps_per_epoch", "train_pieces", "warn_if_class_sorted",
 ]

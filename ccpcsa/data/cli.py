@@ -1,4 +1,5 @@
-"""python -m ccpcsa.data to-parquet SRC DST [--rows-per-shard N] [--split NAME]"""
+"""python -m ccpcsa.data to-parquet SRC DST [--rows-per-shard N] [--rows-per-group N]
+[--split NAME] [--seed S]"""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from ccpcsa.data.common import DataError
-from ccpcsa.data.parquet import iter_shards
+from ccpcsa.data.parquet import DEFAULT_ROWS_PER_GROUP, DEFAULT_ROWS_PER_SHARD, iter_shards
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,7 +22,9 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Convert an ImageFolder split (SRC/<class>/<image files>) into Parquet shards "
             "part-00000.parquet, ... with columns image (original encoded bytes) and label "
-            "(int64); class names go to the schema metadata and DST/_classes.json."
+            "(int64), rows in a seeded random order across classes (training reads whole row "
+            "groups, reshuffled every epoch); class names go to the schema metadata and "
+            "DST/_classes.json."
         ),
     )
     to_parquet.add_argument("src", metavar="SRC", help="local folder of class subfolders")
@@ -33,9 +36,24 @@ def _parser() -> argparse.ArgumentParser:
     to_parquet.add_argument(
         "--rows-per-shard",
         type=int,
-        default=1000,
+        default=DEFAULT_ROWS_PER_SHARD,
         metavar="N",
-        help="images per Parquet shard (default: 1000)",
+        help=f"images per Parquet shard (default: {DEFAULT_ROWS_PER_SHARD})",
+    )
+    to_parquet.add_argument(
+        "--rows-per-group",
+        type=int,
+        default=DEFAULT_ROWS_PER_GROUP,
+        metavar="N",
+        help="images per Parquet row group: the unit training shuffles and reads at random "
+             f"(default: {DEFAULT_ROWS_PER_GROUP})",
+    )
+    to_parquet.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        metavar="S",
+        help="seed of the random row order across classes (default: 0)",
     )
     to_parquet.add_argument(
         "--split",
@@ -50,14 +68,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     shards = rows = num_classes = 0
     try:
-        for path, n, classes in iter_shards(args.src, args.dst, args.rows_per_shard, args.split):
+        shards_written = iter_shards(args.src, args.dst, args.rows_per_shard, args.split,
+                                     args.seed, args.rows_per_group)
+        for path, n, classes in shards_written:
             shards, rows, num_classes = shards + 1, rows + n, len(classes)
             print(f"wrote {path} ({n} rows)", flush=True)
     except DataError as exc:
         message = " ".join(str(exc).split())
         print(f"error: {message}", file=sys.stderr)
         return 2
-    print(f"done: {rows} images in {num_classes} classes -> {shards} shards in {args.dst}")
+    print(f"done: {rows} images in {num_classes} classes -> {shards} shards in {args.dst}; "
+          f"rows shuffled across classes with seed {args.seed}")
     return 0
 
 

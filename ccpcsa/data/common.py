@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+import torch
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "parquet")
 NEEDS_ROOT = ("cifar10", "cifar100", "imagefolder", "parquet")
@@ -59,3 +62,23 @@ def require_dir(path: str, what: str) -> None:
         raise DataError(f"{path}: not found; expected {what}")
 
 
+# ---------------------------------------------------------------- normalisation on the device
+
+
+class Uint8Normalizer:
+    """N x H x W x 3 uint8 pixels -> N x 3 x H x W float32 (x / 255 - mean) / std on the pixels'
+    device: the ops of ToTensor + Normalize, so the result equals the CPU float path. The output
+    is a view of the NHWC input's layout, i.e. channels_last memory (what cuDNN wants)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device
+                 ) -> None:
+        # made once: building these per batch would copy from host memory at every step
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"expected N x H x W x 3 uint8 pixels, got {images.dtype} "
+                             f"{tuple(images.shape)}")
+        x = images.permute(0, 3, 1, 2).float().div_(255)
+        return x.sub_(self.mean).div_(self.std)

@@ -19,6 +19,8 @@ class TensorImageDataset(Dataset):
     random crop), drawing offsets from torch's global RNG.
     """
 
+    needs_decoding = False  # in memory already: DataLoader worker processes would only add IPC
+
     def __init__(
         self,
         images: torch.Tensor,

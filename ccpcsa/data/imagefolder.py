@@ -6,6 +6,7 @@ import io
 import os
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
@@ -22,13 +23,17 @@ from ccpcsa.data.common import (
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-def imagefolder_transform(image_size: int, train: bool) -> Callable:
-    """Train: RandomResizedCrop + flip; eval: resize to size*256/224 and centre crop."""
+def imagefolder_geometry(image_size: int, train: bool) -> Callable[[Image.Image], Image.Image]:
+    """PIL -> PIL. Train: RandomResizedCrop + flip; eval: resize to size*256/224, centre crop."""
     if train:
-        steps: list[Callable] = [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()]
-    else:
-        steps = [T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size)]
-    return T.Compose([*steps, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        return T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()])
+    return T.Compose([T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size)])
+
+
+def imagefolder_transform(image_size: int, train: bool) -> Callable:
+    """PIL -> normalised float32 3xSxS: imagefolder_geometry, then ToTensor + Normalize."""
+    return T.Compose([imagefolder_geometry(image_size, train), T.ToTensor(),
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def _is_image(filename: str) -> bool:
@@ -111,19 +116,40 @@ def imagefolder_datasets(root: str, image_size: int, augment: bool) -> tuple[Dat
     )
 
 
-def decode_image_batch(images: Sequence[bytes], image_size: int, train: bool) -> torch.Tensor:
-    """Encoded image bytes -> N x 3 x S x S float32, with the imagefolder dataset's transforms."""
+def _check_size(image_size: int) -> None:
     if isinstance(image_size, bool) or not isinstance(image_size, int):
         raise DataError(f"image_size must be an int >= {MIN_IMAGE_SIZE}; got {image_size!r}")
     if image_size < MIN_IMAGE_SIZE:
         raise DataError(f"image_size must be an int >= {MIN_IMAGE_SIZE}; got {image_size!r}")
+
+
+def _open_rgb(data: bytes, index: int) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(bytes(data))).convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"image {index} of the batch: not a decodable image ({exc})") from exc
+
+
+def decode_image_batch(images: Sequence[bytes], image_size: int, train: bool) -> torch.Tensor:
+    """Encoded image bytes -> N x 3 x S x S float32, with the imagefolder dataset's transforms
+    (ToTensor + Normalize on the CPU). The Parquet path sends decode_uint8_batch's pixels
+    instead and normalises on the device (normalize_uint8)."""
+    _check_size(image_size)
     transform = imagefolder_transform(image_size, train)
     out = torch.empty(len(images), 3, image_size, image_size, dtype=torch.float32)
     for i, data in enumerate(images):
-        try:
-            img = Image.open(io.BytesIO(bytes(data))).convert("RGB")
-        except (UnidentifiedImageError, OSError) as exc:
-            raise DataError(f"image {i} of the batch: not a decodable image ({exc})") from exc
-        out[i] = transform(img)
+        out[i] = transform(_open_rgb(data, i))
+    return out
+
+
+def decode_uint8_batch(images: Sequence[bytes], image_size: int, train: bool) -> np.ndarray:
+    """Encoded image bytes -> N x S x S x 3 uint8 pixels after imagefolder_geometry: the same
+    crops as decode_image_batch (same random draws from torch's RNG), a quarter of the bytes,
+    no float work on the CPU."""
+    _check_size(image_size)
+    geometry = imagefolder_geometry(image_size, train)
+    out = np.empty((len(images), image_size, image_size, 3), dtype=np.uint8)
+    for i, data in enumerate(images):
+        out[i] = np.asarray(geometry(_open_rgb(data, i)))
     return out
 

@@ -1,13 +1,45 @@
-"""Parquet shards (image bytes + label) for Ray Data: reading them, and writing them from an
-ImageFolder split (`python -m ccpcsa.data to-parquet`)."""
+"""Parquet shards (image bytes + label): writing them from an ImageFolder split
+(`python -m ccpcsa.data to-parquet`), and reading them for training.
+
+Shuffling. `to-parquet` writes the rows in a seeded random order across classes (an ImageFolder
+scan is class-sorted: shards in that order held 1-2 labels per batch). Each shard is cut into
+row groups of `rows_per_group` rows; a row group is the unit of shuffling and of random access.
+Training then reshuffles every epoch, seeded and reproducible, through an *epoch plan*: a
+permutation of all row groups of the split drawn from (seed, epoch), the rows of each group
+permuted too, and the resulting sequence cut into `world` equal contiguous ranges of whole
+per-worker batches. Every worker computes the same plan, so the plan needs no coordination,
+every row is read at most once per epoch, fewer than one global batch of rows is left out per
+epoch (as DistributedSampler's drop_last), and each worker gets exactly the same number of
+steps (DDP needs that). Pieces (a row group, a row range of its permuted order, a seed) are what
+Ray Data's decode tasks read (ccpcsa.ingest); the same seed fixes their augmentation draws.
+
+Why not Ray Data's own shuffles (Ray 2.60): `random_shuffle` and `randomize_block_order`
+materialise the whole input in the object store (ImageNet: ~140 GB per epoch per trial);
+`read_parquet(shuffle=FileShuffleConfig(seed))` with Train's `streaming_split` shuffles files,
+but which worker gets which block depends on who asks first, so an epoch's order is random yet
+not reproducible, and whole 1,000-row files are the unit. The plan keeps Ray Data for what it
+is good at (parallel read + decode on the cluster's CPUs, prefetching, and a local shuffle
+buffer that mixes pieces within a worker).
+
+Evaluation splits the val rows evenly (counts differ by at most one); calibration batches for
+channel scoring are whole random row groups drawn across the training split (seeded), which,
+rows being shuffled at export, is a uniform random sample of it.
+
+One process (no Ray) reads the shards into memory instead (ParquetImages: map-style, shuffled
+each epoch by the same seeded sampler as the other map-style datasets).
+"""
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import os
+import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -16,11 +48,17 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ccpcsa.data.common import DataError
-from ccpcsa.data.imagefolder import imagefolder_transform, scan_imagefolder
+from ccpcsa.data.imagefolder import decode_uint8_batch, imagefolder_transform, scan_imagefolder
+
+log = logging.getLogger("ccpcsa.data")
 
 SHARD_PATTERN = "part-{:05d}.parquet"
 CLASSES_FILE = "_classes.json"
 CLASSES_META_KEY = b"classes"
+ROW_ORDER_META_KEY = b"row_order"  # JSON {"shuffled": true, "seed": S}, written by to-parquet
+DEFAULT_ROWS_PER_SHARD = 1000
+DEFAULT_ROWS_PER_GROUP = 64
+_CALIBRATION_STREAM = 0x5CA1E  # keeps calibration draws apart from the epoch plans
 
 
 def parquet_split_dir(root: str, split: str) -> str:
@@ -57,19 +95,172 @@ def parquet_shards(root: str, split: str) -> list[str]:
     return [_join(folder, n) for n in names]
 
 
-def parquet_rows(root: str, split: str) -> int:
-    """Rows of a shard folder, from the Parquet footers (no image is read)."""
-    total = 0
-    for shard in parquet_shards(root, split):
-        fs, p = _resolve_dst(shard)
-        with fs.open_input_file(p) as f:
-            total += pq.ParquetFile(f).metadata.num_rows
-    return total
-
-
 def read_shard_table(path: str) -> pa.Table:
     fs, p = _resolve_dst(path)
     return pq.read_table(p, filesystem=fs, columns=["image", "label"])
+
+
+# ---------------------------------------------------------------- the index and epoch plans
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """Every row group of a split: its shards and the rows of each of their row groups. Built
+    once from the footers (shard_index); the plans below need nothing else."""
+
+    paths: tuple[str, ...]
+    group_rows: tuple[tuple[int, ...], ...]
+    shuffled: bool  # rows written in random order across classes (to-parquet's row_order)
+
+    @property
+    def rows(self) -> int:
+        return sum(sum(groups) for groups in self.group_rows)
+
+    def chunks(self) -> list[tuple[str, int, int]]:
+        """(shard path, row group, rows) of every row group, in file order."""
+        return [(path, g, n) for path, groups in zip(self.paths, self.group_rows, strict=True)
+                for g, n in enumerate(groups)]
+
+
+def shard_index(root: str, split: str) -> ShardIndex:
+    """Reads every shard footer of root/split (no image is read)."""
+    paths = parquet_shards(root, split)
+    group_rows = []
+    shuffled = True
+    for i, shard in enumerate(paths):
+        fs, p = _resolve_dst(shard)
+        try:
+            with fs.open_input_file(p) as f:
+                meta = pq.ParquetFile(f).metadata
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise DataError(f"{shard}: not a readable Parquet shard ({exc})") from None
+        group_rows.append(tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups)))
+        if i == 0:
+            order = (meta.metadata or {}).get(ROW_ORDER_META_KEY)
+            shuffled = bool(order and json.loads(order).get("shuffled"))
+    return ShardIndex(tuple(paths), tuple(group_rows), shuffled)
+
+
+def parquet_rows(root: str, split: str) -> int:
+    """Rows of a shard folder, from the Parquet footers (no image is read)."""
+    return shard_index(root, split).rows
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows [start, stop) of a row group's rows in the order `order_seed` permutes them to
+    (order_seed < 0: file order). The seed also fixes the rows' augmentation draws."""
+
+    path: str
+    group: int
+    start: int
+    stop: int
+    order_seed: int = -1
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+def steps_per_epoch(index: ShardIndex, world: int, batch_per_worker: int) -> int:
+    """Full global batches per epoch: every worker runs exactly this many steps."""
+    return index.rows // (world * batch_per_worker)
+
+
+def train_pieces(index: ShardIndex, seed: int, epoch: int, rank: int, world: int,
+                 batch_per_worker: int) -> list[Piece]:
+    """Worker `rank`'s rows of epoch `epoch`: its equal contiguous range of a permutation of
+    all row groups, rows permuted within each group; every worker computes the same plan."""
+    per_worker = steps_per_epoch(index, world, batch_per_worker) * batch_per_worker
+    if per_worker == 0:
+        raise DataError(f"the training split has {index.rows} rows, fewer than one global "
+                        f"batch of {world} x {batch_per_worker}")
+    chunks = index.chunks()
+    rng = np.random.default_rng([_nonnegative(seed), epoch])
+    order = rng.permutation(len(chunks))
+    seeds = rng.integers(0, 2**62, size=len(chunks))
+    return _cut(chunks, order, seeds, rank * per_worker, (rank + 1) * per_worker)
+
+
+def eval_pieces(index: ShardIndex, rank: int, world: int) -> list[Piece]:
+    """Worker `rank`'s share of the split in file order: row counts differ by at most one."""
+    rows = index.rows
+    chunks = index.chunks()
+    return _cut(chunks, range(len(chunks)), None, rank * rows // world,
+                (rank + 1) * rows // world)
+
+
+def calibration_pieces(index: ShardIndex, rows: int, seed: int, rank: int = 0, world: int = 1
+                       ) -> list[Piece]:
+    """`rows` rows drawn at random across the whole split (whole row groups in a seeded random
+    order, rows permuted within each; the same every call), worker `rank` taking its even share."""
+    chunks = index.chunks()
+    rng = np.random.default_rng([_nonnegative(seed), _CALIBRATION_STREAM])
+    order = rng.permutation(len(chunks))
+    seeds = rng.integers(0, 2**62, size=len(chunks))
+    rows = min(rows, index.rows)
+    return _cut(chunks, order, seeds, rank * rows // world, (rank + 1) * rows // world)
+
+
+def _cut(chunks: list[tuple[str, int, int]], order, seeds, lo: int, hi: int) -> list[Piece]:
+    """Positions [lo, hi) of the row sequence that visits `chunks` in `order`."""
+    pieces, pos = [], 0
+    for c in order:
+        path, group, n = chunks[c]
+        a, b = max(lo, pos), min(hi, pos + n)
+        if a < b:
+            pieces.append(Piece(path, group, a - pos, b - pos,
+                                -1 if seeds is None else int(seeds[c])))
+        pos += n
+        if pos >= hi:
+            break
+    return pieces
+
+
+def _nonnegative(seed: int) -> int:
+    return int(seed) % 2**63
+
+
+# ---------------------------------------------------------------- reading and decoding pieces
+
+
+def read_piece(piece: Piece) -> tuple[list[bytes], np.ndarray]:
+    """(encoded images, int64 labels) of a piece, in the piece's row order."""
+    fs, p = _resolve_dst(piece.path)
+    with fs.open_input_file(p) as f:
+        table = pq.ParquetFile(f).read_row_group(piece.group, columns=["image", "label"])
+    rows = np.arange(table.num_rows)
+    if piece.order_seed >= 0:
+        rows = np.random.default_rng(piece.order_seed).permutation(table.num_rows)
+    taken = table.take(pa.array(rows[piece.start:piece.stop]))
+    return (taken.column("image").to_pylist(),
+            taken.column("label").to_numpy().astype(np.int64))
+
+
+def decode_pieces(batch: dict[str, np.ndarray], image_size: int, train: bool
+                  ) -> dict[str, np.ndarray]:
+    """Ray Data map_batches function: a batch of pieces (columns of Piece's fields) -> their
+    rows as {"image": N x S x S x 3 uint8, "label": int64, "checksum": int64 crc32 of the
+    encoded image}. A piece's seed (with its start) fixes its augmentation draws."""
+    images, labels, checksums = [], [], []
+    for i in range(len(batch["path"])):
+        piece = Piece(str(batch["path"][i]), int(batch["group"][i]), int(batch["start"][i]),
+                      int(batch["stop"][i]), int(batch["order_seed"][i]))
+        data, piece_labels = read_piece(piece)
+        if train and piece.order_seed >= 0:
+            torch.manual_seed(int(np.random.SeedSequence([piece.order_seed, piece.start])
+                                  .generate_state(1, np.uint64)[0]) % 2**63)
+        images.append(decode_uint8_batch(data, image_size, train))
+        labels.append(piece_labels)
+        checksums.append(np.array([zlib.crc32(d) for d in data], dtype=np.int64))
+    if not images:
+        return {"image": np.empty((0, image_size, image_size, 3), np.uint8),
+                "label": np.empty(0, np.int64), "checksum": np.empty(0, np.int64)}
+    return {"image": np.concatenate(images), "label": np.concatenate(labels),
+            "checksum": np.concatenate(checksums)}
+
+
+# ---------------------------------------------------------------- one process
 
 
 class ParquetImages(Dataset):
@@ -92,15 +283,27 @@ class ParquetImages(Dataset):
         return self.transform(img), self.targets[index]
 
 
-def parquet_datasets(root: str, image_size: int, augment: bool) -> tuple[Dataset, Dataset]:
+def check_parquet_splits(root: str) -> list[str]:
+    """The class list, after checking that train/ and val/ were exported from the same classes."""
     classes = parquet_classes(root, "train")
     if parquet_classes(root, "val") != classes:
         raise DataError(f"{parquet_split_dir(root, 'val')}: classes differ from train; "
                         "expected both splits exported from the same class folders")
+    return classes
+
+
+def parquet_datasets(root: str, image_size: int, augment: bool) -> tuple[Dataset, Dataset]:
+    classes = check_parquet_splits(root)
     train = ParquetImages(parquet_shards(root, "train"), classes, image_size, augment)
     val = ParquetImages(parquet_shards(root, "val"), classes, image_size, False)
     return train, val
 
+
+def warn_if_class_sorted(index: ShardIndex, folder: str) -> None:
+    if not index.shuffled:
+        log.warning("%s: rows are in the order they were exported (no row_order metadata: an "
+                    "older to-parquet wrote them class by class); batches and calibration "
+                    "draws will hold few classes. Export again with this version.", folder)
 
 
 def _resolve_dst(dst: str) -> tuple[pafs.FileSystem, str]:
@@ -130,9 +333,11 @@ def _check_empty_dst(fs: pafs.FileSystem, path: str, dst: str) -> None:
         raise DataError(f"{dst}: already holds {stale[0]}; expected a folder without shards")
 
 
-def _shard_schema(classes: list[str]) -> pa.Schema:
+def _shard_schema(classes: list[str], seed: int) -> pa.Schema:
     fields = [pa.field("image", pa.binary()), pa.field("label", pa.int64())]
-    return pa.schema(fields, metadata={CLASSES_META_KEY: json.dumps(classes).encode()})
+    return pa.schema(fields, metadata={
+        CLASSES_META_KEY: json.dumps(classes).encode(),
+        ROW_ORDER_META_KEY: json.dumps({"shuffled": True, "seed": seed}).encode()})
 
 
 def _read_bytes(path: str) -> bytes:
@@ -140,22 +345,31 @@ def _read_bytes(path: str) -> bytes:
         return f.read()
 
 
+def _check_count(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise DataError(f"{name} must be an int >= 1; got {value!r}")
+
+
 def iter_shards(
-    src: str, dst: str, rows_per_shard: int, split: str | None
+    src: str, dst: str, rows_per_shard: int, split: str | None, seed: int = 0,
+    rows_per_group: int = DEFAULT_ROWS_PER_GROUP,
 ) -> Iterator[tuple[str, int, list[str]]]:
-    """Writes the shards one by one, yielding (shard path, rows, classes) after each."""
-    if isinstance(rows_per_shard, bool) or not isinstance(rows_per_shard, int):
-        raise DataError(f"rows_per_shard must be an int >= 1; got {rows_per_shard!r}")
-    if rows_per_shard < 1:
-        raise DataError(f"rows_per_shard must be an int >= 1; got {rows_per_shard!r}")
+    """Writes the shards one by one, rows in a random order across classes drawn from `seed`,
+    yielding (shard path, rows, classes) after each."""
+    _check_count("rows_per_shard", rows_per_shard)
+    _check_count("rows_per_group", rows_per_group)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise DataError(f"seed must be an int; got {seed!r}")
     folder = os.path.join(src, split) if split else src
     classes, samples = scan_imagefolder(folder)
+    order = np.random.default_rng(_nonnegative(seed)).permutation(len(samples))
+    samples = [samples[i] for i in order]
     fs, base = _resolve_dst(dst)
     _check_empty_dst(fs, base, dst)
     fs.create_dir(base, recursive=True)
     with fs.open_output_stream(_join(base, CLASSES_FILE)) as out:
         out.write(json.dumps(classes).encode())
-    schema = _shard_schema(classes)
+    schema = _shard_schema(classes, seed)
     for shard, start in enumerate(range(0, len(samples), rows_per_shard)):
         chunk = samples[start : start + rows_per_shard]
         table = pa.table(
@@ -166,17 +380,20 @@ def iter_shards(
             schema=schema,
         )
         name = SHARD_PATTERN.format(shard)
-        pq.write_table(table, _join(base, name), filesystem=fs)
+        pq.write_table(table, _join(base, name), filesystem=fs, row_group_size=rows_per_group)
         yield _join(dst, name), len(chunk), classes
 
 
 def imagefolder_to_parquet(
-    src: str, dst: str, rows_per_shard: int = 1000, split: str | None = None
+    src: str, dst: str, rows_per_shard: int = DEFAULT_ROWS_PER_SHARD, split: str | None = None,
+    seed: int = 0, rows_per_group: int = DEFAULT_ROWS_PER_GROUP,
 ) -> list[str]:
-    """ImageFolder split -> Parquet shards (image: encoded bytes, label: int64) under dst.
+    """ImageFolder split -> Parquet shards (image: encoded bytes, label: int64) under dst, rows
+    in a random order across classes drawn from `seed`, row groups of `rows_per_group` rows.
 
-    Class names go to the schema metadata key b"classes" and to dst/_classes.json (JSON lists).
-    Returned paths use dst's form (local path or URI).
+    Class names go to the schema metadata key b"classes" and to dst/_classes.json (JSON lists);
+    the row order to b"row_order". Returned paths use dst's form (local path or URI).
     """
-    return [path for path, _, _ in iter_shards(src, dst, rows_per_shard, split)]
+    return [path for path, _, _ in iter_shards(src, dst, rows_per_shard, split, seed,
+                                               rows_per_group)]
 

@@ -1,0 +1,128 @@
+"""Parquet -> Ray Data -> a training worker: decode where the CPUs are, uint8 on the wire.
+
+A worker asks ParquetBatches for an epoch's batches (epoch, rank, world). Its rows come from
+the epoch plan of ccpcsa.data.parquet (a seeded permutation of all row groups, cut into equal
+per-worker ranges: reproducible, different every epoch, every worker the same number of steps).
+Ray Data reads and decodes them in `map_batches` tasks (one CPU each, `decode_cpus`) scheduled
+on whatever CPUs of the cluster the training workers leave free, not on the worker's own thread;
+the tasks send N x S x S x 3 uint8 pixels (a quarter of float32's bytes) and the worker
+normalises them on its device (ccpcsa.data.Uint8Normalizer). `iter_torch_batches` prefetches,
+pins host memory on CUDA, moves the batch to the device, and mixes rows of several pieces in a
+local shuffle buffer seeded by (seed, epoch, rank); `preserve_order` keeps the stream into that
+buffer in plan order, so the same seed gives the same batches.
+
+The datasets are built inside each worker, one per epoch, rather than passed to the
+TorchTrainer: Train's `streaming_split` hands blocks to whichever worker asks first, which is not
+reproducible, and a worker loop that also scores channels between epochs (or runs a whole
+trial) can ask for any epoch's batches here without a new TorchTrainer.
+
+Ray is imported lazily: the rest of ccpcsa works without it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ccpcsa.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Piece,
+    ShardIndex,
+    Uint8Normalizer,
+    calibration_pieces,
+    decode_pieces,
+    eval_pieces,
+    steps_per_epoch,
+    train_pieces,
+)
+
+DECODE_CPUS = 1.0  # CPUs per decode task: PIL decodes one image at a time
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    image_size: int
+    batch_size: int  # per worker
+    seed: int = 0
+    augment: bool = True
+    decode_cpus: float = DECODE_CPUS
+    prefetch_batches: int = 2
+    shuffle_buffer: int | None = None  # rows; None = 4 per-worker batches
+
+
+class ParquetBatches:
+    """A worker's uint8 batches of a Parquet data set, streamed through Ray Data."""
+
+    def __init__(self, train: ShardIndex | None, val: ShardIndex | None, cfg: IngestConfig,
+                 device: torch.device) -> None:
+        self.train, self.val, self.cfg, self.device = train, val, cfg, device
+        self.normalize = Uint8Normalizer(IMAGENET_MEAN, IMAGENET_STD, device)
+        self.checksum = torch.zeros((), dtype=torch.int64, device=device)
+
+    def steps_per_epoch(self, world: int) -> int:
+        assert self.train is not None
+        return steps_per_epoch(self.train, world, self.cfg.batch_size)
+
+    def epoch(self, epoch: int, rank: int, world: int
+              ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(uint8 N x S x S x 3, int64 labels) on the device: exactly steps_per_epoch(world)
+        batches of batch_size. Afterwards `checksum` (a device tensor) holds the sum of the
+        crc32 of the epoch's encoded images: an order-free fingerprint of what was seen."""
+        assert self.train is not None
+        pieces = train_pieces(self.train, self.cfg.seed, epoch, rank, world,
+                              self.cfg.batch_size)
+        shuffle_seed = int(np.random.SeedSequence(
+            [self.cfg.seed % 2**63, epoch, rank]).generate_state(1)[0])
+        self.checksum = torch.zeros((), dtype=torch.int64, device=self.device)
+        for images, labels, checksums in self._stream(pieces, self.cfg.augment,
+                                                      self.cfg.batch_size, shuffle_seed):
+            self.checksum += checksums.sum()  # on the device: no host sync per step
+            yield images, labels
+
+    def evaluation(self, rank: int, world: int, batch_size: int | None = None
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This worker's even share of the val split (counts differ by at most one), uint8."""
+        assert self.val is not None
+        for images, labels, _ in self._stream(eval_pieces(self.val, rank, world), False,
+                                              batch_size or self.cfg.batch_size, None):
+            yield images, labels
+
+    def calibration(self, rows: int, batch_size: int, rank: int = 0, world: int = 1
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """`rows` unaugmented training rows drawn at random across the whole split (the same
+        every call), this worker's share, in batches of batch_size, uint8."""
+        assert self.train is not None
+        pieces = calibration_pieces(self.train, rows, self.cfg.seed, rank, world)
+        for images, labels, _ in self._stream(pieces, False, batch_size, None):
+            yield images, labels
+
+    def _stream(self, pieces: list[Piece], train: bool, batch_size: int,
+                shuffle_seed: int | None
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        if not pieces:
+            return
+        import ray.data
+
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # 3 INFO lines per epoch
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # the epoch log line says what happened
+        context.execution_options.preserve_order = True  # reproducible: plan order in
+        ds = ray.data.from_items([dataclasses.asdict(p) for p in pieces],
+                                 override_num_blocks=len(pieces))
+        ds = ds.map_batches(decode_pieces, fn_kwargs={"image_size": self.cfg.image_size,
+                                                      "train": train},
+                            batch_size=1, batch_format="numpy", num_cpus=self.cfg.decode_cpus)
+        options: dict = {"batch_size": batch_size, "prefetch_batches": self.cfg.prefetch_batches,
+                         "device": self.device, "pin_memory": self.device.type == "cuda"}
+        if shuffle_seed is not None:
+            options["local_shuffle_buffer_size"] = max(
+                self.cfg.shuffle_buffer or 4 * batch_size, batch_size)
+            options["local_shuffle_seed"] = shuffle_seed
+        for batch in ds.iter_torch_batches(**options):
+            yield batch["image"], batch["label"], batch["checksum"]
