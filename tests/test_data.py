@@ -273,16 +273,18 @@ def test_to_parquet_round_trip(imagenet: tuple[Path, dict, dict], tmp_path: Path
     assert json.loads((dst / "_classes.json").read_text()) == CLASSES
     by_bytes = collections.Counter((path.read_bytes(), lab) for path, lab in train_files.items())
     assert collections.Counter(zip(images, labels, strict=True)) == by_bytes
-    assert labels == sorted(labels)
+    assert labels != sorted(labels)  # shuffled across classes (tests/test_datapath.py: more)
 
     batch = decode_image_batch(images[:5], image_size=24, train=True)
     assert batch.shape == (5, 3, 24, 24) and batch.dtype == torch.float32
-    # exported bytes decode exactly like the dataset's eval transform (same order, same pipeline)
+    # exported bytes decode exactly like the dataset's eval transform (same pipeline)
     eval_batch = decode_image_batch(images[:2], 24, train=False)
     plain, _ = build_datasets(
         DataConfig("imagefolder", root=str(root), image_size=24, augment=False)
     )
-    assert torch.equal(eval_batch[0], plain[0][0]) and torch.equal(eval_batch[1], plain[1][0])
+    index = {Path(path).read_bytes(): i for i, (path, _) in enumerate(plain.samples)}
+    for row in range(2):
+        assert torch.equal(eval_batch[row], plain[index[images[row]]][0])
 
     with pytest.raises(DataError, match="already holds"):
         imagefolder_to_parquet(str(root / "train"), str(dst))
@@ -319,6 +321,7 @@ def test_cli_to_parquet(imagenet: tuple[Path, dict, dict], tmp_path: Path) -> No
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 3 and all(line.startswith("wrote ") for line in lines[:2])
     assert "9 images in 3 classes -> 2 shards" in lines[-1]
+    assert "rows shuffled across classes with seed 0" in lines[-1]
     assert sorted(p.name for p in dst.glob("*.parquet")) == [
         "part-00000.parquet",
         "part-00001.parquet",
@@ -335,5 +338,6 @@ def test_cli_help_explains_flags(capsys: pytest.CaptureFixture[str]) -> None:
         main(["to-parquet", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("SRC", "DST", "--rows-per-shard", "--split", "s3://"):
+    for flag in ("SRC", "DST", "--rows-per-shard", "--rows-per-group", "--seed", "--split",
+                 "s3://"):
         assert flag in text
