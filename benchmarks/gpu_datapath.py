@@ -1,0 +1,320 @@
+"""GPU benchmark: is the GPU fed? ResNet-50 at 224², bf16 autocast + channels_last, trained
+through the full path (to-parquet shards -> Ray Data decode tasks -> uint8 -> one Ray Train GPU
+worker -> normalised on the GPU) against a plain PyTorch loop on GPU-resident batches. The
+issue-8 target: the full path reaches >= 80 % of the plain loop's img/s.
+
+Measured, in order (each step is skipped, with the reason, when the time budget runs short):
+  data      synthetic photo-like JPEGs (benchmarks/jpegs.py, ImageNet-like size) in a
+            class-sorted ImageFolder, exported by to-parquet (shuffled, row groups of 64)
+  plain     a minimal training loop (SGD, autocast bf16, channels_last, cudnn.benchmark) on
+            one GPU-resident batch, and ccpcsa.train.run_epoch on the same batches
+  pipeline  the input path alone: ParquetBatches (ccpcsa.ingest) streaming uint8 batches to the
+            GPU and normalising them there, no model: the most the data path can deliver
+  full      RayRunner with 1 GPU worker (--cpus-per-worker for the trainer, the other CPUs
+            decode): img/s of the last training epoch (the first pays cuDNN autotuning and
+            Ray's worker start-up), wall time of the whole fit (start, epochs, evaluation)
+  verdict   full / plain, against the 0.8 target
+
+Writes OUT/results.jsonl (one JSON object per measurement) and OUT/gpu_datapath.md (the
+docs/benchmarks.md section); `--render OUT/results.jsonl --docs docs/benchmarks.md` puts that
+section into the docs afterwards. Without CUDA it exits 2 unless --smoke-cpu, which runs every
+step on the CPU at toy sizes (a code-path check; its numbers mean nothing).
+
+On the lent GPU machine (one H100, 16 cores, Python 3.12 with torch but without ray): copy
+/work/shared/device-kit into the working tree first (its wheels/ hold Ray 2.60 and
+torch_pruning), then run from the repository root, within ~240 s of device time:
+  pip install -q --no-index --no-deps --target /tmp/deps device-kit/wheels/*.whl &&
+  PYTHONPATH=$PWD:/tmp/deps RAY_USAGE_STATS_ENABLED=0 \
+  python benchmarks/gpu_datapath.py --out $OUT --budget-s 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from jpegs import jpeg_pool, write_imagefolder
+from sections import write_section
+
+SECTION = "## GPU: the full Parquet -> Ray Data -> Ray Train path vs a plain loop"
+TARGET = 0.8
+T0 = time.perf_counter()
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.rows: list[dict] = []
+        self.out = Path(args.out) if args.out else None
+        if self.out:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "results.jsonl").write_text("")
+
+    def left(self) -> float:
+        return self.args.budget_s - (time.perf_counter() - T0)
+
+    def emit(self, step: str, **values) -> dict:
+        row = {"step": step, "t": round(time.perf_counter() - T0, 1), **values}
+        self.rows.append(row)
+        line = json.dumps(row, default=str)
+        print(line, flush=True)
+        if self.out:
+            with open(self.out / "results.jsonl", "a") as f:
+                f.write(line + "\n")
+        return row
+
+    def enough(self, step: str, needed: float) -> bool:
+        if self.left() >= needed:
+            return True
+        self.emit(step, skipped=f"time: {self.left():.0f} s left, needs ~{needed:.0f} s")
+        return False
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------------------ steps
+
+
+def _pool_part(args: tuple[int, int]) -> list[bytes]:
+    count, seed = args
+    return jpeg_pool(count, seed)
+
+
+def make_data(b: Bench) -> str:
+    from ccpcsa.data import imagefolder_to_parquet
+
+    a = b.args
+    work = Path(a.work)
+    shutil.rmtree(work, ignore_errors=True)  # to-parquet refuses a folder holding shards
+    start = time.perf_counter()
+    procs = min(16, os.cpu_count() or 1)
+    per = max(1, a.pool // procs)
+    # fork: the children only run numpy and PIL (no CUDA, no Ray yet)
+    with multiprocessing.get_context("fork").Pool(procs) as workers:
+        pool = [j for part in workers.map(_pool_part, [(per, s) for s in range(procs)])
+                for j in part]
+    write_imagefolder(work / "folder", {"train": a.images, "val": a.val_images}, a.classes,
+                      pool)
+    for split in ("train", "val"):
+        imagefolder_to_parquet(str(work / "folder" / split), str(work / "parquet" / split))
+    b.emit("data", images=a.images, val_images=a.val_images, distinct_jpegs=len(pool),
+           mean_kb=round(sum(map(len, pool)) / len(pool) / 1024, 1),
+           seconds=round(time.perf_counter() - start, 1))
+    return str(work / "parquet")
+
+
+def plain_loop(b: Bench, device: torch.device) -> float | None:
+    from ccpcsa.models import build_model
+    from ccpcsa.train import TrainConfig, make_optimizer, run_epoch, to_device
+
+    a = b.args
+    cfg = TrainConfig(batch_size=a.batch)
+    model = to_device(build_model(a.model, a.classes, with_bam=True), device, cfg)
+    opt, sched = make_optimizer(model, cfg, 0.01, 10**6)
+    x = torch.randn(a.batch, 3, a.size, a.size, device=device)
+    x = x.contiguous(memory_format=torch.channels_last if device.type == "cuda"
+                     else torch.contiguous_format)
+    y = torch.randint(0, a.classes, (a.batch,), device=device)
+    _plain_steps(model, opt, x, y, a.warmup_steps)  # cuDNN autotuning
+    sync()
+    start = time.perf_counter()
+    _plain_steps(model, opt, x, y, a.steps)
+    sync()
+    plain = a.steps * a.batch / (time.perf_counter() - start)
+    b.emit("plain", what="minimal loop, GPU-resident batch", img_s=round(plain, 1),
+           batch=a.batch, steps=a.steps)
+    start = time.perf_counter()
+    run_epoch(model, [(x, y)] * a.steps, opt, sched, device, cfg)
+    sync()
+    ours = a.steps * a.batch / (time.perf_counter() - start)
+    b.emit("plain", what="ccpcsa.train.run_epoch, same batch", img_s=round(ours, 1),
+           of_plain=round(ours / plain, 3))
+    if device.type == "cuda":
+        b.emit("plain", max_memory_gb=round(torch.cuda.max_memory_allocated() / 2**30, 1))
+    return plain
+
+
+def _plain_steps(model, opt, x: torch.Tensor, y: torch.Tensor, n: int) -> None:
+    """The textbook loop: nothing but forward, loss, backward, step."""
+    loss_fn = torch.nn.CrossEntropyLoss()
+    for _ in range(n):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16,
+                            enabled=x.device.type == "cuda"):
+            loss = loss_fn(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def pipeline_only(b: Bench, root: str, device: torch.device) -> None:
+    from ccpcsa.data import shard_index
+    from ccpcsa.ingest import IngestConfig, ParquetBatches
+
+    a = b.args
+    source = ParquetBatches(shard_index(root, "train"), None, IngestConfig(a.size, a.batch),
+                            device)
+    for epoch in range(2):
+        if not b.enough(f"pipeline epoch {epoch}", a.images / 500 + 5):
+            return
+        start, seen = time.perf_counter(), 0
+        for images, labels in source.epoch(epoch, 0, 1):
+            source.normalize(images)
+            seen += len(labels)
+        sync()
+        seconds = time.perf_counter() - start
+        b.emit("pipeline", what=f"uint8 batches to the {device.type}, epoch {epoch}, no model",
+               img_s=round(seen / seconds, 1), images=seen, seconds=round(seconds, 1),
+               ray_cpus=a.ray_cpus)
+
+
+def full_path(b: Bench, root: str, device: torch.device) -> float | None:
+    from ccpcsa.data import DataConfig
+    from ccpcsa.distributed import RayRunner
+    from ccpcsa.models import build_model
+    from ccpcsa.train import TrainConfig
+
+    a = b.args
+    gpu = device.type == "cuda"
+    start = time.perf_counter()
+    runner = RayRunner(DataConfig("parquet", root, a.size), TrainConfig(batch_size=a.batch),
+                       1, str(Path(a.work) / "ray"), gpus_per_worker=1.0 if gpu else 0.0,
+                       cpus_per_worker=a.cpus_per_worker)
+    b.emit("full", what="RayRunner ready (cluster check, shard index)",
+           seconds=round(time.perf_counter() - start, 1))
+    model = build_model(a.model, a.classes, with_bam=True)
+    start = time.perf_counter()
+    runner.fit(model, a.epochs, 0.01, label="gpu-datapath")
+    wall = time.perf_counter() - start
+    m = runner.last_result.metrics
+    img_s = m["last_samples"] / m["last_seconds"]
+    b.emit("full", what=f"last of {a.epochs} epochs, 1 Ray Train worker", img_s=round(img_s, 1),
+           samples=m["last_samples"], epoch_s=round(m["last_seconds"], 1),
+           fit_wall_s=round(wall, 1), evaluated=m.get("evaluated"))
+    return img_s
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def render(rows: list[dict], command: str) -> str:
+    env = next((r for r in rows if r["step"] == "environment"), {})
+    lines = [SECTION, "",
+             f"Command: `{command}`  ",
+             f"Machine: {env.get('gpu') or 'no GPU'}, {env.get('cpus')} CPU cores, Python "
+             f"{env.get('python')}, torch {env.get('torch')}, Ray {env.get('ray')}; "
+             f"{env.get('model')} with BAM at {env.get('size')}², batch {env.get('batch')}, "
+             f"bf16 autocast + channels_last on CUDA.", "",
+             "| step | what | img/s | other |", "|---|---|---|---|"]
+    for r in rows:
+        if r["step"] == "environment":
+            continue
+        other = {k: v for k, v in r.items() if k not in ("step", "what", "img_s", "t")}
+        lines.append(f"| {r['step']} | {r.get('what', '')} | {r.get('img_s', '')} | "
+                     f"{', '.join(f'{k} {v}' for k, v in other.items())} |")
+    verdict = next((r for r in rows if r["step"] == "verdict"), None)
+    lines += ["", (f"Full path / plain loop = **{verdict['ratio']:.2f}** (target >= {TARGET}): "
+                   f"{'met' if verdict['met'] else 'not met'}." if verdict and "ratio" in verdict
+                   else "No verdict: a step was skipped or failed (see the table)."), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=os.environ.get("OUT", ""), help="output folder")
+    p.add_argument("--work", default="/tmp/ccpcsa-gpu-datapath", help="scratch folder")
+    p.add_argument("--budget-s", type=float, default=200,
+                   help="stop starting steps after this many seconds (default: %(default)s)")
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=128, help="per-GPU batch (default: 128)")
+    p.add_argument("--classes", type=int, default=100)
+    p.add_argument("--images", type=int, default=12288, help="training rows (default: 12288)")
+    p.add_argument("--val-images", type=int, default=1024)
+    p.add_argument("--pool", type=int, default=512, help="distinct JPEGs (default: 512)")
+    p.add_argument("--steps", type=int, default=30, help="timed plain-loop steps")
+    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=2, help="full-path epochs (default: 2)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0,
+                   help="CPUs the Ray Train worker reserves; the rest decode (default: 1)")
+    p.add_argument("--smoke-cpu", action="store_true",
+                   help="no GPU: every step on the CPU at toy sizes (checks the code paths)")
+    p.add_argument("--render", metavar="RESULTS_JSONL",
+                   help="only write the markdown section from an earlier results.jsonl")
+    p.add_argument("--docs", metavar="MARKDOWN",
+                   help="with --render: the file whose section to replace (docs/benchmarks.md)")
+    args = p.parse_args(argv)
+    command = "python benchmarks/gpu_datapath.py " + " ".join(sys.argv[1:])
+    if args.render:
+        rows = [json.loads(line) for line in Path(args.render).read_text().splitlines() if line]
+        write_section(args.docs or "docs/benchmarks.md", SECTION,
+                      render(rows, rows[0].get("command", command)))
+        print(f"wrote {args.docs or 'docs/benchmarks.md'}")
+        return 0
+    cuda = torch.cuda.is_available()
+    if args.smoke_cpu and not cuda:
+        args.size, args.batch, args.classes, args.model = 32, 8, 4, "resnet18"
+        args.images, args.val_images, args.pool = 64, 16, 16
+        args.steps, args.warmup_steps, args.epochs, args.cpus_per_worker = 3, 1, 1, 0.5
+    b = Bench(args)
+    ray_version = None
+    if importlib.util.find_spec("ray") is not None:
+        import ray
+
+        ray_version = ray.__version__
+    b.emit("environment", python=platform.python_version(), torch=torch.__version__,
+           cuda=cuda, gpu=torch.cuda.get_device_name() if cuda else None,
+           cpus=os.cpu_count(), ray=ray_version, model=args.model, size=args.size,
+           batch=args.batch, budget_s=args.budget_s, command=command)
+    if not cuda and not args.smoke_cpu:
+        print("CUDA is not available: nothing to measure (--smoke-cpu checks the code paths "
+              "on the CPU)", file=sys.stderr)
+        return 2
+    missing = [m for m in ("ray", "torch_pruning", "pyarrow", "torchvision", "PIL")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"error: missing modules {missing}; install device-kit/wheels (see --help)",
+              file=sys.stderr)
+        return 2
+    from ccpcsa.distributed import connect_ray
+
+    device = torch.device("cuda" if cuda else "cpu")
+    args.ray_cpus = None
+    plain = full = None
+    try:
+        root = make_data(b)
+        plain = plain_loop(b, device) if b.enough("plain", 25) else None
+        if cuda:
+            torch.cuda.empty_cache()  # the plain loop's model is gone; the worker needs room
+        ray = connect_ray()
+        args.ray_cpus = ray.cluster_resources().get("CPU", 0)
+        if b.enough("pipeline", 20):
+            pipeline_only(b, root, device)
+        if b.enough("full", 40 + args.epochs * args.images / 400):
+            full = full_path(b, root, device)
+    except Exception as exc:  # report what was measured so far
+        b.emit("failed", error=f"{type(exc).__name__}: {exc}"[:400])
+        raise
+    finally:
+        if plain and full:
+            b.emit("verdict", ratio=round(full / plain, 3), target=TARGET,
+                   met=full / plain >= TARGET)
+        if b.out:
+            (b.out / "gpu_datapath.md").write_text(render(b.rows, command))
+        print(f"total {time.perf_counter() - T0:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
