@@ -268,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         args.images, args.val_images, args.pool = 64, 16, 16
         args.steps, args.warmup_steps, args.epochs, args.cpus_per_worker = 3, 1, 1, 0.5
     b = Bench(args)
+    from ccpcsa.distributed import connect_ray, prefer_loopback
+
+    prefer_loopback()  # before Ray is imported: a private instance on 127.0.0.1
     ray_version = None
     if importlib.util.find_spec("ray") is not None:
         import ray
@@ -287,8 +290,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: missing modules {missing}; install device-kit/wheels (see --help)",
               file=sys.stderr)
         return 2
-    from ccpcsa.distributed import connect_ray
-
     device = torch.device("cuda" if cuda else "cpu")
     args.ray_cpus = None
     plain = full = None
