@@ -165,7 +165,7 @@ def pipeline_only(b: Bench, root: str, device: torch.device) -> None:
     a = b.args
     source = ParquetBatches(shard_index(root, "train"), None, IngestConfig(a.size, a.batch),
                             device)
-    for epoch in range(2):
+    for epoch in range(a.pipeline_epochs):
         if not b.enough(f"pipeline epoch {epoch}", a.images / 500 + 5):
             return
         start, seen = time.perf_counter(), 0
@@ -246,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=30, help="timed plain-loop steps")
     p.add_argument("--warmup-steps", type=int, default=10)
     p.add_argument("--epochs", type=int, default=2, help="full-path epochs (default: 2)")
+    p.add_argument("--pipeline-epochs", type=int, default=2,
+                   help="epochs of the input path alone (default: 2; the first starts Ray's "
+                        "worker processes)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0,
                    help="CPUs the Ray Train worker reserves; the rest decode (default: 1)")
     p.add_argument("--smoke-cpu", action="store_true",
@@ -264,9 +267,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cuda = torch.cuda.is_available()
     if args.smoke_cpu and not cuda:
-        args.size, args.batch, args.classes, args.model = 32, 8, 4, "resnet18"
-        args.images, args.val_images, args.pool = 64, 16, 16
-        args.steps, args.warmup_steps, args.epochs, args.cpus_per_worker = 3, 1, 1, 0.5
+        args.size, args.batch, args.classes, args.model = 16, 8, 4, "resnet18"
+        args.images, args.val_images, args.pool = 32, 8, 8
+        args.steps, args.warmup_steps, args.epochs, args.cpus_per_worker = 2, 1, 1, 0.5
+        args.pipeline_epochs = 1
+        torch.set_num_threads(1)  # as a 1-CPU worker; 2 threads on a busy 2-core box thrash
     b = Bench(args)
     from ccpcsa.distributed import connect_ray, prefer_loopback
 
