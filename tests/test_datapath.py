@@ -39,7 +39,9 @@ from ccpcsa.data import (
     train_pieces,
 )
 from ccpcsa.distributed import RayRunner, WorkerJob, _parquet_indexes, _TrainSource
-from ccpcsa.train import TrainConfig, loader, train_sampler
+from ccpcsa.train import TrainConfig, loader, loader_workers_for, train_sampler
+from search.config import ConfigError, build_config
+from search.trial import train_config
 
 CLASSES = 10
 PER_CLASS = 16  # 160 training rows
@@ -247,3 +249,23 @@ def test_uint8_normalised_on_device_equals_float_path(parquet_root):
         assert ours.is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="uint8"):
         normalize(torch.zeros(1, 8, 8, 3))
+
+
+# ---------------------------------------------------------------- map-style loader workers
+
+
+def test_loader_workers_default_and_flags(parquet_root, monkeypatch):
+    digits, _ = build_datasets(DataConfig())
+    parquet, _ = build_datasets(DataConfig("parquet", str(parquet_root), SIZE))
+    auto = TrainConfig()
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")  # what Ray sets for a 4-CPU worker
+    assert loader_workers_for(parquet, auto) == 3  # images to decode: one per spare CPU
+    assert loader_workers_for(torch.utils.data.Subset(parquet, [0]), auto) == 3
+    assert loader_workers_for(digits, auto) == 0  # tensors in memory: nothing to decode
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert loader_workers_for(parquet, auto) == 0  # one CPU: decode on the training thread
+    assert loader_workers_for(parquet, TrainConfig(loader_workers=2)) == 2
+    assert train_config(build_config({}, {"loader_workers": 5})).loader_workers == 5
+    assert train_config(build_config({}, {})).loader_workers is None
+    with pytest.raises(ConfigError, match="loader_workers must be an integer >= 0, got -1"):
+        build_config({"loader_workers": -1}, {})
