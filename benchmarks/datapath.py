@@ -117,7 +117,8 @@ def run(args: argparse.Namespace) -> dict:
     import ray
 
     pool = jpeg_pool(args.pool)
-    results: dict = {"jpeg_kb": sum(map(len, pool)) / len(pool) / 1024}
+    results: dict = {"jpeg_kb": sum(map(len, pool)) / len(pool) / 1024,
+                     "load": [os.getloadavg()[0]]}
     results["one_thread"] = one_thread(pool, args.size)
     print(f"one thread: {results['one_thread']}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,6 +133,7 @@ def run(args: argparse.Namespace) -> dict:
             print(f"map_batches: {results['map_batches']} img/s", flush=True)
         finally:
             ray.shutdown()
+    results["load"].append(os.getloadavg()[0])
     return results
 
 
@@ -148,7 +150,7 @@ def render(results: dict, args: argparse.Namespace, seconds: float) -> str:
         f"{args.images} synthetic photo-like JPEGs (mean {results['jpeg_kb']:.0f} KB, "
         f"~460 x 330 px), ImageNet train transforms (RandomResizedCrop {args.size} + flip), "
         f"batches of {args.batch_size}.", "",
-        "| path | where decoding runs | img/s | img/s per core |",
+        "| path | where decoding runs | img/s | img/s per decoding core |",
         "|---|---|---|---|",
         f"| old: decode_image_batch (float32, ToTensor + Normalize on the CPU) | calling "
         f"thread | {old1:.1f} | {old1:.1f} |",
@@ -164,10 +166,12 @@ def render(results: dict, args: argparse.Namespace, seconds: float) -> str:
         f"Bytes per image sent to the worker: {pixel_bytes:,} as uint8 vs {4 * pixel_bytes:,} "
         f"as float32. The old worker decoded on its one training thread however many CPUs it "
         f"had reserved; the new path decodes on every CPU the workers leave free, so its "
-        f"throughput grows with them (an H100 training ResNet-50 in bf16 needs ~2,500 img/s: "
-        f"about {2500 / max(warm / args.cpus, 1e-9):.0f} such cores at the per-core rate "
-        f"measured here). The map_batches rows include Ray Data's per-epoch start "
-        f"(~0.2 s) and the consumer's own work.", ""])
+        f"throughput grows with them. The map_batches rows include Ray Data's per-epoch start "
+        f"and the consumer's own work; here the consumer, Ray's own processes and the "
+        f"{args.cpus} decode tasks share the same {os.cpu_count()} cores (load average "
+        f"{results['load'][0]:.1f} before, {results['load'][1]:.1f} after: other jobs ran "
+        f"too), so their per-core figure understates a decode CPU on a node with free cores. "
+        f"`benchmarks/gpu_datapath.py` measures the path on a GPU node.", ""])
 
 
 def main(argv: list[str] | None = None) -> int:
