@@ -23,9 +23,9 @@ step on the CPU at toy sizes (a code-path check; its numbers mean nothing).
 On the lent GPU machine (one H100, 16 cores, Python 3.12 with torch but without ray): copy
 /work/shared/device-kit into the working tree first (its wheels/ hold Ray 2.60 and
 torch_pruning), then run from the repository root, within ~240 s of device time:
-  pip install -q --no-index --no-deps --target /tmp/deps device-kit/wheels/*.whl &&
+  python3 -m pip install -q --no-index --no-deps --target /tmp/deps device-kit/wheels/*.whl &&
   PYTHONPATH=$PWD:/tmp/deps RAY_USAGE_STATS_ENABLED=0 \
-  python benchmarks/gpu_datapath.py --out $OUT --budget-s 200
+  python3 benchmarks/gpu_datapath.py --out $OUT --budget-s 190
 """
 
 from __future__ import annotations
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         print("CUDA is not available: nothing to measure (--smoke-cpu checks the code paths "
               "on the CPU)", file=sys.stderr)
         return 2
-    missing = [m for m in ("ray", "torch_pruning", "pyarrow", "torchvision", "PIL")
+    missing = [m for m in ("ray", "pyarrow", "pandas", "torchvision", "PIL")
                if importlib.util.find_spec(m) is None]
     if missing:
         print(f"error: missing modules {missing}; install device-kit/wheels (see --help)",
