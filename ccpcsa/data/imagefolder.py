@@ -133,7 +133,7 @@ def _open_rgb(data: bytes, index: int) -> Image.Image:
 def decode_image_batch(images: Sequence[bytes], image_size: int, train: bool) -> torch.Tensor:
     """Encoded image bytes -> N x 3 x S x S float32, with the imagefolder dataset's transforms
     (ToTensor + Normalize on the CPU). The Parquet path sends decode_uint8_batch's pixels
-    instead and normalises on the device (normalize_uint8)."""
+    instead and normalises on the device (Uint8Normalizer)."""
     _check_size(image_size)
     transform = imagefolder_transform(image_size, train)
     out = torch.empty(len(images), 3, image_size, image_size, dtype=torch.float32)
