@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ccpcsa import storage
+from ccpcsa.bn import recalibrate_bn
 from ccpcsa.checkpoint import CheckpointInfo, model_from_payload, to_payload
 from ccpcsa.data import (
     DataConfig,
@@ -143,11 +144,12 @@ class RayRunner:
         self._evaluated = (fingerprint(model), accuracy)
         return accuracy
 
-    def calibration_batches(self, count: int) -> Iterator[torch.Tensor]:
-        """Unaugmented training batches for scoring, on the driver (where scoring runs): for
-        Parquet, row groups drawn at random across the split; else the seeded epoch-0 order."""
+    def calibration_batches(self, count: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Unaugmented training batches of (images, labels) for scoring and BatchNorm
+        re-estimation, on the driver (where scoring runs for now): for Parquet, row groups
+        drawn at random across the split; else seeded random samples of the whole split."""
         if self.data.name == "parquet":
-            return (x for x, _ in self.parquet_calibration(count))
+            return self.parquet_calibration(count)
         if self._calibration is None:
             self._calibration = build_datasets(replace(self.data, augment=False))[0]
         return calibration_batches(self._calibration, self.train_cfg, count)
@@ -162,6 +164,14 @@ class RayRunner:
         batch = self.train_cfg.batch_size
         for images, labels in source.calibration(count * batch, batch):
             yield source.normalize(images), labels
+
+    def recalibrate_bn(self, model: nn.Module, batches: int) -> nn.Module:
+        """Re-estimate BatchNorm statistics on the driver, from `batches` of its calibration
+        batches (the driver's GPU when it has one, else its CPU). For now: scoring and this
+        recalibration are to move onto the Ray Train workers, where the data and GPUs are."""
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        recalibrate_bn(model, self.calibration_batches(batches), device)
+        return model.cpu()
 
     def _run(self, model: nn.Module, epochs: int, lr: float, label: str
              ) -> tuple[dict[str, torch.Tensor], float]:

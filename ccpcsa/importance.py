@@ -1,9 +1,37 @@
-"""Channel importance: CCPCSA's channel-correlation score and baselines, one interface.
+"""Channel importance: CCPCSA's channel-correlation score, its variants and Torch-Pruning's
+baselines, behind one interface: compute_scores(kind, ...) -> {group key: scores of its width}.
 
-CCPCSA score (our definition; the paper's formulas did not survive, see shared/paper-notes.md):
-for a layer's attention-weighted output X (C x N*H*W), R is the Pearson correlation of its
-channels, redundancy r_i = mean_{j!=i} |R_ij|, strength a_i = mean |X_i| / max_k mean |X_k|,
-importance s_i = a_i * (1 - r_i). Statistics stream over batches in O(C^2) memory.
+Where a group's channels are observed (every data-driven criterion): at the inputs of the
+Conv2d / Linear layers that read them (`ChannelGroup.consumers`), i.e. after BN, ReLU and,
+where a BAM sits on the channels, after its attention: F + F * M(F) is what the next stage
+reads. That is the definition in shared/paper-notes.md ("the layer's output after BN,
+weighted by attention where attention applies"); "the nearest BAM downstream" cannot weight
+a block's inner channels, because BAM's attention is over the residual stream's channels, not
+theirs. A residual stream is read at every block it feeds, so its statistics pool all those
+reads (members' *statistics* are combined, not their normalised scores). A group no layer
+reads at full width (VGG's last conv, read through a flatten) is observed at its BN outputs.
+
+Scores over the pooled activations X (C x samples) of a group, R = Pearson correlation of X's
+channels, strength a_i = mean |X_i|:
+- ccpcsa:   a_i * (1 - mean_{j!=i} |R_ij|)          (our reading of the paper)
+- strength: a_i                                      (attention-weighted mean |x|)
+- maxcorr:  a_i * (1 - max_{j!=i} |R_ij|)            (redundancy = the closest twin)
+- dedup:    a_i, except that among pairs with |R_ij| > DEDUP_THRESHOLD, taken greedily from
+            the most correlated, the weaker of each pair keeps only a_i * (1 - |R_ij|)
+- attention: mean BAM attention M(F) on BAM channels, strength elsewhere (PCAS-style)
+A constant (dead) channel carries nothing: it scores 0 under every data-driven criterion.
+
+Baselines are Torch-Pruning's importances on the group's full dependency group (pruned
+layers' filters, consumers' input slices, BN): l1 = MagnitudeImportance(p=1), bn_scale =
+BNScaleImportance, lamp = LAMPImportance, fpgm = FPGMImportance, taylor =
+GroupTaylorImportance (|w * dL/dw| after a backward pass on labelled calibration batches),
+random = RandomImportance (seeded).
+
+Every result is normalised per group by its mean (LAMP keeps its own normaliser, its point),
+which only matters to the global allocation policies (prune.select_channels).
+
+Default: `ccpcsa` until the Fashion-MNIST benchmark (benchmarks/importance.py) decides; see
+README.md "Our decisions" for the numbers.
 """
 
 from __future__ import annotations
@@ -11,13 +39,25 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
+import torch_pruning as tp
 from torch import nn
 
-from ccpcsa.attention import BAM
 from ccpcsa.prune import ChannelGroup
 
-IMPORTANCES = ("ccpcsa", "l1", "bn_scale", "attention", "random")
+OBSERVED = ("ccpcsa", "strength", "maxcorr", "dedup", "attention")
+TORCH_PRUNING: dict[str, Callable[[], tp.importance.Importance]] = {
+    "l1": lambda: tp.importance.MagnitudeImportance(p=1),
+    "bn_scale": tp.importance.BNScaleImportance,
+    "taylor": tp.importance.GroupTaylorImportance,
+    "lamp": tp.importance.LAMPImportance,
+    "fpgm": tp.importance.FPGMImportance,
+    "random": tp.importance.RandomImportance,
+}
+IMPORTANCES = (*OBSERVED, *TORCH_PRUNING)
+NEEDS_BATCHES = (*OBSERVED, "taylor")
+DEDUP_THRESHOLD = 0.9  # |R| above which two channels count as duplicates (shared/paper-notes.md)
 _CHUNK = 1 << 22  # elements per float64 block when accumulating (bounds transient memory)
+_DEAD = 1e-12  # a channel whose standard deviation is below this is constant
 
 
 class ImportanceError(ValueError):
@@ -25,8 +65,9 @@ class ImportanceError(ValueError):
 
 
 class CorrelationStats:
-    """Streaming sums for the channel correlation of one layer: n, sum(d), d d^T, sum|x|,
-    with d = x - shift (the first batch's mean) so large means do not cancel precision."""
+    """Streaming sums for the channel correlation of one group: n, sum(d), d d^T, sum|x|,
+    with d = x - shift (the first batch's mean) so large means do not cancel precision.
+    Every update adds samples: reads of the same channels at several places pool."""
 
     def __init__(self) -> None:
         self.n = 0
@@ -52,23 +93,64 @@ class CorrelationStats:
             self.abs_sum += block.abs().sum(1)
         self.n += flat.shape[1]
 
-    def correlation(self) -> torch.Tensor:
+    def _std_and_cov(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.n < 2:
             raise ImportanceError("correlation needs at least 2 samples per channel")
         mean_d = self.sum_d / self.n
         cov = self.outer / self.n - torch.outer(mean_d, mean_d)
-        std = cov.diagonal().clamp_min(0).sqrt()
-        alive = std > 1e-12
-        corr = cov / torch.outer(std, std).clamp_min(1e-24)
+        return cov.diagonal().clamp_min(0).sqrt(), cov
+
+    def alive(self) -> torch.Tensor:
+        return self._std_and_cov()[0] > _DEAD
+
+    def correlation(self) -> torch.Tensor:
+        std, cov = self._std_and_cov()
+        alive = std > _DEAD
+        corr = (cov / torch.outer(std, std).clamp_min(1e-24)).clamp(-1.0, 1.0)
         return corr * torch.outer(alive, alive)  # a constant channel correlates with nothing
 
-    def scores(self) -> torch.Tensor:
-        corr = self.correlation().abs()
-        channels = corr.shape[0]
-        redundancy = (corr.sum(1) - corr.diagonal()) / max(channels - 1, 1)
-        strength = self.abs_sum / self.n
-        strength = strength / strength.max().clamp_min(1e-12)
-        return (strength * (1.0 - redundancy)).float()
+    def strength(self) -> torch.Tensor:
+        return self.abs_sum / self.n
+
+    def scores(self, kind: str = "ccpcsa") -> torch.Tensor:
+        return score_from_stats(kind, self.strength(), self.correlation(), self.alive())
+
+
+def score_from_stats(kind: str, strength: torch.Tensor, corr: torch.Tensor,
+                     alive: torch.Tensor) -> torch.Tensor:
+    """A data-driven score from a group's strength, correlation matrix and live channels."""
+    a = strength.double() / strength.max().clamp_min(1e-12)
+    off = corr.abs().double().fill_diagonal_(0.0)
+    channels = corr.shape[0]
+    if kind == "ccpcsa":
+        score = a * (1.0 - off.sum(1) / max(channels - 1, 1))
+    elif kind == "maxcorr":
+        score = a * (1.0 - (off.max(1).values if channels > 1 else torch.zeros_like(a)))
+    elif kind == "dedup":
+        score = a * (1.0 - duplicates(a, off, DEDUP_THRESHOLD))
+    elif kind in ("strength", "attention"):
+        score = a
+    else:
+        raise ImportanceError(f"no correlation score named {kind!r}")
+    return (score * alive).float()
+
+
+def duplicates(strength: torch.Tensor, abs_corr: torch.Tensor, threshold: float
+               ) -> torch.Tensor:
+    """Per channel, |R| with the partner it duplicates (0 if none): the most correlated pairs
+    above `threshold` first, the weaker channel of each pair is the duplicate; a channel
+    already marked no longer pairs (its partner stays)."""
+    found = torch.zeros_like(strength, dtype=torch.float64)
+    i, j = torch.triu(abs_corr > threshold, diagonal=1).nonzero(as_tuple=True)
+    marked: set[int] = set()
+    for k in torch.argsort(abs_corr[i, j], descending=True, stable=True).tolist():
+        a, b = int(i[k]), int(j[k])
+        if a in marked or b in marked:
+            continue
+        weaker = a if strength[a] < strength[b] else b
+        marked.add(weaker)
+        found[weaker] = abs_corr[a, b]
+    return found
 
 
 def channels_first(x: torch.Tensor) -> torch.Tensor:
@@ -76,17 +158,16 @@ def channels_first(x: torch.Tensor) -> torch.Tensor:
     return x.detach().transpose(0, 1).reshape(x.shape[1], -1)
 
 
-def correlation_scores(x: torch.Tensor) -> torch.Tensor:
-    """One-shot CCPCSA scores of activations N x C x H x W (the reference for the streaming)."""
+def correlation_scores(x: torch.Tensor, kind: str = "ccpcsa") -> torch.Tensor:
+    """One-shot scores of activations N x C x H x W (the reference for the streaming)."""
     flat = channels_first(x).double()
-    corr = torch.corrcoef(flat).nan_to_num(0.0).abs()
-    redundancy = (corr.sum(1) - corr.diagonal()) / (flat.shape[0] - 1)
-    strength = flat.abs().mean(1)
-    return (strength / strength.max() * (1.0 - redundancy)).float()
+    alive = flat.std(1) > _DEAD
+    corr = torch.corrcoef(flat).nan_to_num(0.0) * torch.outer(alive, alive)
+    return score_from_stats(kind, flat.abs().mean(1), corr, alive)
 
 
 class MeanStats:
-    """Streaming per-channel mean of a non-negative map (|activation| or attention)."""
+    """Streaming per-channel mean of a non-negative map (BAM's attention)."""
 
     def __init__(self) -> None:
         self.total: torch.Tensor | None = None
@@ -97,103 +178,138 @@ class MeanStats:
         self.total = flat.sum(1) if self.total is None else self.total + flat.sum(1)
         self.n += flat.shape[1]
 
-    def scores(self) -> torch.Tensor:
-        return (self.total / max(self.n, 1)).float()
-
-
-def measured_modules(group: ChannelGroup) -> list[tuple[str, nn.Module]]:
-    """Where a group's channels are observed: the BAM output (attention-weighted) when the
-    group passes through BAM; else its BN outputs; else its producing layers' outputs."""
-    return list(group.bams) or list(group.norms) or list(group.producers)
+    def mean(self) -> torch.Tensor:
+        return self.total / max(self.n, 1)
 
 
 def compute_scores(
     kind: str,
     model: nn.Module,
     groups: list[ChannelGroup],
-    batches: Iterable[torch.Tensor] = (),
+    batches: Iterable = (),
     seed: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """Per-group channel scores (higher = more important), one tensor of group.width each."""
+    """Per-group channel scores (higher = more important), one tensor of group.width each,
+    normalised per group (see the module docstring). `batches` are (images, labels) pairs
+    (bare image tensors do for every criterion but taylor), unaugmented training data."""
     if kind not in IMPORTANCES:
-        choices = ", ".join(IMPORTANCES)
-        raise ImportanceError(f"unknown importance {kind!r}; choose one of: {choices}")
-    if kind == "random":
-        gen = torch.Generator().manual_seed(seed)
-        return {g.key: torch.rand(g.width, generator=gen) for g in groups}
-    if kind == "l1":
-        return {g.key: _member_mean([_filter_l1(m) for _, m in g.producers]) for g in groups}
-    if kind == "bn_scale":
-        return {
-            g.key: _member_mean([m.weight.detach().abs() for _, m in g.norms if m.affine])
-            if g.norms else _member_mean([_filter_l1(m) for _, m in g.producers])
-            for g in groups
-        }
-    if kind == "ccpcsa":
-        return _observe(model, groups, batches, CorrelationStats, _output_of)
-    return _observe(model, groups, batches, MeanStats, _attention_of)
+        raise ImportanceError(f"unknown importance {kind!r}; choose one of: "
+                              f"{', '.join(IMPORTANCES)}")
+    if kind in OBSERVED:
+        raw = _observe(kind, model, groups, batches)
+    else:
+        raw = _torch_pruning(kind, model, groups, batches, seed)
+    if kind == "lamp":
+        return raw
+    return {key: s / (s.abs().mean() + 1e-12) for key, s in raw.items()}
 
 
-def _filter_l1(module: nn.Module) -> torch.Tensor:
-    w = module.weight.detach()
-    return w.abs().reshape(w.shape[0], -1).sum(1)
+# ---------------------------------------------------------------- Torch-Pruning baselines
 
 
-def _member_mean(scores: list[torch.Tensor]) -> torch.Tensor:
-    stacked = torch.stack([s.float().cpu() / (s.float().abs().mean().cpu() + 1e-12)
-                           for s in scores])
-    return stacked.mean(0)
+def _torch_pruning(kind: str, model: nn.Module, groups: list[ChannelGroup], batches: Iterable,
+                   seed: int) -> dict[str, torch.Tensor]:
+    importance = TORCH_PRUNING[kind]()
+    missing = [g.key for g in groups if g.pruning_group is None]
+    if missing:
+        raise ImportanceError(f"groups without a Torch-Pruning group: {', '.join(missing)} "
+                              "(make them with prune.find_groups)")
+    if kind == "taylor":
+        _accumulate_gradients(model, batches)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # RandomImportance draws from torch's global generator
+            scores = {g.key: importance(g.pruning_group) for g in groups}
+    finally:
+        if kind == "taylor":
+            model.zero_grad(set_to_none=True)
+    for key, s in scores.items():
+        if s is None:
+            raise ImportanceError(f"{kind} cannot score group {key}: it has no weights")
+    return {key: s.detach().float().cpu() for key, s in scores.items()}
 
 
-def _output_of(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-    return output
+def _accumulate_gradients(model: nn.Module, batches: Iterable) -> None:
+    """dL/dw summed over the labelled calibration batches, in eval mode (BatchNorm running
+    statistics are used and left alone)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    seen = 0
+    try:
+        for batch in batches:
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                raise ImportanceError("taylor needs (images, labels) calibration batches")
+            images, labels = batch[0].to(device), batch[1].to(device)
+            nn.functional.cross_entropy(model(images), labels).backward()
+            seen += 1
+    finally:
+        model.train(was_training)
+    if seen == 0:
+        raise ImportanceError("taylor needs at least one calibration batch")
 
 
-def _attention_of(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-    # PCAS-style: the mean attention mask where BAM applies, mean |activation| elsewhere.
-    if isinstance(module, BAM):
-        return module.attention(inputs[0])
-    return output.abs()
+# ---------------------------------------------------------------- observed criteria
 
 
-def _accumulate(stats, view):
-    def hook(module, inputs, output):
-        stats.update(view(module, inputs, output))
+def observation_points(group: ChannelGroup) -> tuple[list[nn.Module], str]:
+    """The modules whose input ("input") or, failing any, output ("output") shows the group's
+    channels as the network reads them; see the module docstring."""
+    if group.consumers:
+        return [m for _, m in group.consumers], "input"
+    return [m for _, m in (group.norms or group.producers)], "output"
 
-    return hook
 
+def _observe(kind: str, model: nn.Module, groups: list[ChannelGroup], batches: Iterable
+             ) -> dict[str, torch.Tensor]:
+    stats = {g.key: CorrelationStats() for g in groups}
+    attention = {g.key: MeanStats() for g in groups if kind == "attention" and g.bams}
+    seen_this_batch: list[torch.Tensor] = []  # kept alive so ids cannot be reused
 
-def _observe(
-    model: nn.Module,
-    groups: list[ChannelGroup],
-    batches: Iterable[torch.Tensor],
-    make_stats: Callable[[], CorrelationStats | MeanStats],
-    view: Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    stats: dict[int, CorrelationStats | MeanStats] = {}
-    members: dict[str, list[int]] = {}
+    def record(key: str, x: torch.Tensor) -> None:
+        if any(x is t for t in seen_this_batch):
+            return  # two consumers of one tensor (a conv and a downsample): count it once
+        seen_this_batch.append(x)
+        stats[key].update(x)
+
     hooks = []
     for g in groups:
-        members[g.key] = []
-        for _name, module in measured_modules(g):
-            if id(module) not in stats:
-                stats[id(module)] = make_stats()
-                hooks.append(module.register_forward_hook(_accumulate(stats[id(module)], view)))
-            members[g.key].append(id(module))
+        modules, where = observation_points(g)
+        for module in modules:
+            if where == "input":
+                hooks.append(module.register_forward_pre_hook(
+                    lambda _m, inputs, key=g.key: record(key, inputs[0])))
+            else:
+                hooks.append(module.register_forward_hook(
+                    lambda _m, _inputs, output, key=g.key: record(key, output)))
+        if g.key in attention:
+            for _name, bam in g.bams:
+                hooks.append(bam.register_forward_hook(
+                    lambda m, inputs, _out, key=g.key: attention[key].update(
+                        m.attention(inputs[0]))))
     device = next(model.parameters()).device
     was_training = model.training
     seen = 0
     try:
         model.eval()
         with torch.no_grad():
-            for x in batches:
-                model(x.to(device))
+            for batch in batches:
+                images = batch[0] if isinstance(batch, (tuple, list)) else batch
+                seen_this_batch.clear()
+                model(images.to(device))
                 seen += 1
     finally:
+        seen_this_batch.clear()
         for h in hooks:
             h.remove()
         model.train(was_training)
     if seen == 0:
         raise ImportanceError("data-driven importance needs at least one calibration batch")
-    per_module = {k: s.scores() for k, s in stats.items()}
-    return {key: _member_mean([per_module[i] for i in ids]) for key, ids in members.items()}
+    scores = {}
+    for key, s in stats.items():
+        score = s.scores(kind).cpu()
+        if key in attention:  # PCAS: the mean attention mask, where BAM applies
+            score = attention[key].mean().float().cpu() * s.alive().cpu()
+        scores[key] = score
+    return scores

@@ -54,21 +54,34 @@ class ChannelGroup:
     producers: list[tuple[str, nn.Module]]  # Conv2d / Linear whose outputs are these channels
     norms: list[tuple[str, nn.Module]]  # BatchNorm over these channels
     bams: list[tuple[str, BAM]]  # BAM modules whose input/output are these channels
+    # Conv2d / Linear whose inputs are exactly these channels (what the network reads of them)
+    consumers: list[tuple[str, nn.Module]] = field(default_factory=list)
+    pruning_group: tp.Group | None = None  # Torch-Pruning's full-width group (importances)
+
+    @property
+    def is_residual(self) -> bool:
+        """Channels summed from several layers (a residual stream), not one layer's output
+        (a depthwise conv passing a layer's channels through does not count)."""
+        return sum(not _is_depthwise(m) for _, m in self.producers) > 1
 
 
 @dataclass(frozen=True)
 class PruneLimits:
-    """How far each group may shrink: a removal-ratio cap (default, per stage, per layer)
-    relative to its original width, and an absolute floor of channels."""
+    """How far each group may shrink: a removal-ratio cap relative to its original width (per
+    layer, else for residual streams, else per stage, else the default) and an absolute floor
+    of channels. Under `uniform` allocation the caps are also the pruning ratios the rounds
+    walk towards: every group reaches its cap in the same round."""
 
     max_ratio: float = 0.9
     stage_caps: dict[str, float] = field(default_factory=dict)
     layer_caps: dict[str, float] = field(default_factory=dict)
     min_channels: int = 4
+    residual_cap: float | None = None  # for every residual-stream group, over its stage's cap
 
     def validate(self) -> None:
+        residual = [] if self.residual_cap is None else [("residual_cap", self.residual_cap)]
         for where, value in [("max_ratio", self.max_ratio), *self.stage_caps.items(),
-                             *self.layer_caps.items()]:
+                             *self.layer_caps.items(), *residual]:
             if not 0.0 <= value < 1.0:
                 raise PruneError(f"ratio cap {where}={value} is outside [0, 1)")
         if self.min_channels < 1:
@@ -77,6 +90,8 @@ class PruneLimits:
     def cap_for(self, group: ChannelGroup) -> float:
         if group.key in self.layer_caps:
             return self.layer_caps[group.key]
+        if self.residual_cap is not None and group.is_residual:
+            return self.residual_cap
         return self.stage_caps.get(group.stage, self.max_ratio)
 
     def min_width(self, group: ChannelGroup, original_width: int) -> int:
@@ -103,14 +118,18 @@ def find_groups(
             nn.Conv2d, nn.Linear)):
         root = group[0].dep.target.module
         width = graph.get_out_channels(root)
-        producers, norms, bams = [], [], []
+        producers, norms, bams, consumers = [], [], [], []
         for dep, idxs in group:
             module = dep.target.module
             if module not in names or len(idxs) != width:
                 continue
+            entry = (names[module], module)
+            if (isinstance(module, (nn.Conv2d, nn.Linear))
+                    and graph.is_in_channel_pruning_fn(dep.handler)
+                    and _in_width(module) == width):
+                consumers.append(entry)
             if not graph.is_out_channel_pruning_fn(dep.handler):
                 continue
-            entry = (names[module], module)
             if isinstance(module, BAM):
                 bams.append(entry)
             elif isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -119,8 +138,17 @@ def find_groups(
                 producers.append(entry)
         key = names[root]
         stage = _majority_stage([n for n, _ in producers] or [key], stage_of)
-        groups.append(ChannelGroup(key, stage, width, root, producers, norms, bams))
+        groups.append(ChannelGroup(key, stage, width, root, producers, norms, bams, consumers,
+                                   group))
     return groups
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and 1 < module.groups == module.in_channels
+
+
+def _in_width(module: nn.Module) -> int:
+    return module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
 
 
 def _majority_stage(names: list[str], stage_of) -> str:
@@ -139,33 +167,58 @@ def group_widths(groups: list[ChannelGroup]) -> dict[str, int]:
     return {g.key: g.width for g in groups}
 
 
+ALLOCATIONS = ("uniform", "global", "flops")
+
+
 def select_channels(
     groups: list[ChannelGroup],
     scores: dict[str, torch.Tensor],
     count: int,
     limits: PruneLimits,
     original_widths: dict[str, int],
+    allocation: str = "uniform",
+    costs: dict[str, float] | None = None,
 ) -> dict[str, list[int]]:
-    """The `count` globally lowest-scoring channels whose removal respects every group's limit.
+    """Which `count` channels to remove this round, as {group key: channel indices}.
 
-    Scores are normalised per group (divided by the group mean) before the global ranking so
-    that layers with large activations are not protected by their scale alone.
+    Allocation (how many channels each group gives) is its own decision; the scores only rank
+    channels within a group, except under the global policies:
+    - uniform: every group's cumulative removed fraction of its original width grows at the
+      same rate relative to its cap (the same fraction everywhere when the caps are equal),
+      so the caps are the per-layer pruning ratios the rounds walk towards; a group held by
+      its floor leaves its share to the others. The default (shared/paper-notes.md: global
+      ranking strips residual streams and loses to random selection).
+    - global: the `count` lowest scores over all groups (scores as compute_scores returns
+      them, mean-normalised per group), within each group's limit.
+    - flops: global ranking of score / cost, where cost is the MACs one channel of the group
+      costs relative to the mean group (`costs`, from channel_macs): the least importance
+      per FLOP saved goes first.
     """
     if count < 1:
         raise PruneError(f"groups per round must be >= 1, got {count}")
-    candidates: list[tuple[float, str, int]] = []
+    if allocation not in ALLOCATIONS:
+        raise PruneError(f"unknown allocation {allocation!r}; choose one of: "
+                         f"{', '.join(ALLOCATIONS)}")
     budget: dict[str, int] = {}
+    ranked: dict[str, torch.Tensor] = {}
     for g in groups:
         original = original_widths.get(g.key, g.width)
         budget[g.key] = max(0, g.width - limits.min_width(g, original))
-        if budget[g.key] == 0:
-            continue
         s = scores[g.key].detach().double().cpu()
         if s.shape != (g.width,):
             raise PruneError(f"score of {g.key} has shape {tuple(s.shape)}, want ({g.width},)")
-        s = s / (s.abs().mean() + 1e-12)
-        candidates += [(float(v), g.key, i) for i, v in enumerate(s)]
-    candidates.sort()
+        ranked[g.key] = s
+    if allocation == "uniform":
+        shares = _uniform_shares(groups, count, limits, original_widths, budget, ranked)
+        return {key: sorted(torch.argsort(ranked[key], stable=True)[:n].tolist())
+                for key, n in shares.items() if n > 0}
+    if allocation == "flops":
+        if costs is None or any(g.key not in costs for g in groups):
+            raise PruneError("flops allocation needs every group's channel cost (channel_macs)")
+        mean_cost = sum(costs[g.key] for g in groups) / max(len(groups), 1)
+        ranked = {k: s / (costs[k] / mean_cost) for k, s in ranked.items()}
+    candidates = sorted((float(v), key, i) for key, s in ranked.items() if budget[key] > 0
+                        for i, v in enumerate(s))
     chosen: dict[str, list[int]] = {}
     taken = 0
     for _score, key, idx in candidates:
@@ -174,7 +227,98 @@ def select_channels(
         if len(chosen.get(key, [])) < budget[key]:
             chosen.setdefault(key, []).append(idx)
             taken += 1
-    return chosen
+    return {key: sorted(idxs) for key, idxs in chosen.items()}
+
+
+def _uniform_shares(groups: list[ChannelGroup], count: int, limits: PruneLimits,
+                    original_widths: dict[str, int], budget: dict[str, int],
+                    scores: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Channels per group so that after this round every group has lost about t times its
+    cap of its original width, t chosen so that the shares add up to `count` (or to all that
+    the limits allow). Cumulative, so rounding errors of one round are repaid in the next."""
+    rate, removed = {}, {}
+    for g in groups:
+        original = original_widths.get(g.key, g.width)
+        rate[g.key] = limits.cap_for(g) * original
+        removed[g.key] = original - g.width
+
+    def shares(t: float) -> dict[str, float]:
+        return {k: min(max(t * rate[k] - removed[k], 0.0), budget[k]) for k in rate}
+
+    total = min(count, sum(budget.values()))
+    if total == 0:
+        return {}
+    low, high = 0.0, 1.0
+    while sum(shares(high).values()) < total:
+        high *= 2
+    for _ in range(100):
+        mid = (low + high) / 2
+        low, high = (mid, high) if sum(shares(mid).values()) < total else (low, mid)
+    exact = shares(high)
+    whole = {k: min(int(v), budget[k]) for k, v in exact.items()}
+    # Largest remainders get the channels left over; ties go to the group whose weakest
+    # channel is the least important relative to its group (the criterion breaks them).
+    weakest = {k: float(s.min() / (s.abs().mean() + 1e-12)) if len(s) else 0.0
+               for k, s in scores.items()}
+    order = sorted((k for k in whole if whole[k] < budget[k]),
+                   key=lambda k: (-(exact[k] - whole[k]), weakest[k], k))
+    for k in order[:max(total - sum(whole.values()), 0)]:
+        whole[k] += 1
+    return whole
+
+
+def channel_macs(model: nn.Module, groups: list[ChannelGroup],
+                 input_shape: tuple[int, ...]) -> dict[str, float]:
+    """MACs (as flops.py counts them) that one channel of each group costs, i.e. what removing
+    it saves: its producing layers' filters, its consumers' input slices and BAM's slices."""
+    out_numel: dict[nn.Module, int] = {}
+
+    def hook(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        out_numel[module] = output.numel()
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules()
+             if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return {g.key: float(sum(_slice_macs(m, role, out_numel.get(m, 0), g.width)
+                             for m, role in _layer_roles(g).items())) for g in groups}
+
+
+def _layer_roles(group: ChannelGroup) -> dict[nn.Module, str]:
+    """Each Conv2d / Linear the group's channels pass through: "out" (they are its outputs)
+    or "in" (they are its inputs). A depthwise conv's inputs are its outputs: counted once."""
+    graph = group.pruning_group._DG if group.pruning_group is not None else None
+    roles: dict[nn.Module, str] = {}
+    for dep, _idxs in group.pruning_group or []:
+        module = dep.target.module
+        if isinstance(module, BAM):
+            roles[module.channel_gate.fc1] = "in"
+            roles[module.channel_gate.fc2] = "out"
+            roles[module.spatial_gate.reduce] = "in"
+        elif isinstance(module, (nn.Conv2d, nn.Linear)):
+            if graph.is_out_channel_pruning_fn(dep.handler):
+                roles[module] = "out"
+            elif graph.is_in_channel_pruning_fn(dep.handler):
+                roles.setdefault(module, "in")
+    return roles
+
+
+def _slice_macs(module: nn.Module, role: str, out_numel: int, width: int) -> float:
+    if isinstance(module, nn.Conv2d):
+        kernel = module.kernel_size[0] * module.kernel_size[1]
+        if role == "out":
+            return out_numel / module.out_channels * module.in_channels / module.groups * kernel
+        return out_numel * kernel / module.groups * module.in_channels / width
+    if role == "out":
+        return out_numel / module.out_features * module.in_features
+    return out_numel * module.in_features / width
 
 
 def remove_channels(

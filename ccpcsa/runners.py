@@ -23,7 +23,14 @@ class Runner(Protocol):
     def evaluate(self, model: nn.Module) -> float:
         ...
 
-    def calibration_batches(self, count: int) -> Iterator[torch.Tensor]:
+    def calibration_batches(self, count: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """`count` full batches of (images, labels), unaugmented, drawn at random (seeded)
+        across the whole training split: what channels are scored on."""
+        ...
+
+    def recalibrate_bn(self, model: nn.Module, batches: int) -> nn.Module:
+        """Re-estimate every BatchNorm's running statistics on `batches` calibration batches
+        (no weight update; momentum and train/eval mode restored); returns the model."""
         ...
 
 
@@ -31,7 +38,8 @@ def make_runner(data: DataConfig, cfg: TrainConfig, workers: int, storage_path: 
                 gpus_per_worker: float | None = None, cpus_per_worker: float = 1.0,
                 sync_bn: bool = False) -> Runner:
     """The loop's training backend: this process for one worker (no Ray), else Ray Train over
-    `workers` (runs under `storage_path`). Channels are scored on unaugmented training data."""
+    `workers` (runs under `storage_path`). Channels are scored and BatchNorm is re-estimated on
+    unaugmented training data."""
     if workers == 1:
         train_set, test_set = build_datasets(data)
         calibration_set = build_datasets(replace(data, augment=False))[0]

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from ccpcsa.bn import recalibrate_bn
 
 log = logging.getLogger("ccpcsa.train")
 
@@ -226,14 +228,26 @@ def log_epoch(label: str, epoch: int, epochs: int, loss: float, seen: int, secon
         raise FloatingPointError(f"{label}: loss became {loss} in epoch {epoch + 1}")
 
 
+def calibration_indices(size: int, count: int, batch_size: int, seed: int) -> list[int]:
+    """`count` batches' worth of sample indices drawn at random from all `size` samples
+    (seeded; without replacement until every sample has been drawn once)."""
+    gen = torch.Generator().manual_seed(seed)
+    need = count * batch_size
+    order: list[int] = []
+    while len(order) < need:
+        order += torch.randperm(size, generator=gen).tolist()
+    return order[:need]
+
+
 def calibration_batches(dataset: Dataset, cfg: TrainConfig, count: int
-                        ) -> Iterator[torch.Tensor]:
-    """The first `count` batches of the seeded epoch-0 order: what channels are scored on."""
-    batches = loader(dataset, cfg, train=True, sampler=train_sampler(dataset, cfg))
-    for i, (x, _y) in enumerate(batches):
-        if i >= count:
-            break
-        yield x
+                        ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """`count` full batches of (images, labels) drawn at random from the whole `dataset`,
+    seeded by cfg.seed: what channels are scored and BatchNorm is re-estimated on. Pass an
+    unaugmented dataset (runners.make_runner does)."""
+    if count < 1:
+        return iter(())
+    indices = calibration_indices(len(dataset), count, cfg.batch_size, cfg.seed)
+    return iter(loader(Subset(dataset, indices), cfg, train=False))
 
 
 def _progress(batches, label: str):
@@ -246,7 +260,8 @@ def _progress(batches, label: str):
 
 class LocalRunner:
     """The loop's training backend in one process (see distributed.RayRunner for N workers).
-    Channels are scored on `calibration_set` (default: the training set)."""
+    Channels are scored and BatchNorm re-estimated on batches of `calibration_set` (default:
+    the training set; pass it unaugmented)."""
 
     def __init__(self, train_set: Dataset, test_set: Dataset, cfg: TrainConfig,
                  calibration_set: Dataset | None = None) -> None:
@@ -259,5 +274,10 @@ class LocalRunner:
     def evaluate(self, model: nn.Module) -> float:
         return evaluate(model, self.test_set, self.cfg)
 
-    def calibration_batches(self, count: int) -> Iterator[torch.Tensor]:
+    def calibration_batches(self, count: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return calibration_batches(self.calibration_set, self.cfg, count)
+
+    def recalibrate_bn(self, model: nn.Module, batches: int) -> nn.Module:
+        """Re-estimate BatchNorm statistics on `batches` calibration batches (bn.py)."""
+        device = pick_device(self.cfg.device)
+        return recalibrate_bn(model, self.calibration_batches(batches), device)

@@ -108,8 +108,9 @@ def test_parquet_shards_stream_through_ray_data(ray_cluster, parquet_root, tmp_p
     assert metrics["evaluated"] == 7  # the whole val split, each image on one worker
     assert fingerprint(model) != before  # the trained weights came back
     assert runner.evaluate(model) == metrics["accuracy"]
-    batch = next(iter(runner.calibration_batches(1)))
-    assert tuple(batch.shape) == (8, 3, 16, 16)
+    images, labels = next(iter(runner.calibration_batches(1)))
+    assert tuple(images.shape) == (8, 3, 16, 16) and tuple(labels.shape) == (8,)
+    assert set(labels.tolist()) <= {0, 1}  # the two class folders
 
 
 def test_killed_worker_is_replaced_and_resumes_from_checkpoint(ray_cluster, tmp_path,

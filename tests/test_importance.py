@@ -49,12 +49,20 @@ def test_every_criterion_scores_every_group(kind):
     spec = get_spec("resnet20")
     graph = build_graph(model, torch.zeros(1, 3, 16, 16))
     groups = find_groups(model, graph, spec.classifier(model), spec.stage_of)
-    batches = [torch.randn(8, 3, 16, 16) for _ in range(2)]
+    batches = [(torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))) for _ in range(2)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     scores = compute_scores(kind, model, groups, batches, seed=3)
     assert set(scores) == {g.key for g in groups}
     for g in groups:
         assert scores[g.key].shape == (g.width,)
         assert torch.isfinite(scores[g.key]).all()
+    # scoring leaves the model as it was: weights, BN statistics, no gradients left behind
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in model.parameters())
+    again = compute_scores(kind, model, groups, batches, seed=3)
+    for key, s in scores.items():
+        torch.testing.assert_close(again[key], s)
 
 
 def test_data_driven_criterion_needs_batches():
@@ -66,3 +74,90 @@ def test_data_driven_criterion_needs_batches():
         compute_scores("ccpcsa", model, groups, [])
     with pytest.raises(ImportanceError, match="unknown importance"):
         compute_scores("magic", model, groups, [])
+
+
+def resnet20_groups(model):
+    spec = get_spec("resnet20")
+    graph = build_graph(model, torch.zeros(1, 3, 16, 16))
+    return {g.key: g for g in find_groups(model, graph, spec.classifier(model), spec.stage_of)}
+
+
+def test_streams_are_read_where_the_network_reads_them_after_attention():
+    model = build_model("resnet20", 10, with_bam=True).eval()
+    groups = resnet20_groups(model)
+    stream = groups["conv1"]  # layer1's residual stream, with BAM at its end
+    assert stream.is_residual and stream.bams
+    x = torch.randn(6, 3, 16, 16)
+    with torch.no_grad():
+        reads = [model.relu(model.bn1(model.conv1(x)))]
+        for block in model.layer1.stage:
+            reads.append(block(reads[-1]))
+        reads[-1] = model.layer1.bam(reads[-1])  # layer2 reads the attention-weighted output
+    pooled = torch.cat([r.transpose(0, 1).reshape(16, -1) for r in reads], 1)
+    expected = pooled.abs().mean(1)
+    scores = compute_scores("strength", model, [stream], [x])["conv1"]
+    torch.testing.assert_close(scores, expected / expected.mean(), rtol=1e-5, atol=1e-6)
+    stats = CorrelationStats()
+    stats.update(pooled.T[:, :, None, None])  # the same samples, as N x C x 1 x 1
+    torch.testing.assert_close(compute_scores("ccpcsa", model, [stream], [x])["conv1"],
+                               stats.scores() / stats.scores().mean(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_dead_channel_scores_zero():
+    model = build_model("resnet20", 10, with_bam=True).eval()
+    bn = model.layer1.stage[0].bn1
+    with torch.no_grad():
+        bn.weight[3], bn.bias[3] = 0.0, -1.0  # after the ReLU, channel 3 is always 0
+    group = resnet20_groups(model)["layer1.stage.0.conv1"]
+    batches = [torch.randn(8, 3, 16, 16) for _ in range(2)]
+    for kind in ("ccpcsa", "strength", "maxcorr", "dedup", "attention"):
+        scores = compute_scores(kind, model, [group], batches)[group.key]
+        assert scores[3] == 0.0 and (scores[torch.arange(16) != 3] > 0).all(), kind
+
+
+@pytest.mark.parametrize("kind", ["ccpcsa", "strength", "maxcorr", "dedup"])
+def test_streaming_equals_one_shot_for_every_variant(kind):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(30, 12, 4, 4, generator=gen) + 5
+    x[:, 4] = 0.7 * x[:, 9] + 0.01 * x[:, 0]  # a near-duplicate pair
+    x[:, 6] = 2.0  # constant
+    stats = CorrelationStats()
+    for chunk in x.split(8):
+        stats.update(chunk)
+    torch.testing.assert_close(stats.scores(kind), correlation_scores(x, kind),
+                               atol=1e-5, rtol=1e-5)
+    assert stats.scores(kind)[6] == 0.0
+
+
+def test_dedup_drops_the_weaker_twin_and_maxcorr_both():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 8, 5, 5, generator=gen)
+    x[:, 5] = 0.5 * x[:, 2] + 0.01 * torch.randn(64, 5, 5, generator=gen)  # weaker twin of 2
+    dedup, maxcorr = correlation_scores(x, "dedup"), correlation_scores(x, "maxcorr")
+    strength = correlation_scores(x, "strength")
+    assert int(dedup.argmin()) == 5 and dedup[5] < 0.05 * strength[5]
+    torch.testing.assert_close(dedup[torch.arange(8) != 5], strength[torch.arange(8) != 5])
+    assert maxcorr[[2, 5]].max() < 0.05 * strength[[2, 5]].min()
+
+
+def test_torch_pruning_baselines():
+    model = build_model("resnet20", 10, with_bam=True)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.1, 1.0)
+    groups = list(resnet20_groups(model).values())
+    inner = next(g for g in groups if g.key == "layer2.stage.1.conv1")
+    gamma = model.layer2.stage[1].bn1.weight.detach().abs()
+    bn_scale = compute_scores("bn_scale", model, groups)[inner.key]
+    torch.testing.assert_close(bn_scale, gamma / gamma.mean())
+    lamp = compute_scores("lamp", model, groups)
+    # LAMP keeps its own normaliser (the strongest channel of each group scores 1)
+    assert all(float(s.max()) == pytest.approx(1.0, abs=1e-4) for s in lamp.values())
+    first = compute_scores("random", model, groups, seed=1)
+    assert all(torch.equal(first[k], v)
+               for k, v in compute_scores("random", model, groups, seed=1).items())
+    assert not torch.equal(first[inner.key],
+                           compute_scores("random", model, groups, seed=2)[inner.key])
+    with pytest.raises(ImportanceError, match="labels"):
+        compute_scores("taylor", model, groups, [torch.randn(4, 3, 16, 16)])

@@ -1,6 +1,7 @@
 """Every registered model: BAM inserted, channels physically removed, FLOPs measured two ways."""
 
 import io
+import statistics
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from ccpcsa.prune import (
     PruneError,
     PruneLimits,
     build_graph,
+    channel_macs,
     find_groups,
     group_widths,
     remove_channels,
@@ -114,7 +116,7 @@ def test_selection_takes_the_globally_lowest():
     scores = {g.key: torch.ones(g.width) for g in groups}
     target = groups[3]
     scores[target.key][[2, 5]] = 0.01
-    chosen = select_channels(groups, scores, 2, PruneLimits(), group_widths(groups))
+    chosen = select_channels(groups, scores, 2, PruneLimits(), group_widths(groups), "global")
     assert chosen == {target.key: [2, 5]}
 
 
@@ -150,3 +152,84 @@ def test_checkpoint_is_weights_only_data(tmp_path):
     payload = torch.load(io.BytesIO(path.read_bytes()), weights_only=True)
     assert payload["model"] == "mobilenet_v2" and payload["input_shape"] == list(SHAPE)
     assert load_checkpoint(str(path))(torch.randn(1, *SHAPE)).shape == (1, 5)
+
+
+def prune_rounds(model, name, rounds, m, limits, allocation="uniform", seed=0):
+    """`rounds` rounds of selection + surgery on random scores; the original widths."""
+    original = group_widths(groups_of(model, name)[1])
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(rounds):
+        graph, groups = groups_of(model, name)
+        scores = {g.key: torch.rand(g.width, generator=gen) for g in groups}
+        chosen = select_channels(groups, scores, m, limits, original, allocation)
+        assert sum(len(v) for v in chosen.values()) == m
+        remove_channels(graph, groups, chosen)
+    return original, group_widths(groups_of(model, name)[1])
+
+
+def test_uniform_allocation_keeps_the_same_ratio_in_every_layer():
+    model = build_model("resnet20", 10, with_bam=True)
+    original, widths = prune_rounds(model, "resnet20", 3, 29, PruneLimits())
+    removed = sum(original.values()) - sum(widths.values())
+    assert removed == 3 * 29
+    fraction = removed / sum(original.values())
+    for key, width in original.items():
+        # cumulative targets: each group within one channel of the common fraction
+        assert abs((width - widths[key]) - fraction * width) <= 1.0, (key, width, widths[key])
+
+
+def test_uniform_allocation_walks_towards_the_caps():
+    model = build_model("resnet20", 10, with_bam=True)
+    limits = PruneLimits(max_ratio=0.8, stage_caps={"layer1": 0.4}, residual_cap=0.2,
+                         min_channels=1)
+    _, groups = groups_of(model, "resnet20")
+    residual = {g.key for g in groups if g.is_residual}
+    assert len(residual) == 3  # one stream per stage of the CIFAR ResNet
+    stage = {g.key: g.stage for g in groups}
+    original, widths = prune_rounds(model, "resnet20", 2, 60, limits)
+    ratios = {k: (original[k] - widths[k]) / original[k] for k in original}
+    inner2 = [r for k, r in ratios.items() if stage[k] == "layer2" and k not in residual]
+    inner1 = [r for k, r in ratios.items() if stage[k] == "layer1" and k not in residual]
+    t = statistics.fmean(inner2) / 0.8  # progress towards the caps
+    assert 0.3 < t < 1.0
+    for k, r in ratios.items():
+        cap = 0.2 if k in residual else 0.4 if stage[k] == "layer1" else 0.8
+        assert abs(r - t * cap) <= 1.0 / original[k] + 1e-9, (k, r, t * cap)
+    assert statistics.fmean(inner1) < statistics.fmean(inner2)
+
+
+def test_uniform_allocation_removes_the_lowest_scores_within_a_group():
+    model = build_model("resnet20", 10, with_bam=True)
+    _, groups = groups_of(model, "resnet20")
+    scores = {g.key: torch.arange(g.width, 0, -1, dtype=torch.float) for g in groups}
+    chosen = select_channels(groups, scores, 48, PruneLimits(), group_widths(groups))
+    for g in groups:
+        picked = chosen.get(g.key, [])
+        assert picked == list(range(g.width - len(picked), g.width))  # the last = lowest
+
+
+def test_channel_macs_is_what_removing_one_channel_saves():
+    model = build_model("resnet20", 10, with_bam=True)
+    _, groups = groups_of(model, "resnet20")
+    costs = channel_macs(model, groups, SHAPE)
+    before = count_flops(model, SHAPE)
+    for g in groups[:4] + groups[-1:]:  # the residual streams (through BAM) and inner layers
+        copy = build_model("resnet20", 10, with_bam=True)
+        copy.load_state_dict(model.state_dict())
+        graph, copied = groups_of(copy, "resnet20")
+        remove_channels(graph, copied, {g.key: [0]})
+        assert costs[g.key] == pytest.approx(before - count_flops(copy, SHAPE)), g.key
+
+
+def test_flops_allocation_removes_the_costliest_channels_first():
+    model = build_model("resnet20", 10, with_bam=True)
+    _, groups = groups_of(model, "resnet20")
+    costs = channel_macs(model, groups, SHAPE)
+    scores = {g.key: torch.ones(g.width) for g in groups}
+    chosen = select_channels(groups, scores, 3, PruneLimits(), group_widths(groups), "flops",
+                             costs)
+    assert list(chosen) == [max(costs, key=costs.get)]
+    with pytest.raises(PruneError, match="channel cost"):
+        select_channels(groups, scores, 3, PruneLimits(), group_widths(groups), "flops")
+    with pytest.raises(PruneError, match="unknown allocation"):
+        select_channels(groups, scores, 3, PruneLimits(), group_widths(groups), "magic")
