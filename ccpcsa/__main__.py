@@ -14,7 +14,7 @@ from ccpcsa.data import DATASETS, DataConfig, DataError, dataset_info
 from ccpcsa.importance import IMPORTANCES
 from ccpcsa.loop import REFERENCES, LoopConfig, PrepareConfig, prepare, prune_loop, record_of
 from ccpcsa.models import MODELS, get_spec
-from ccpcsa.prune import PruneLimits
+from ccpcsa.prune import ALLOCATIONS, PruneLimits
 from ccpcsa.results import record_row, table_header, table_line, write_config, write_rows
 from ccpcsa.runners import make_runner
 from ccpcsa.train import TrainConfig, pick_device
@@ -70,12 +70,24 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--finetune-lr", type=float, default=0.01,
                    help="SGD learning rate of each fine-tune (default: %(default)s)")
     p.add_argument("--importance", default="ccpcsa",
-                   help=f"channel scoring, one of {', '.join(IMPORTANCES)}: ccpcsa = channel "
-                        "correlation on attention-weighted maps; l1, bn_scale, attention (PCAS), "
-                        "random are baselines "
-                        "(default: %(default)s)")
+                   help=f"channel scoring, one of {', '.join(IMPORTANCES)}: ccpcsa = strength "
+                        "x (1 - mean |correlation|) on attention-weighted maps; strength, "
+                        "maxcorr, dedup = its variants; attention = PCAS-style mean attention; "
+                        "l1, bn_scale, taylor, lamp, fpgm, random = Torch-Pruning's "
+                        "importances (default: %(default)s)")
+    p.add_argument("--allocation", default="uniform",
+                   help=f"how many channels each layer gives per round, one of "
+                        f"{', '.join(ALLOCATIONS)}: uniform = every layer the same fraction "
+                        "of its original width (relative to its cap), the score ranks "
+                        "channels within a layer; global = the lowest scores over all layers; "
+                        "flops = global ranking of score per MAC saved (default: %(default)s)")
     p.add_argument("--calibration-batches", type=int, default=4,
-                   help="training batches streamed to score channels each round "
+                   help="training batches (random, unaugmented) streamed to score channels "
+                        "each round (default: %(default)s)")
+    p.add_argument("--bn-batches", type=int, default=16,
+                   help="after each surgery, re-estimate BatchNorm statistics on this many "
+                        "training batches (no weight update) before the accuracy right after "
+                        "pruning is measured and the fine-tune starts; 0 = off "
                         "(default: %(default)s)")
     p.add_argument("--reference", default="baseline",
                    help=f"one of {', '.join(REFERENCES)}: accuracy the tolerance is measured from: "
@@ -133,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap for one stage, e.g. layer1=0.5 (repeatable)")
     p.add_argument("--layer-cap", action="append", metavar="LAYER=RATIO",
                    help="cap for one channel group, named by its root layer (repeatable)")
+    p.add_argument("--residual-cap", type=float, default=None, metavar="RATIO",
+                   help="cap for every residual-stream group (channels summed by skip "
+                        "connections), instead of its stage's (default: the stage's)")
     p.add_argument("--strip-bam", action="store_true",
                    help="also write final_nobam.pt: the final model without BAM, fine-tuned")
     p.add_argument("--out", default="runs/prune", help="output folder or URI "
@@ -166,8 +181,10 @@ def loop_config_from_args(args: argparse.Namespace, groups_per_round: int, max_r
     cfg = LoopConfig(
         groups_per_round=groups_per_round, tolerance=args.tolerance, max_rounds=args.max_rounds,
         finetune_epochs=args.epochs, finetune_lr=args.finetune_lr, importance=args.importance,
-        calibration_batches=args.calibration_batches,
-        limits=PruneLimits(max_ratio, stage_caps, layer_caps, args.min_channels),
+        calibration_batches=args.calibration_batches, allocation=args.allocation,
+        bn_batches=args.bn_batches,
+        limits=PruneLimits(max_ratio, stage_caps, layer_caps, args.min_channels,
+                           args.residual_cap),
         reference=args.reference, seed=args.seed)
     cfg.validate()
     return cfg

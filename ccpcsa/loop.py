@@ -19,8 +19,10 @@ from ccpcsa.flops import count_flops, count_params
 from ccpcsa.importance import IMPORTANCES, compute_scores
 from ccpcsa.models import build_model, get_spec
 from ccpcsa.prune import (
+    ALLOCATIONS,
     PruneLimits,
     build_graph,
+    channel_macs,
     find_groups,
     group_widths,
     remove_channels,
@@ -63,6 +65,10 @@ class LoopConfig:
     finetune_lr: float = 0.01
     importance: str = "ccpcsa"
     calibration_batches: int = 4
+    # how many channels each layer gives per round (prune.select_channels); the score only
+    # ranks channels within a layer under "uniform"
+    allocation: str = "uniform"
+    bn_batches: int = 16  # BatchNorm re-estimated on this many batches after surgery; 0 = off
     limits: PruneLimits = field(default_factory=PruneLimits)
     # Algorithm 1 compares with Acc of step 1 (the model before BAM); "attention" uses M'.
     reference: str = "baseline"
@@ -84,6 +90,11 @@ class LoopConfig:
                 f"unknown importance {self.importance!r}; choose one of: {', '.join(IMPORTANCES)}")
         if self.calibration_batches < 1:
             raise ValueError(f"calibration batches must be >= 1, got {self.calibration_batches}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"unknown allocation {self.allocation!r}; choose one of: "
+                             f"{', '.join(ALLOCATIONS)}")
+        if self.bn_batches < 0:
+            raise ValueError(f"BN recalibration batches must be >= 0, got {self.bn_batches}")
         if self.reference not in REFERENCES:
             raise ValueError(f"unknown reference {self.reference!r}; choose one of: "
                              f"{', '.join(REFERENCES)}")
@@ -110,7 +121,7 @@ class Prepared:
 @dataclass
 class RoundRecord:
     round: int
-    accuracy: float
+    accuracy: float  # top-1 % after this round's fine-tune
     flops: int
     params: int
     removed: int
@@ -119,6 +130,10 @@ class RoundRecord:
     seconds_score: float = 0.0
     seconds_prune: float = 0.0
     seconds_finetune: float = 0.0
+    # top-1 % right after surgery (BatchNorm re-estimated unless bn_batches = 0), before the
+    # fine-tune: what the channels chosen are worth; round 0: the starting accuracy
+    accuracy_pruned: float | None = None
+    seconds_recalibrate: float = 0.0  # BatchNorm re-estimation + that evaluation
 
 
 @dataclass
@@ -174,8 +189,10 @@ def prune_loop(
     start_round: int = 0,
     original_widths: dict[str, int] | None = None,
 ) -> LoopResult:
-    """Score -> remove the m lowest channel groups -> fine-tune -> evaluate, until the accuracy
-    falls more than `tolerance` below the reference, max_rounds pass, or nothing is prunable.
+    """Each round: score channels -> remove m of them (allocation, then the lowest scores)
+    -> re-estimate BatchNorm and evaluate (accuracy_pruned) -> fine-tune -> evaluate, until the
+    accuracy falls more than `tolerance` below the reference, max_rounds pass, or nothing is
+    prunable.
 
     To continue an interrupted loop, pass the model of round `start_round` and the group widths
     of the unpruned model (`original_widths`, which the ratio caps refer to); the record of the
@@ -189,7 +206,7 @@ def prune_loop(
     accuracy = runner.evaluate(model) if initial_accuracy is None else initial_accuracy
     first = RoundRecord(start_round, accuracy, count_flops(model, input_shape),
                         count_params(model), 0, reference_accuracy - accuracy <= cfg.tolerance,
-                        widths_now)
+                        widths_now, accuracy_pruned=accuracy)
     records = [first]
     if not first.within_tolerance:
         log.warning("the starting model (%.2f%%) is already more than %.2f points below the "
@@ -201,19 +218,16 @@ def prune_loop(
     best, best_round, reason = copy.deepcopy(model).cpu(), start_round, "max_rounds"
     for rnd in range(start_round + 1, cfg.max_rounds + 1):
         t0 = time.perf_counter()
-        device = next(model.parameters()).device
-        graph, groups = _groups(model, spec, input_shape, device)
-        scores = compute_scores(cfg.importance, model, groups,
-                                runner.calibration_batches(cfg.calibration_batches),
-                                seed=cfg.seed + rnd)
-        t1 = time.perf_counter()
-        chosen = select_channels(groups, scores, cfg.groups_per_round, cfg.limits, original)
-        if not chosen:
+        surgery = prune_step(model, spec, input_shape, runner, cfg, original, seed=cfg.seed + rnd)
+        if surgery is None:
             reason = "nothing_prunable"
             log.info("round %d: every layer is at its cap or floor; stopping", rnd)
             break
-        removed = remove_channels(graph, groups, chosen)
-        del graph, groups
+        removed, seconds_score = surgery
+        t1 = time.perf_counter()
+        if cfg.bn_batches:
+            model = runner.recalibrate_bn(model, cfg.bn_batches)
+        accuracy_pruned = runner.evaluate(model)
         t2 = time.perf_counter()
         model = runner.fit(model, cfg.finetune_epochs, cfg.finetune_lr, label=f"round {rnd}")
         accuracy = runner.evaluate(model)
@@ -222,11 +236,13 @@ def prune_loop(
                                       next(model.parameters()).device)[1])
         within = reference_accuracy - accuracy <= cfg.tolerance
         record = RoundRecord(rnd, accuracy, count_flops(model, input_shape), count_params(model),
-                             removed, within, widths, t1 - t0, t2 - t1, t3 - t2)
+                             removed, within, widths, seconds_score,
+                             t1 - t0 - seconds_score, t3 - t2, accuracy_pruned, t2 - t1)
         records.append(record)
-        log.info("round %d: removed %d channels, accuracy %.2f%% (reference %.2f%%), %s",
-                 rnd, removed, accuracy, reference_accuracy,
-                 _flops_text((accuracy, record.flops, record.params)))
+        log.info("round %d: removed %d channels; accuracy %.2f%% right after pruning%s, "
+                 "%.2f%% after fine-tuning (reference %.2f%%), %s", rnd, removed,
+                 accuracy_pruned, " (BN re-estimated)" if cfg.bn_batches else "", accuracy,
+                 reference_accuracy, _flops_text((accuracy, record.flops, record.params)))
         if on_round:
             on_round(record, model)
         if not within:
@@ -236,6 +252,24 @@ def prune_loop(
             break
         best, best_round = copy.deepcopy(model).cpu(), rnd
     return LoopResult(best, best_round, records, reason)
+
+
+def prune_step(model: nn.Module, spec, input_shape: tuple[int, int, int], runner: Runner,
+               cfg: LoopConfig, original_widths: dict[str, int], seed: int
+               ) -> tuple[int, float] | None:
+    """Score the model's channels, choose m by cfg.allocation and remove them in place;
+    returns (channels removed, seconds spent scoring), or None when nothing is prunable."""
+    start = time.perf_counter()
+    graph, groups = _groups(model, spec, input_shape, next(model.parameters()).device)
+    scores = compute_scores(cfg.importance, model, groups,
+                            runner.calibration_batches(cfg.calibration_batches), seed=seed)
+    seconds_score = time.perf_counter() - start
+    costs = channel_macs(model, groups, input_shape) if cfg.allocation == "flops" else None
+    chosen = select_channels(groups, scores, cfg.groups_per_round, cfg.limits, original_widths,
+                             cfg.allocation, costs)
+    if not chosen:
+        return None
+    return remove_channels(graph, groups, chosen), seconds_score
 
 
 def record_of(result: LoopResult, round_number: int) -> RoundRecord:

@@ -46,13 +46,15 @@ def write_rows(rows: list[dict[str, Any]], path: str) -> None:
 
 
 def table_header() -> str:
-    return (f"{'round':>5} {'acc %':>7} {'Δacc':>6} {'FLOPs':>9} {'FLOPs↓':>7} "
+    return (f"{'round':>5} {'pruned %':>8} {'acc %':>7} {'Δacc':>6} {'FLOPs':>9} {'FLOPs↓':>7} "
             f"{'params':>8} {'params↓':>8} {'removed':>7}  status")
 
 
 def table_line(row: dict[str, Any], reference_accuracy: float) -> str:
     status = "ok" if row["within_tolerance"] else "over tolerance"
-    return (f"{row['round']:>5} {row['accuracy']:>7.2f} "
+    pruned = row.get("accuracy_pruned")
+    pruned_text = "" if pruned is None else f"{pruned:.2f}"
+    return (f"{row['round']:>5} {pruned_text:>8} {row['accuracy']:>7.2f} "
             f"{row['accuracy'] - reference_accuracy:>+6.2f} {human(row['flops']):>9} "
             f"{row['flops_reduction']:>6.1f}% {human(row['params']):>8} "
             f"{row['params_reduction']:>7.1f}% {row['removed']:>7}  {status}")

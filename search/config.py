@@ -12,6 +12,7 @@ from ccpcsa.data import DATASETS
 from ccpcsa.importance import IMPORTANCES
 from ccpcsa.loop import REFERENCES
 from ccpcsa.models import MODELS
+from ccpcsa.prune import ALLOCATIONS
 
 SAMPLERS = ("nsga2", "tpe", "random")
 
@@ -33,6 +34,9 @@ class SearchConfig:
     sampler: str = "nsga2"
     seed: int = 0
     per_layer: bool = False
+    # per-stage mode: residual-stream groups get their own searched ratio (they cost the most
+    # accuracy when pruned: shared/paper-notes.md), instead of their stage's
+    residual_cap: bool = True
     m_range: list[int] | None = None  # None: scaled with the model's channel count
     cap_range: list[float] = field(default_factory=lambda: [0.0, 0.9])
     search_finetune: bool = False  # also search the fine-tune lr and epochs
@@ -59,7 +63,9 @@ class SearchConfig:
     epochs: int = 1
     finetune_lr: float = 0.01
     importance: str = "ccpcsa"
+    allocation: str = "uniform"
     calibration_batches: int = 4
+    bn_batches: int = 16
     min_channels: int = 4
     reference: str = "baseline"
 
@@ -68,11 +74,13 @@ class SearchConfig:
         _choice("dataset", self.dataset, DATASETS)
         _choice("sampler", self.sampler, SAMPLERS)
         _choice("importance", self.importance, IMPORTANCES)
+        _choice("allocation", self.allocation, ALLOCATIONS)
         _choice("reference", self.reference, REFERENCES)
         for name in ("num_samples", "max_concurrent_trials", "workers_per_trial", "max_rounds",
                      "calibration_batches", "min_channels"):
             _at_least(name, getattr(self, name), 1)
-        for name in ("baseline_epochs", "attention_epochs", "epochs", "max_failures"):
+        for name in ("baseline_epochs", "attention_epochs", "epochs", "max_failures",
+                     "bn_batches"):
             _at_least(name, getattr(self, name), 0)
         _at_least("batch_size", self.batch_size, 2)
         _at_least("tolerance", self.tolerance, 0)

@@ -25,7 +25,9 @@ if __package__ in (None, ""):  # `python search/run.py`: make the repo importabl
 
 from ccpcsa import storage  # noqa: E402
 from ccpcsa.data import DataError, dataset_info  # noqa: E402
+from ccpcsa.importance import IMPORTANCES  # noqa: E402
 from ccpcsa.loop import PrepareConfig, Prepared  # noqa: E402
+from ccpcsa.prune import ALLOCATIONS  # noqa: E402
 from ccpcsa.results import versions  # noqa: E402
 from search.config import (  # noqa: E402
     SAMPLERS,
@@ -91,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, help=f"seed of training and sampler (default {d.seed})")
     g.add_argument("--per-layer", action="store_true", default=None,
                    help="search one ratio cap per layer group instead of one per stage")
+    g.add_argument("--residual-cap", action=argparse.BooleanOptionalAction, default=None,
+                   help="per-stage mode: one more ratio, for the residual-stream groups, "
+                        f"instead of their stage's (default {d.residual_cap})")
     g.add_argument("--m-range", type=_range_arg(int), metavar="LOW,HIGH",
                    help="range of m, channel groups removed per round (default: 0.5%%-4%% of "
                         "the model's prunable channels)")
@@ -141,10 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"fine-tune epochs per round (default {d.epochs})")
     g.add_argument("--finetune-lr", type=float,
                    help=f"fine-tune learning rate (default {d.finetune_lr})")
-    g.add_argument("--importance", help=f"channel criterion: ccpcsa, l1, bn_scale, attention, "
-                   f"random (default {d.importance})")
+    g.add_argument("--importance", help=f"channel criterion: {', '.join(IMPORTANCES)} "
+                   f"(default {d.importance}; see python -m ccpcsa prune --help)")
+    g.add_argument("--allocation", help=f"channels per layer each round: "
+                   f"{', '.join(ALLOCATIONS)}; uniform = the searched ratios shape the "
+                   f"pruning, the criterion ranks within a layer (default {d.allocation})")
     g.add_argument("--calibration-batches", type=int,
                    help=f"batches used to score channels (default {d.calibration_batches})")
+    g.add_argument("--bn-batches", type=int,
+                   help=f"batches BatchNorm statistics are re-estimated on after each surgery; "
+                        f"0 = off (default {d.bn_batches})")
     g.add_argument("--min-channels", type=int,
                    help=f"channel floor per layer (default {d.min_channels})")
     g.add_argument("--reference", help=f"tolerance measured from: baseline or attention "

@@ -1,5 +1,11 @@
-"""The search space: m (channel groups removed per round) and pruning-ratio caps per stage
-(default) or per layer, optionally the fine-tune lr and epochs. Ranges scale with the model."""
+"""The search space: m (channels removed per round) and pruning ratios per stage (default, with
+one more for the residual streams) or per layer, optionally the fine-tune lr and epochs.
+Ranges scale with the model.
+
+Under the default `uniform` allocation the ratios ("caps") are the shape of the pruning: every
+round moves every group the same part of the way to its ratio, and the criterion only ranks
+channels within a group. So Optuna searches the per-stage / per-layer pruning ratios and m
+sets the pace at which the loop walks towards them."""
 
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ from ccpcsa.prune import build_graph, find_groups
 from search.config import SearchConfig
 
 M_PARAM = "groups_per_round"
+RESIDUAL_PARAM = "cap_residual"
 LR_PARAM = "finetune_lr"
 EPOCHS_PARAM = "finetune_epochs"
 
@@ -26,6 +33,8 @@ class ModelLayout:
     stages: tuple[str, ...]
     layers: tuple[str, ...]
     widths: dict[str, int]  # original width of each group, which ratio caps refer to
+    residual: tuple[str, ...] = ()  # groups that are residual streams
+    inner_stages: tuple[str, ...] = ()  # stages with at least one group that is not one
 
 
 def describe_model(model_name: str, num_classes: int, input_shape: tuple[int, ...]
@@ -35,9 +44,23 @@ def describe_model(model_name: str, num_classes: int, input_shape: tuple[int, ..
     graph = build_graph(model, torch.zeros(1, *input_shape))
     groups = find_groups(model, graph, spec.classifier(model), spec.stage_of)
     stages = tuple(s for s in spec.stages if any(g.stage == s for g in groups))
-    others = tuple(sorted({g.stage for g in groups} - set(stages)))
-    return ModelLayout(sum(g.width for g in groups), stages + others,
-                       tuple(sorted(g.key for g in groups)), {g.key: g.width for g in groups})
+    stages += tuple(sorted({g.stage for g in groups} - set(stages)))
+    inner = tuple(s for s in stages if any(g.stage == s and not g.is_residual for g in groups))
+    return ModelLayout(sum(g.width for g in groups), stages,
+                       tuple(sorted(g.key for g in groups)), {g.key: g.width for g in groups},
+                       tuple(sorted(g.key for g in groups if g.is_residual)), inner)
+
+
+def searched_caps(cfg: SearchConfig, layout: ModelLayout) -> tuple[str, ...]:
+    """The names that get a ratio parameter: every group (per layer), else every stage, or
+    with a residual cap every stage that has groups besides its residual stream."""
+    if cfg.per_layer:
+        return layout.layers
+    return layout.inner_stages if _residual_param(cfg, layout) else layout.stages
+
+
+def _residual_param(cfg: SearchConfig, layout: ModelLayout) -> bool:
+    return cfg.residual_cap and not cfg.per_layer and bool(layout.residual)
 
 
 def default_m_range(total_channels: int) -> list[int]:
@@ -57,8 +80,10 @@ def build_space(cfg: SearchConfig, layout: ModelLayout) -> dict[str, Any]:
                                                       log=m_high >= 8 * m_low),
     }
     cap_low, cap_high = cfg.cap_range
-    for name in layout.layers if cfg.per_layer else layout.stages:
+    for name in searched_caps(cfg, layout):
         space[cap_param(name)] = optuna.distributions.FloatDistribution(cap_low, cap_high)
+    if _residual_param(cfg, layout):
+        space[RESIDUAL_PARAM] = optuna.distributions.FloatDistribution(cap_low, cap_high)
     if cfg.search_finetune:
         lr_low, lr_high = cfg.lr_range
         space[LR_PARAM] = optuna.distributions.FloatDistribution(lr_low, lr_high, log=True)
@@ -75,22 +100,27 @@ class Schedule:
     layer_caps: dict[str, float]
     finetune_lr: float
     finetune_epochs: int
+    residual_cap: float | None = None
 
 
 def decode(params: dict[str, Any], cfg: SearchConfig, layout: ModelLayout) -> Schedule:
-    names = layout.layers if cfg.per_layer else layout.stages
+    names = searched_caps(cfg, layout)
     caps = {name: float(params[cap_param(name)]) for name in names if cap_param(name) in params}
+    residual = params.get(RESIDUAL_PARAM) if _residual_param(cfg, layout) else None
     return Schedule(
         groups_per_round=int(params[M_PARAM]),
         stage_caps={} if cfg.per_layer else caps,
         layer_caps=caps if cfg.per_layer else {},
         finetune_lr=float(params.get(LR_PARAM, cfg.finetune_lr)),
         finetune_epochs=int(params.get(EPOCHS_PARAM, cfg.epochs)),
+        residual_cap=None if residual is None else float(residual),
     )
 
 
 def uniform_params(cfg: SearchConfig, layout: ModelLayout, m: int, cap: float
                    ) -> dict[str, Any]:
     """The paper's kind of schedule: one m, the same cap everywhere."""
-    names = layout.layers if cfg.per_layer else layout.stages
-    return {M_PARAM: m, **{cap_param(name): cap for name in names}}
+    params = {M_PARAM: m, **{cap_param(name): cap for name in searched_caps(cfg, layout)}}
+    if _residual_param(cfg, layout):
+        params[RESIDUAL_PARAM] = cap
+    return params

@@ -64,9 +64,10 @@ def run_trial(params: dict[str, Any], settings: TrialSettings) -> None:
         groups_per_round=schedule.groups_per_round, tolerance=cfg.tolerance,
         max_rounds=cfg.max_rounds, finetune_epochs=schedule.finetune_epochs,
         finetune_lr=schedule.finetune_lr, importance=cfg.importance,
-        calibration_batches=cfg.calibration_batches,
+        calibration_batches=cfg.calibration_batches, allocation=cfg.allocation,
+        bn_batches=cfg.bn_batches,
         limits=PruneLimits(max(cfg.cap_range), schedule.stage_caps, schedule.layer_caps,
-                           cfg.min_channels),
+                           cfg.min_channels, schedule.residual_cap),
         reference=cfg.reference, seed=cfg.seed)
     reference = prepared.reference_accuracy(cfg.reference)
     runner = make_runner(cfg, storage.join(settings.run_dir, "train", trial_id))
@@ -110,6 +111,7 @@ def _metrics(record: RoundRecord, prepared: Prepared) -> dict[str, Any]:
     return {
         "round": record.round,
         "accuracy": record.accuracy,
+        "accuracy_pruned": record.accuracy_pruned,
         "flops": record.flops,
         "params": record.params,
         "removed": record.removed,

@@ -55,9 +55,33 @@ def test_prepare_trains_and_is_reused(prepared, digits):
     assert runner.fits == 0 and again == result
 
 
+class LoggingRunner(LocalRunner):
+    """The real single-process runner, logging what the loop asks of it, in order."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = []
+
+    def fit(self, model, epochs, lr, label="train"):
+        self.calls.append("fit")
+        return super().fit(model, epochs, lr, label)
+
+    def evaluate(self, model):
+        self.calls.append("evaluate")
+        return super().evaluate(model)
+
+    def calibration_batches(self, count):
+        self.calls.append(f"calibration {count}")
+        return super().calibration_batches(count)
+
+    def recalibrate_bn(self, model, batches):
+        self.calls.append(f"recalibrate {batches}")
+        return super().recalibrate_bn(model, batches)
+
+
 def run_loop(prepared, digits, reference, **overrides):
     cfg, _cache, result = prepared
-    runner = LocalRunner(digits[1], digits[2], TrainConfig(batch_size=64))
+    runner = LoggingRunner(digits[1], digits[2], TrainConfig(batch_size=64))
     loop_cfg = LoopConfig(**{"groups_per_round": 6, "max_rounds": 2, "finetune_epochs": 1,
                              **overrides})
     return prune_loop(result.load_attention_model(), cfg.model, cfg.input_shape, reference,
@@ -72,6 +96,13 @@ def test_loop_runs_max_rounds_when_within_tolerance(prepared, digits):
     flops = [r.flops for r in result.records]
     assert flops[0] > flops[1] > flops[2]
     assert all(r.removed == 6 for r in result.records[1:])
+    # each round: score, remove, re-estimate BN, evaluate (accuracy_pruned), fine-tune, evaluate
+    round_calls = ["calibration 4", "recalibrate 16", "calibration 16", "evaluate", "fit",
+                   "evaluate"]
+    assert runner.calls == round_calls * 2
+    assert all(0.0 <= r.accuracy_pruned <= 100.0 for r in result.records)
+    assert all(m.momentum == 0.1 for m in result.model.modules()
+               if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
     assert result.records[-1].flops == count_flops(result.model, cfg.input_shape)
     assert result.records[-1].params == count_params(result.model)
     assert evaluate(result.model, digits[2], runner.cfg) == pytest.approx(
@@ -86,6 +117,24 @@ def test_loop_returns_last_model_within_tolerance(prepared, digits):
     assert result.final_round == 0
     assert not result.records[1].within_tolerance
     assert count_flops(result.model, cfg.input_shape) == result.records[0].flops
+
+
+def test_loop_without_bn_recalibration_and_with_global_allocation(prepared, digits):
+    result, runner = run_loop(prepared, digits, reference=0.0, bn_batches=0, max_rounds=1,
+                              allocation="global", importance="taylor")
+    assert runner.calls == ["calibration 4", "evaluate", "fit", "evaluate"]
+    assert result.records[1].removed == 6
+
+
+def test_bn_recalibration_gives_back_what_stale_statistics_cost(prepared, digits):
+    """A heavy cut (every layer loses 60 %): right after surgery the BN statistics are stale;
+    re-estimating them on a few training batches must recover accuracy, not lose it."""
+    cfg, _cache, result = prepared
+    kwargs = dict(groups_per_round=200, max_rounds=1, finetune_epochs=0)
+    stale, _ = run_loop(prepared, digits, reference=0.0, bn_batches=0, **kwargs)
+    fresh, _ = run_loop(prepared, digits, reference=0.0, bn_batches=16, **kwargs)
+    assert stale.records[1].widths == fresh.records[1].widths  # the same channels went
+    assert fresh.records[1].accuracy_pruned > stale.records[1].accuracy_pruned + 5.0
 
 
 def test_loop_stops_when_nothing_is_prunable(prepared, digits):
@@ -105,6 +154,8 @@ def test_cli_prune_writes_rounds_checkpoints_config(tmp_path, capsys):
     assert "round" in printed and "stopped: max_rounds" in printed
     rows = pq.read_table(out / "rounds.parquet").to_pylist()
     assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(r["accuracy_pruned"] is not None for r in rows)
+    assert rows[0]["accuracy_pruned"] == rows[0]["accuracy"]
     assert rows[2]["flops"] < rows[1]["flops"] < rows[0]["flops"]
     config = json.loads((out / "config.json").read_text())
     assert config["seed"] == 1 and config["versions"]["torch"].startswith("2.14")
@@ -128,6 +179,9 @@ def test_cli_prune_writes_rounds_checkpoints_config(tmp_path, capsys):
     (["--dataset", "mnist"], "mnist"),
     (["--dataset", "cifar10", "--data-root", "/nonexistent/cifar"], "/nonexistent/cifar"),
     (["--importance", "magic"], "unknown importance"),
+    (["--allocation", "magic"], "unknown allocation 'magic'"),
+    (["--bn-batches", "-1"], "BN recalibration batches"),
+    (["--residual-cap", "1.0"], "residual_cap=1.0"),
     (["--workers", "0"], "--workers"),
     (["--max-rounds", "0"], "max rounds"),
     (["-m", "abc"], "invalid int value"),
