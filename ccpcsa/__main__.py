@@ -45,13 +45,16 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
                    help=f"architecture to prune: {', '.join(MODELS)} (default: %(default)s)")
     p.add_argument("--dataset", default="digits",
                    help=f"one of {', '.join(DATASETS)}; digits = the embedded scikit-learn "
-                        "digits set, no download (default: %(default)s)")
+                        "digits set, no download; fashion-mnist = the four idx .gz files "
+                        "(apt-get install dataset-fashion-mnist) (default: %(default)s)")
     p.add_argument("--data-root", default=None,
-                   help="folder holding cifar10/cifar100 (torchvision layout) or an ImageNet-"
-                        "style imagefolder (train/ and val/)")
+                   help="folder holding cifar10/cifar100 (torchvision layout), an ImageNet-"
+                        "style imagefolder (train/ and val/), Parquet shards, or the "
+                        "Fashion-MNIST idx files (default for fashion-mnist: "
+                        "/usr/share/datasets/fashion-mnist)")
     p.add_argument("--image-size", type=int, default=None,
-                   help="input side in pixels (default: the dataset's: digits 16, cifar 32, "
-                        "imagefolder 224)")
+                   help="input side in pixels (default: the dataset's: digits 16, "
+                        "fashion-mnist 28, cifar 32, imagefolder 224)")
     p.add_argument("--baseline-epochs", type=int, default=10,
                    help="step 1: epochs to train the model without BAM (default: %(default)s)")
     p.add_argument("--attention-epochs", type=int, default=5,

@@ -79,9 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", help=f"architecture (default {d.model}); one of resnet20, "
                    "resnet56, resnet18, resnet50, resnet101, vgg16_bn, mobilenet_v2")
-    g.add_argument("--dataset", help=f"digits (embedded, no download), cifar10, cifar100, "
-                   f"imagefolder, parquet (default {d.dataset})")
-    g.add_argument("--data-root", help="dataset folder or URI (cifar/imagefolder/parquet)")
+    g.add_argument("--dataset", help=f"digits (embedded, no download), fashion-mnist, cifar10, "
+                   f"cifar100, imagefolder, parquet (default {d.dataset})")
+    g.add_argument("--data-root", help="dataset folder or URI (cifar/imagefolder/parquet; "
+                   "fashion-mnist: default /usr/share/datasets/fashion-mnist)")
     g.add_argument("--image-size", type=int, help="input side in pixels (default: dataset's)")
     g = p.add_argument_group("search")
     g.add_argument("--num-samples", type=int, help=f"trials to run (default {d.num_samples})")

@@ -21,6 +21,7 @@ from ccpcsa.data import (
     DATASETS,
     DataConfig,
     DataError,
+    DatasetInfo,
     build_datasets,
     dataset_info,
     decode_image_batch,
@@ -341,3 +342,82 @@ def test_cli_help_explains_flags(capsys: pytest.CaptureFixture[str]) -> None:
     for flag in ("SRC", "DST", "--rows-per-shard", "--rows-per-group", "--seed", "--split",
                  "s3://"):
         assert flag in text
+
+
+# ---------------------------------------------------------------- Fashion-MNIST
+
+
+def _write_idx(path: Path, array: np.ndarray, magic: int) -> None:
+    """The idx format: big-endian magic and dimensions, then the bytes; gzip-compressed."""
+    import gzip
+
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def _write_fashion(root: Path, train: int = 12, test: int = 5) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, count, prefix in (("train", train, "train"), ("test", test, "t10k")):
+        images = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8)
+        images[:, :, :14] = 0  # left half black: a flip is visible
+        labels = np.arange(count) % 10
+        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images, 0x0803)
+        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels, 0x0801)
+        arrays[split], arrays[f"{split}_labels"] = images, labels
+    return arrays
+
+
+def test_fashion_mnist_reads_idx_files(tmp_path: Path) -> None:
+    arrays = _write_fashion(tmp_path)
+    cfg = DataConfig("fashion-mnist", str(tmp_path), augment=False)
+    assert dataset_info(cfg) == DatasetInfo(num_classes=10, image_size=28, channels=3)
+    train, test = build_datasets(cfg)
+    assert (len(train), len(test)) == (12, 5)
+    pixels = arrays["train"].astype(np.float64) / 255.0
+    mean, std = pixels.mean(), pixels.std(ddof=1)  # normalised by the training split
+    for i in (0, 7):
+        x, y = test[i] if i < 5 else train[i]
+        raw = arrays["test" if i < 5 else "train"][i]
+        assert x.shape == (3, 28, 28) and y == int(arrays["test_labels" if i < 5 else
+                                                             "train_labels"][i])
+        expected = torch.tensor((raw / 255.0 - mean) / std, dtype=torch.float32)
+        for c in range(3):  # grayscale replicated to 3 channels
+            torch.testing.assert_close(x[c], expected, rtol=1e-5, atol=1e-5)
+    small = build_datasets(DataConfig("fashion-mnist", str(tmp_path), image_size=16))[1]
+    assert small[0][0].shape == (3, 16, 16)
+
+
+def test_fashion_mnist_augments_train_only(tmp_path: Path) -> None:
+    _write_fashion(tmp_path)
+    train, test = build_datasets(DataConfig("fashion-mnist", str(tmp_path)))
+    plain = build_datasets(DataConfig("fashion-mnist", str(tmp_path), augment=False))[0]
+    torch.manual_seed(0)
+    assert any(not torch.equal(train[0][0], plain[0][0]) for _ in range(10))
+    assert all(torch.equal(test[1][0], test[1][0]) for _ in range(5))
+
+
+def test_fashion_mnist_missing_or_corrupt_files(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist") as info:
+        dataset_info(DataConfig("fashion-mnist", str(tmp_path)))
+    assert str(tmp_path) in str(info.value) and "\n" not in str(info.value)
+    _write_fashion(tmp_path)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.zeros((5, 2)), 0x0803)
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz: not an idx file"):
+        build_datasets(DataConfig("fashion-mnist", str(tmp_path)))
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(b"not gzip")
+    with pytest.raises(DataError, match="not a readable gzip file"):
+        build_datasets(DataConfig("fashion-mnist", str(tmp_path)))
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz")
+                    .is_file(), reason="dataset-fashion-mnist is not installed")
+def test_fashion_mnist_real_files() -> None:
+    train, test = build_datasets(DataConfig("fashion-mnist", augment=False))
+    assert (len(train), len(test)) == (60_000, 10_000)
+    counts = collections.Counter(test.targets)
+    assert sorted(counts) == list(range(10)) and set(counts.values()) == {1000}
+    x, _ = train[0]
+    assert x.shape == (3, 28, 28) and torch.isfinite(x).all()
+    assert abs(float(train.mean) - 0.286) < 0.01 and abs(float(train.std) - 0.353) < 0.01

@@ -1,13 +1,15 @@
 """Image-classification datasets for training and pruning, plus ImageFolder -> Parquet export.
 
-Datasets: "digits" (scikit-learn's embedded 8x8 handwritten digits, no download), "cifar10",
+Datasets: "digits" (scikit-learn's embedded 8x8 handwritten digits, no download),
+"fashion-mnist" (the standard idx .gz files, default /usr/share/datasets/fashion-mnist), "cifar10",
 "cifar100" (torchvision's on-disk layout), "imagefolder" (ImageNet layout root/train, root/val)
 and "parquet" (root/train, root/val of Parquet shards written by `to-parquet`, local or URI;
 Ray Train streams them through Ray Data, one process reads them into memory).
 Every item of a map-style dataset is (float32 tensor 3xHxW, normalised; int label); Parquet
 under Ray Train arrives as uint8 pixels and is normalised on the device (Uint8Normalizer).
 
-One module per source (digits, cifar, imagefolder, parquet); the CLI is `python -m ccpcsa.data`.
+One module per source (digits, fashion, cifar, imagefolder, parquet); the CLI is
+`python -m ccpcsa.data`.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from ccpcsa.data.common import (
     validate_config,
 )
 from ccpcsa.data.digits import digits_datasets
+from ccpcsa.data.fashion import FASHION_ROOT, check_fashion_files, fashion_datasets
 from ccpcsa.data.imagefolder import (
     decode_image_batch,
     decode_uint8_batch,
@@ -75,6 +78,8 @@ def dataset_info(cfg: DataConfig) -> DatasetInfo:
     elif cfg.name == "parquet":
         num_classes = len(parquet_classes(str(cfg.root), "train"))
     else:
+        if cfg.name == "fashion-mnist":
+            check_fashion_files(cfg.root or FASHION_ROOT)  # before anything trains
         num_classes = NUM_CLASSES[cfg.name]
     return DatasetInfo(num_classes=num_classes, image_size=size, channels=3)
 
@@ -84,6 +89,8 @@ def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
     size = validate_config(cfg)
     if cfg.name == "digits":
         return digits_datasets(size, cfg.augment)
+    if cfg.name == "fashion-mnist":
+        return fashion_datasets(cfg.root, size, cfg.augment)
     if cfg.name in ("cifar10", "cifar100"):
         return cifar_datasets(cfg.name, str(cfg.root), size, cfg.augment)
     if cfg.name == "parquet":
@@ -93,6 +100,7 @@ def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
 
 __all__ = [
     "CIFAR100_MEAN", "CIFAR100_STD", "CIFAR_MEAN", "CIFAR_STD", "DATASETS", "DEFAULT_IMAGE_SIZE",
+    "FASHION_ROOT",
     "IMAGENET_MEAN", "IMAGENET_STD", "NEEDS_ROOT", "NUM_CLASSES", "DataConfig", "DataError",
     "DatasetInfo", "Piece", "ShardIndex", "Uint8Normalizer", "build_datasets",
     "calibration_pieces", "check_parquet_splits", "dataset_info", "decode_image_batch",

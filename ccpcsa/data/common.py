@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 import torch
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "parquet")
+DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100", "imagefolder", "parquet")
 NEEDS_ROOT = ("cifar10", "cifar100", "imagefolder", "parquet")
-DEFAULT_IMAGE_SIZE = {"digits": 16, "cifar10": 32, "cifar100": 32, "imagefolder": 224,
-                      "parquet": 224}
-NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
+DEFAULT_IMAGE_SIZE = {"digits": 16, "fashion-mnist": 28, "cifar10": 32, "cifar100": 32,
+                      "imagefolder": 224, "parquet": 224}
+NUM_CLASSES = {"digits": 10, "fashion-mnist": 10, "cifar10": 10, "cifar100": 100}
 MIN_IMAGE_SIZE = 8
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
