@@ -1,21 +1,23 @@
-"""Benchmark: channel-importance criteria compared at equal FLOPs reduction.
+"""Benchmark: channel-importance criteria x allocation policies at equal FLOPs reduction.
 
 For each model and seed, steps 1-2 of Algorithm 1 run once (baseline, then BAM inserted and
-trained). From that same BAM model every criterion (CCPCSA, L1-norm, mean attention, random)
-prunes iteratively: each step re-scores the current model and physically removes the lowest
-channels, with no fine-tuning between steps, until the FLOPs reduction first reaches each target.
-The snapshot taken at each target is evaluated (accuracy before fine-tuning), fine-tuned for the
-same number of epochs with the same learning rate and data order, and evaluated again.
+trained). From that same BAM model every cell (criterion x allocation) prunes step by step:
+each step scores the current model on unaugmented calibration batches, removes m channels
+(allocation, then the lowest scores) and re-estimates BatchNorm on training batches (no
+weight update), with no fine-tuning between steps, until the FLOPs reduction first reaches
+each target. At each target the snapshot (BN re-estimated) is evaluated on the whole test
+split ("right after pruning"); at the fine-tune targets it is then fine-tuned for the same
+epochs with the same learning rate and data order for every cell, and evaluated again.
 
-FLOPs are multiply-accumulates (ccpcsa.flops) and the reduction is measured against the
-baseline model without BAM, as in the paper's tables; pruned models keep their BAM modules,
-whose FLOPs are counted.
+FLOPs are multiply-accumulates (ccpcsa.flops), the reduction is relative to the baseline
+model without BAM, as in the paper's tables; pruned models keep their BAM modules, counted.
+One trajectory per (model, seed, cell) serves every target (no fine-tuning between steps).
 
-Because no fine-tuning happens between steps, the trajectory to 70 % passes through the
-models at 30 % and 50 %: one trajectory per (model, seed, criterion) serves every target.
+Resumable: every finished cell is saved to <cache-dir>/cells.json (and stage 0 to
+<cache-dir>/<model>-seed<seed>/), so an interrupted run started again with the same command
+continues where it stopped; a cache made with other settings is refused.
 
-Usage: python benchmarks/importance.py [--models resnet20 resnet56] [--seeds 0 1 2]
-       [--targets 30 50 70] [--finetune-epochs 3] [--out docs/benchmarks.md]
+Usage: python benchmarks/importance.py --help   (the documented commands: docs/benchmarks.md)
 """
 
 from __future__ import annotations
@@ -28,13 +30,13 @@ import platform
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
+from torch.utils.data import Subset
 
 from ccpcsa.data import DataConfig, build_datasets, dataset_info
 from ccpcsa.flops import count_flops, count_params
@@ -42,8 +44,10 @@ from ccpcsa.importance import IMPORTANCES, compute_scores
 from ccpcsa.loop import PrepareConfig, prepare
 from ccpcsa.models import MODELS, get_spec
 from ccpcsa.prune import (
+    ALLOCATIONS,
     PruneLimits,
     build_graph,
+    channel_macs,
     find_groups,
     group_widths,
     remove_channels,
@@ -54,10 +58,16 @@ from ccpcsa.train import LocalRunner, TrainConfig, seed_everything
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/sections.py
 import sections  # noqa: E402
 
-SECTION = "## Importance criteria at equal FLOPs"
-METHODS = ("ccpcsa", "l1", "attention", "random")
-TEST_IMAGES = 360  # digits test split
-OVERHEAD_TARGET = 5.0  # percent of one fine-tune epoch
+SECTIONS = {"digits": "## Importance criteria at equal FLOPs",
+            "fashion-mnist": "## Importance criteria at equal FLOPs on Fashion-MNIST"}
+DEFAULT_CELL = ("ccpcsa", "uniform")  # the library's default configuration
+CORRELATION_VARIANTS = ("ccpcsa", "maxcorr", "dedup")  # strength x a redundancy term
+CACHE_FILE = "cells.json"
+# Settings that change what a cell measures; a cache made with others is refused.
+CELL_SETTINGS = ("dataset", "data_root", "image_size", "train_subset", "targets",
+                 "finetune_targets", "finetune_epochs", "finetune_lr", "baseline_epochs",
+                 "attention_epochs", "lr", "batch_size", "step_fraction",
+                 "calibration_batches", "bn_batches", "overshoot")
 
 
 # ---------------------------------------------------------------- command line
@@ -66,26 +76,42 @@ OVERHEAD_TARGET = 5.0  # percent of one fine-tune epoch
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python benchmarks/importance.py",
-        description="Compare channel-importance criteria at equal FLOPs reduction on the "
-                    "embedded digits data: top-1 after equal fine-tuning (and right after "
-                    "pruning), plus the time of scoring + surgery relative to one fine-tune "
-                    "epoch. Writes the '" + SECTION + "' section of --out.")
+        description="Compare channel-importance criteria under each allocation policy at "
+                    "equal FLOPs reduction: top-1 right after pruning (BatchNorm re-"
+                    "estimated) and after equal fine-tuning, paired per seed. Writes the "
+                    "dataset's section of --out; resumable through --cache-dir.")
+    p.add_argument("--dataset", default="fashion-mnist", choices=sorted(SECTIONS),
+                   help="data set (default: %(default)s)")
+    p.add_argument("--data-root", default=None,
+                   help="fashion-mnist folder (default: /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="input side in pixels (default: the dataset's, 28 / digits 16)")
+    p.add_argument("--train-subset", type=int, default=0, metavar="N",
+                   help="train and fine-tune on a fixed random N images of the training "
+                        "split (the same for every seed and cell; 0 = all); the test split "
+                        "is always whole (default: %(default)s)")
     p.add_argument("--models", nargs="+", default=["resnet20", "resnet56"],
-                   help=f"architectures to benchmark, any of {', '.join(MODELS)} "
-                        "(default: %(default)s)")
+                   help=f"architectures, any of {', '.join(MODELS)} (default: %(default)s)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
-                   help="seeds; each one trains its own baseline + BAM model, and fixes the "
-                        "fine-tune data order shared by all methods (default: %(default)s)")
+                   help="seeds; each trains its own baseline + BAM model and fixes the "
+                        "fine-tune data order shared by every cell (default: %(default)s)")
     p.add_argument("--targets", nargs="+", type=float, default=[30.0, 50.0, 70.0],
-                   help="FLOPs reductions in percent of the baseline (no-BAM) model's MACs; "
-                        "each method is stopped at the first step reaching each target "
+                   help="FLOPs reductions in percent of the baseline (no-BAM) model's MACs "
                         "(default: %(default)s)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS),
+    p.add_argument("--finetune-targets", nargs="+", type=float, default=None,
+                   help="targets whose snapshots are also fine-tuned (default: every target)")
+    p.add_argument("--criteria", nargs="+", default=list(IMPORTANCES),
                    help=f"importance criteria, any of {', '.join(IMPORTANCES)} "
+                        "(default: all)")
+    p.add_argument("--allocations", nargs="+", default=["uniform", "global"],
+                   help=f"allocation policies, any of {', '.join(ALLOCATIONS)} "
                         "(default: %(default)s)")
-    p.add_argument("--finetune-epochs", type=int, default=3,
-                   help="fine-tune epochs after pruning to a target, identical for every "
-                        "method (default: %(default)s)")
+    p.add_argument("--global-criteria", nargs="+", default=None,
+                   help="run the allocations other than uniform only for these criteria "
+                        "(default: every criterion under every allocation)")
+    p.add_argument("--finetune-epochs", type=int, default=2,
+                   help="fine-tune epochs at each fine-tune target, identical for every cell "
+                        "(default: %(default)s)")
     p.add_argument("--finetune-lr", type=float, default=0.01,
                    help="SGD learning rate of that fine-tune, cosine-annealed "
                         "(default: %(default)s)")
@@ -97,33 +123,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SGD learning rate of steps 1-2 (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64,
                    help="batch size of training and calibration (default: %(default)s)")
-    p.add_argument("--image-size", type=int, default=16,
-                   help="digits are resized to this side in pixels (default: %(default)s)")
-    p.add_argument("--step-fraction", type=float, default=0.02,
+    p.add_argument("--step-fraction", type=float, default=0.03,
                    help="m: channels removed per pruning step, as a fraction of the model's "
-                        "original prunable channels; steps shrink near a target so that the "
-                        "reduction reached overshoots it little (default: %(default)s)")
+                        "original prunable channels; smaller near a target "
+                        "(default: %(default)s)")
     p.add_argument("--calibration-batches", type=int, default=4,
-                   help="training batches streamed to score channels each step (data-driven "
-                        "criteria only) (default: %(default)s)")
-    p.add_argument("--bn-batches", type=int, default=10,
-                   help="the before-fine-tuning accuracy is also reported after re-estimating "
-                        "BatchNorm statistics on this many training batches (no weight "
-                        "update; on a copy, fine-tuning starts from the raw pruned model); "
-                        "0 = skip (default: %(default)s)")
+                   help="training batches (random, unaugmented) that channels are scored on "
+                        "each step (default: %(default)s)")
+    p.add_argument("--bn-batches", type=int, default=8,
+                   help="training batches BatchNorm is re-estimated on after each step "
+                        "(default: %(default)s)")
     p.add_argument("--overshoot", type=float, default=1.0,
                    help="a step that would pass a target by more than this many points of "
                         "FLOPs reduction is retried with half as many channels "
                         "(default: %(default)s)")
     p.add_argument("--cache-dir", default=None,
-                   help="where the trained baseline + BAM models are kept and reused by a "
-                        "later run with the same settings (default: a temporary folder, "
-                        "deleted at the end)")
+                   help="stage-0 models and finished cells, reused by a later run with the "
+                        "same settings (default: runs/bench-importance-<dataset>)")
     p.add_argument("--json", default=None, metavar="PATH",
                    help="also write every raw measurement to this JSON file")
     p.add_argument("--out", default="docs/benchmarks.md",
-                   help="markdown file whose '" + SECTION + "' section is written or replaced; "
-                        "'-' prints it instead (default: %(default)s)")
+                   help="markdown file whose section is written or replaced; '-' prints it "
+                        "(default: %(default)s)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the grid (stage-0 runs, cells, fine-tunes) and exit")
     return p
 
 
@@ -133,40 +156,93 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in args.models:
         if name not in MODELS:
             parser.error(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
-    for kind in args.methods:
+    for kind in [*args.criteria, *(args.global_criteria or [])]:
         if kind not in IMPORTANCES:
-            parser.error(f"unknown method {kind!r}; choose from {', '.join(IMPORTANCES)}")
+            parser.error(f"unknown criterion {kind!r}; choose from {', '.join(IMPORTANCES)}")
+    for allocation in args.allocations:
+        if allocation not in ALLOCATIONS:
+            parser.error(f"unknown allocation {allocation!r}; choose from "
+                         f"{', '.join(ALLOCATIONS)}")
     if any(not 0 < t < 100 for t in args.targets):
         parser.error(f"--targets must be in (0, 100), got {args.targets}")
     args.targets = sorted(set(args.targets))
-    if args.finetune_epochs < 0 or args.baseline_epochs < 0 or args.attention_epochs < 0:
-        parser.error("epoch counts must be >= 0")
+    args.finetune_targets = sorted(set(args.finetune_targets or args.targets))
+    if not set(args.finetune_targets) <= set(args.targets):
+        parser.error("--finetune-targets must be among --targets")
+    if min(args.finetune_epochs, args.baseline_epochs, args.attention_epochs,
+           args.train_subset) < 0:
+        parser.error("epoch counts and --train-subset must be >= 0")
     if not 0 < args.step_fraction < 1:
         parser.error(f"--step-fraction must be in (0, 1), got {args.step_fraction}")
-    if args.calibration_batches < 1:
-        parser.error("--calibration-batches must be >= 1")
-    if args.bn_batches < 0:
-        parser.error("--bn-batches must be >= 0")
+    if args.calibration_batches < 1 or args.bn_batches < 1:
+        parser.error("--calibration-batches and --bn-batches must be >= 1")
     if args.overshoot < 0:
         parser.error("--overshoot must be >= 0")
+    args.cache_dir = args.cache_dir or os.path.join("runs", f"bench-importance-{args.dataset}")
     return args
+
+
+def cells_of(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(criterion, allocation) pairs: every criterion under uniform, the others as asked."""
+    wider = set(args.global_criteria or args.criteria)
+    return [(kind, allocation) for allocation in args.allocations for kind in args.criteria
+            if allocation == "uniform" or kind in wider]
 
 
 def command_line(args: argparse.Namespace) -> str:
     """The exact command, every setting spelled out."""
-    parts = ["python", "benchmarks/importance.py",
-             "--models", *args.models, "--seeds", *map(str, args.seeds),
-             "--targets", *(f"{t:g}" for t in args.targets), "--methods", *args.methods,
-             "--finetune-epochs", str(args.finetune_epochs),
-             "--finetune-lr", f"{args.finetune_lr:g}",
-             "--baseline-epochs", str(args.baseline_epochs),
-             "--attention-epochs", str(args.attention_epochs), "--lr", f"{args.lr:g}",
-             "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
-             "--step-fraction", f"{args.step_fraction:g}",
-             "--calibration-batches", str(args.calibration_batches),
-             "--bn-batches", str(args.bn_batches), "--overshoot", f"{args.overshoot:g}",
-             "--out", args.out]
+    parts = ["python", "benchmarks/importance.py", "--dataset", args.dataset]
+    if args.data_root:
+        parts += ["--data-root", args.data_root]
+    if args.image_size:
+        parts += ["--image-size", str(args.image_size)]
+    parts += ["--train-subset", str(args.train_subset), "--models", *args.models,
+              "--seeds", *map(str, args.seeds), "--targets", *(f"{t:g}" for t in args.targets),
+              "--finetune-targets", *(f"{t:g}" for t in args.finetune_targets),
+              "--criteria", *args.criteria, "--allocations", *args.allocations]
+    if args.global_criteria:
+        parts += ["--global-criteria", *args.global_criteria]
+    parts += ["--finetune-epochs", str(args.finetune_epochs),
+              "--finetune-lr", f"{args.finetune_lr:g}",
+              "--baseline-epochs", str(args.baseline_epochs),
+              "--attention-epochs", str(args.attention_epochs), "--lr", f"{args.lr:g}",
+              "--batch-size", str(args.batch_size),
+              "--step-fraction", f"{args.step_fraction:g}",
+              "--calibration-batches", str(args.calibration_batches),
+              "--bn-batches", str(args.bn_batches), "--overshoot", f"{args.overshoot:g}",
+              "--out", args.out]
     return shlex.join(parts)
+
+
+# ---------------------------------------------------------------- the cache
+
+
+def cell_key(model: str, seed: int, kind: str, allocation: str) -> str:
+    return f"{model}|{seed}|{kind}|{allocation}"
+
+
+class CellCache:
+    """Finished cells and stage-0 records in <cache-dir>/cells.json, saved after each one."""
+
+    def __init__(self, folder: str, args: argparse.Namespace) -> None:
+        self.path = os.path.join(folder, CACHE_FILE)
+        self.settings = {k: getattr(args, k) for k in CELL_SETTINGS}
+        self.data: dict = {"settings": self.settings, "prepared": {}, "cells": {}}
+        if os.path.exists(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                stored = json.load(f)
+            differs = [k for k in CELL_SETTINGS if stored["settings"].get(k) != self.settings[k]]
+            if differs:
+                raise SystemExit(f"error: {self.path} was made with other settings "
+                                 f"({', '.join(differs)} differ); pass another --cache-dir")
+            self.data = stored
+
+    def save(self) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        temp = self.path + ".tmp"
+        with open(temp, "w", encoding="utf-8") as f:
+            json.dump(self.data, f, indent=1)
+        os.replace(temp, self.path)  # an interruption never leaves a half-written cache
 
 
 # ---------------------------------------------------------------- measurements
@@ -179,6 +255,7 @@ class Snapshot:
     flops: int
     params: int
     steps: int
+    widths: dict[str, int]
 
 
 @dataclass
@@ -186,6 +263,7 @@ class Trajectory:
     snapshots: list[Snapshot] = field(default_factory=list)
     score_s: list[float] = field(default_factory=list)
     surgery_s: list[float] = field(default_factory=list)
+    bn_s: list[float] = field(default_factory=list)
     stop: str = "targets_reached"
 
 
@@ -195,79 +273,68 @@ def _graph_and_groups(model: nn.Module, spec, input_shape):
     return graph, find_groups(model, graph, spec.classifier(model), spec.stage_of)
 
 
-def prune_trajectory(model: nn.Module, model_name: str, input_shape, kind: str, seed: int,
-                     targets: Sequence[float], baseline_flops: int, runner: LocalRunner,
-                     step_fraction: float, calibration_batches: int,
-                     overshoot: float = 1.0) -> Trajectory:
-    """Prune `model` step by step (re-scoring each step, no fine-tuning) and keep a copy at
-    the first step whose FLOPs reduction reaches each target.
+def prune_trajectory(model: nn.Module, model_name: str, input_shape, kind: str,
+                     allocation: str, seed: int, targets: Sequence[float],
+                     baseline_flops: int, runner: LocalRunner, args: argparse.Namespace
+                     ) -> Trajectory:
+    """Prune `model` step by step (score, remove, re-estimate BN; no fine-tuning) and keep a
+    copy at the first step whose FLOPs reduction reaches each target.
 
-    A step that would overshoot the next target by more than `overshoot` percentage points is
-    retried on the same scores with half as many channels (down to one), so that every method
-    lands on each target within about one point (a single residual-stream channel can still
-    cost ~2 % of a CIFAR ResNet's MACs). Only the accepted attempt is timed.
+    A step that would overshoot the next target by more than `args.overshoot` points is
+    retried on the same scores with half as many channels (down to one), so every cell lands
+    on each target within about a point. Surgery time: graph build + selection + removal of
+    the accepted attempt.
     """
     spec = get_spec(model_name)
     limits = PruneLimits()
     seed_everything(seed)
     original = group_widths(_graph_and_groups(model, spec, input_shape)[1])
-    base_m = max(1, round(step_fraction * sum(original.values())))
-    flops = count_flops(model, input_shape)
+    base_m = max(1, round(args.step_fraction * sum(original.values())))
     traj = Trajectory()
     pending = list(targets)
     step = 0
     while pending:
         step += 1
-        # The groups are found again on the pruned candidate below; that build is the one
-        # timed as surgery (the library's loop builds one graph per round).
-        groups = _graph_and_groups(model, spec, input_shape)[1]
-        t1 = time.perf_counter()
-        scores = compute_scores(kind, model, groups,
-                                runner.calibration_batches(calibration_batches),
+        candidate = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        graph, groups = _graph_and_groups(candidate, spec, input_shape)
+        graph_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        scores = compute_scores(kind, candidate, groups,
+                                runner.calibration_batches(args.calibration_batches),
                                 seed=seed * 100_003 + step)
-        score_s = time.perf_counter() - t1
-        del groups
-        floor = baseline_flops * (1 - (pending[0] + overshoot) / 100)
+        score_s = time.perf_counter() - t0
+        costs = channel_macs(candidate, groups, input_shape) if allocation == "flops" else None
+        floor = baseline_flops * (1 - (pending[0] + args.overshoot) / 100)
         m = base_m
         while True:
-            candidate = copy.deepcopy(model)
-            t2 = time.perf_counter()
-            graph, groups = _graph_and_groups(candidate, spec, input_shape)
-            chosen = select_channels(groups, scores, m, limits, original)
+            t1 = time.perf_counter()
+            chosen = select_channels(groups, scores, m, limits, original, allocation, costs)
             removed = remove_channels(graph, groups, chosen) if chosen else 0
-            surgery_s = time.perf_counter() - t2
-            del graph, groups
+            surgery_s = graph_s + time.perf_counter() - t1
             new_flops = count_flops(candidate, input_shape)
             if removed and new_flops < floor and m > 1:
                 m = max(1, m // 2)  # overshoot: retry smaller on the same scores
+                candidate = copy.deepcopy(model)
+                t0 = time.perf_counter()
+                graph, groups = _graph_and_groups(candidate, spec, input_shape)
+                graph_s = time.perf_counter() - t0
                 continue
             break
-        traj.score_s.append(score_s)
-        traj.surgery_s.append(surgery_s)  # the accepted attempt only
+        del graph, groups
         if removed == 0:
             traj.stop = "nothing_prunable"
             break
-        model, flops = candidate, new_flops
-        while pending and flops <= baseline_flops * (1 - pending[0] / 100):
-            traj.snapshots.append(Snapshot(pending.pop(0), copy.deepcopy(model), flops,
-                                           count_params(model), step))
+        t2 = time.perf_counter()
+        model = runner.recalibrate_bn(candidate, args.bn_batches)  # no stale BN when re-scoring
+        traj.bn_s.append(time.perf_counter() - t2)
+        traj.score_s.append(score_s)
+        traj.surgery_s.append(surgery_s)
+        while pending and new_flops <= baseline_flops * (1 - pending[0] / 100):
+            widths = group_widths(_graph_and_groups(model, spec, input_shape)[1])
+            traj.snapshots.append(Snapshot(pending.pop(0), copy.deepcopy(model), new_flops,
+                                           count_params(model), step, widths))
     return traj
-
-
-def recalibrate_bn(model: nn.Module, runner: LocalRunner, batches: int) -> nn.Module:
-    """Re-estimate every BatchNorm's running statistics (cumulative average), no gradients."""
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.train()
-    with torch.no_grad():
-        for x in runner.calibration_batches(batches):
-            model(x.to(device))
-    model.train(was_training)
-    return model
 
 
 def timed_fit(runner: LocalRunner, model: nn.Module, epochs: int, lr: float, seed: int,
@@ -279,92 +346,101 @@ def timed_fit(runner: LocalRunner, model: nn.Module, epochs: int, lr: float, see
     return (time.perf_counter() - start) / max(epochs, 1)
 
 
-def run(args: argparse.Namespace) -> dict:
-    data_cfg = DataConfig("digits", image_size=args.image_size)
-    info = dataset_info(data_cfg)
-    input_shape = (info.channels, info.image_size, info.image_size)
-    train_set, test_set = build_datasets(data_cfg)
-    results: dict = {"settings": vars(args).copy(), "prepared": [], "trajectories": [],
-                     "points": []}
-    temp = None
-    cache_root = args.cache_dir
-    if cache_root is None:
-        temp = tempfile.TemporaryDirectory(prefix="ccpcsa-bench-")
-        cache_root = temp.name
+def make_runner(args: argparse.Namespace, seed: int) -> tuple[LocalRunner, DataConfig]:
+    data = DataConfig(args.dataset, args.data_root, args.image_size)
+    train, test = build_datasets(data)
+    calibration = build_datasets(replace(data, augment=False))[0]  # scored unaugmented
+    if args.train_subset and args.train_subset < len(train):
+        gen = torch.Generator().manual_seed(0)  # the same images for every seed
+        keep = torch.randperm(len(train), generator=gen)[:args.train_subset].tolist()
+        train, calibration = Subset(train, keep), Subset(calibration, keep)
+    cfg = TrainConfig(batch_size=args.batch_size, lr=args.lr, seed=seed)
+    return LocalRunner(train, test, cfg, calibration), data
+
+
+def run(args: argparse.Namespace, cache: CellCache) -> dict:
     started = time.perf_counter()
-    try:
-        for model_name in args.models:
-            for seed in args.seeds:
-                _run_model_seed(args, results, model_name, seed, input_shape, info.num_classes,
-                                train_set, test_set, cache_root)
-    finally:
-        if temp is not None:
-            temp.cleanup()
-    results["seconds"] = time.perf_counter() - started
-    return results
+    for model_name in args.models:
+        for seed in args.seeds:
+            todo = [c for c in cells_of(args)
+                    if cell_key(model_name, seed, *c) not in cache.data["cells"]]
+            if not todo:
+                continue
+            _run_model_seed(args, cache, model_name, seed, todo)
+    cache.data["seconds_this_run"] = time.perf_counter() - started
+    return cache.data
 
 
-def _run_model_seed(args, results, model_name, seed, input_shape, num_classes, train_set,
-                    test_set, cache_root) -> None:
-    runner = LocalRunner(train_set, test_set, TrainConfig(batch_size=args.batch_size,
-                                                          lr=args.lr, seed=seed))
-    prep_cfg = PrepareConfig(model_name, num_classes, input_shape, "digits",
+def _run_model_seed(args, cache: CellCache, model_name: str, seed: int, todo) -> None:
+    runner, data = make_runner(args, seed)
+    info = dataset_info(data)
+    input_shape = (info.channels, info.image_size, info.image_size)
+    prep_cfg = PrepareConfig(model_name, info.num_classes, input_shape, args.dataset,
                              args.baseline_epochs, args.attention_epochs, args.lr, seed)
     t = time.perf_counter()
-    prepared = prepare(prep_cfg, runner, os.path.join(cache_root, f"{model_name}-seed{seed}"))
+    prepared = prepare(prep_cfg, runner,
+                       os.path.join(args.cache_dir, f"{model_name}-seed{seed}"))
     bam_model = prepared.load_attention_model()
-    bam_flops = count_flops(bam_model, input_shape)
-    # One epoch of the unpruned BAM model: the denominator of the first (heaviest) round.
-    unpruned_epoch = timed_fit(runner, copy.deepcopy(bam_model), 1, args.finetune_lr, seed,
-                               "timing")
-    results["prepared"].append({
-        "model": model_name, "seed": seed, "baseline_accuracy": prepared.baseline_accuracy,
-        "baseline_flops": prepared.baseline_flops, "baseline_params": prepared.baseline_params,
-        "bam_accuracy": prepared.attention_accuracy, "bam_flops": bam_flops,
-        "bam_params": count_params(bam_model), "unpruned_epoch_s": unpruned_epoch})
+    spec = get_spec(model_name)
+    groups = _graph_and_groups(bam_model, spec, input_shape)[1]
+    residual = sorted(g.key for g in groups if g.is_residual)
+    record = {"model": model_name, "seed": seed, "baseline_accuracy": prepared.baseline_accuracy,
+              "baseline_flops": prepared.baseline_flops,
+              "baseline_params": prepared.baseline_params,
+              "bam_accuracy": prepared.attention_accuracy,
+              "bam_flops": count_flops(bam_model, input_shape),
+              "bam_params": count_params(bam_model), "residual_groups": residual,
+              "original_widths": group_widths(groups)}
+    cache.data["prepared"][f"{model_name}|{seed}"] = record
+    cache.save()
     _say(f"[{model_name} seed {seed}] baseline {prepared.baseline_accuracy:.2f}%, with BAM "
-         f"{prepared.attention_accuracy:.2f}% ({time.perf_counter() - t:.0f}s; one epoch "
-         f"{unpruned_epoch:.2f}s)")
-    for kind in args.methods:  # warm-up, so no method's first step pays for lazy init
-        groups = _graph_and_groups(bam_model, get_spec(model_name), input_shape)[1]
-        compute_scores(kind, bam_model, groups, runner.calibration_batches(1), seed=seed)
-    for kind in args.methods:
+         f"{prepared.attention_accuracy:.2f}% ({time.perf_counter() - t:.0f}s); "
+         f"{len(todo)} cells to run")
+    compute_scores("ccpcsa", bam_model, groups, runner.calibration_batches(1))  # warm-up
+    for kind, allocation in todo:
         t = time.perf_counter()
-        traj = prune_trajectory(copy.deepcopy(bam_model), model_name, input_shape, kind, seed,
-                                args.targets, prepared.baseline_flops, runner,
-                                args.step_fraction, args.calibration_batches, args.overshoot)
+        traj = prune_trajectory(copy.deepcopy(bam_model), model_name, input_shape, kind,
+                                allocation, seed, args.targets, prepared.baseline_flops,
+                                runner, args)
+        points = []
         epochs_s = []
         for snap in traj.snapshots:
-            before = runner.evaluate(snap.model)
-            seed_everything(seed)
-            before_bn = (runner.evaluate(recalibrate_bn(copy.deepcopy(snap.model), runner,
-                                                        args.bn_batches))
-                         if args.bn_batches else None)
-            epoch_s = timed_fit(runner, snap.model, args.finetune_epochs, args.finetune_lr,
-                                seed, f"{kind} {snap.target:g}%")
-            after = runner.evaluate(snap.model)
-            epochs_s.append(epoch_s)
-            point = {"model": model_name, "seed": seed, "method": kind,
-                     "target": snap.target, "steps": snap.steps, "flops": snap.flops,
-                     "params": snap.params,
-                     "reduction": 100 * (1 - snap.flops / prepared.baseline_flops),
-                     "reduction_vs_bam": 100 * (1 - snap.flops / bam_flops),
-                     "params_reduction": 100 * (1 - snap.params / prepared.baseline_params),
-                     "acc_before": before, "acc_before_bn": before_bn, "acc_after": after,
-                     "finetune_epoch_s": epoch_s}
-            results["points"].append(point)
-            _say(f"[{model_name} seed {seed}] {kind:>9} target {snap.target:g}%: reached "
-                 f"{point['reduction']:.1f}% after {snap.steps} steps, acc {before:.2f}% "
-                 f"(BN re-estimated {_pct(before_bn)}) -> {after:.2f}% after "
-                 f"{args.finetune_epochs} FT epochs")
+            pruned = runner.evaluate(snap.model)
+            after = None
+            if snap.target in args.finetune_targets and args.finetune_epochs:
+                epochs_s.append(timed_fit(runner, snap.model, args.finetune_epochs,
+                                          args.finetune_lr, seed,
+                                          f"{kind} {allocation} {snap.target:g}%"))
+                after = runner.evaluate(snap.model)
+            points.append({
+                "target": snap.target, "steps": snap.steps, "flops": snap.flops,
+                "params": snap.params,
+                "reduction": 100 * (1 - snap.flops / prepared.baseline_flops),
+                "params_reduction": 100 * (1 - snap.params / prepared.baseline_params),
+                "acc_pruned": pruned, "acc_after": after,
+                "residual_kept": _kept(snap.widths, record, residual),
+                "inner_kept": _kept(snap.widths, record,
+                                    [k for k in snap.widths if k not in residual])})
+            _say(f"[{model_name} seed {seed}] {kind:>9} {allocation:>7} −{snap.target:g}%: "
+                 f"reached {points[-1]['reduction']:.1f}% in {snap.steps} steps, "
+                 f"{pruned:.2f}% right after pruning -> {_pct(after)} after "
+                 f"{args.finetune_epochs} FT epochs (residual streams kept "
+                 f"{points[-1]['residual_kept']:.2f})")
         for target in args.targets[len(traj.snapshots):]:
-            _say(f"[{model_name} seed {seed}] {kind:>9} target {target:g}%: NOT reached "
-                 f"({traj.stop})")
-        results["trajectories"].append({
-            "model": model_name, "seed": seed, "method": kind, "steps": len(traj.score_s),
-            "stop": traj.stop, "score_s": traj.score_s, "surgery_s": traj.surgery_s,
+            _say(f"[{model_name} seed {seed}] {kind:>9} {allocation:>7} −{target:g}%: "
+                 f"NOT reached ({traj.stop})")
+        cache.data["cells"][cell_key(model_name, seed, kind, allocation)] = {
+            "model": model_name, "seed": seed, "method": kind, "allocation": allocation,
+            "points": points, "stop": traj.stop, "score_s": traj.score_s,
+            "surgery_s": traj.surgery_s, "bn_s": traj.bn_s,
             "finetune_epoch_s": statistics.median(epochs_s) if epochs_s else None,
-            "unpruned_epoch_s": unpruned_epoch, "seconds": time.perf_counter() - t})
+            "seconds": time.perf_counter() - t}
+        cache.save()
+
+
+def _kept(widths: dict[str, int], record: dict, keys: Sequence[str]) -> float:
+    original = record["original_widths"]
+    return statistics.fmean(widths[k] / original[k] for k in keys) if keys else float("nan")
 
 
 def _pct(value: float | None) -> str:
@@ -390,223 +466,292 @@ def machine() -> dict:
     cpu = platform.processor() or "unknown"
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+            cpu = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), cpu)
     except OSError:
         pass
-    try:
-        import torch_pruning
+    import torch_pruning
 
-        tp_version = torch_pruning.__version__
-    except (ImportError, AttributeError):
-        tp_version = "unknown"
     return {"nproc": os.cpu_count(), "cpu": cpu, "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "torch_pruning": tp_version,
+            "torch_threads": torch.get_num_threads(),
+            "torch_pruning": getattr(torch_pruning, "__version__", "unknown"),
             "python": platform.python_version(),
-            "device": "cuda" if torch.cuda.is_available() else "cpu"}
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "load": os.getloadavg()[0]}
+
+
+class Table:
+    """Per-seed values of one metric, by (model, cell, target)."""
+
+    def __init__(self, results: dict, key: str) -> None:
+        self.by: dict[tuple, dict[int, float]] = {}
+        for cell in results["cells"].values():
+            for p in cell["points"]:
+                if p.get(key) is not None:
+                    where = (cell["model"], (cell["method"], cell["allocation"]), p["target"])
+                    self.by.setdefault(where, {})[cell["seed"]] = p[key]
+
+    def values(self, model: str, cell: tuple[str, str], target: float) -> dict[int, float]:
+        return self.by.get((model, cell, target), {})
+
+    def mean(self, model: str, cell: tuple[str, str], target: float) -> float | None:
+        v = self.values(model, cell, target)
+        return statistics.fmean(v.values()) if v else None
+
+
+def paired(a: dict[int, float], b: dict[int, float]) -> tuple[float, int, int, float] | None:
+    """Mean of a - b over shared seeds, seeds where a > b, shared seeds, and the standard
+    error of that mean (0 with one seed)."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    diffs = [a[s] - b[s] for s in seeds]
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0
+    return statistics.fmean(diffs), sum(d > 0 for d in diffs), len(diffs), se
+
+
+def within_noise(diff: tuple[float, int, int, float], floor: float) -> bool:
+    """A paired difference is noise when within two standard errors, or within `floor`
+    points (two binomial standard errors of one test-split evaluation)."""
+    return abs(diff[0]) <= max(2 * diff[3], floor)
+
+
+def _label(cell: tuple[str, str]) -> str:
+    return f"{cell[0]} · {cell[1]}"
 
 
 def render(results: dict, args: argparse.Namespace, host: dict) -> str:
-    lines = [SECTION, ""]
-    lines += [
-        "Each criterion prunes the same trained BAM model (per seed) step by step — every step "
-        "re-scores the current model and physically removes the m lowest-ranked channels "
-        f"(m = {args.step_fraction:.0%} of the original prunable channels, smaller near a "
-        "target), with **no fine-tuning between steps** — and stops at the first step whose "
-        "FLOPs reduction reaches the target. FLOPs are MACs, the reduction is relative to the "
-        "**baseline model without BAM** (as in the paper's tables); the pruned models keep "
-        "their BAM modules and those are counted. Each snapshot is then fine-tuned "
+    section = SECTIONS[args.dataset]
+    test_images = results.get("test_images", 0)
+    cells = cells_of(args)
+    pruned, after = Table(results, "acc_pruned"), Table(results, "acc_after")
+    lines = [section, "", (
+        f"Every cell (criterion · allocation) prunes the same trained BAM model per seed, step "
+        f"by step: score on {args.calibration_batches} random unaugmented training batches, "
+        f"remove m channels (m = {args.step_fraction:.0%} of the prunable channels, smaller "
+        f"near a target), re-estimate BatchNorm on {args.bn_batches} training batches; no "
+        "fine-tuning between steps. At the first step past each FLOPs target (MACs, relative "
+        "to the baseline without BAM; BAM is kept and counted) the model is evaluated on the "
+        f"whole test split ({test_images} images) — *right after pruning* — and at "
+        f"{', '.join(f'−{t:g} %' for t in args.finetune_targets)} also fine-tuned "
         f"{args.finetune_epochs} epochs (SGD lr {args.finetune_lr:g}, cosine, the same data "
-        "order for every method) and evaluated on the 360-image digits test split. "
-        f"Cells: top-1 % after fine-tuning, mean ± std over seeds {args.seeds} "
-        "(in parentheses: right after pruning, before fine-tuning). Bold: best mean after "
-        "fine-tuning in its column.",
-        "",
-    ]
-    points = results["points"]
+        "order in every cell) and evaluated again. Allocation: *uniform* = every layer the "
+        "same fraction of its width, the criterion ranks channels within a layer; *global* "
+        "= the lowest mean-normalised scores over all layers (LAMP: its own normaliser); "
+        "*flops* = global, per MAC saved. Baselines are Torch-Pruning's importances. Cells: "
+        f"mean ± std over seeds {args.seeds}; bold = best mean in the column."), ""]
+    if args.train_subset:
+        lines += [f"**Reduced run:** stage 0 and fine-tuning train on a fixed random "
+                  f"{args.train_subset} of the training images (the test split is whole), "
+                  "so absolute accuracies are below full-data training; the comparison "
+                  "between cells is what is measured.", ""]
     for model_name in args.models:
-        prep = [p for p in results["prepared"] if p["model"] == model_name]
+        prep = [p for k, p in results["prepared"].items() if k.split("|")[0] == model_name
+                and int(k.split("|")[1]) in args.seeds]
         if not prep:
             continue
-        lines += [f"### {model_name}", ""]
-        lines.append(
-            f"Baseline {_ms([p['baseline_accuracy'] for p in prep])} % top-1, "
-            f"{prep[0]['baseline_flops'] / 1e6:.2f} M MACs, "
-            f"{prep[0]['baseline_params'] / 1e6:.3f} M params; with BAM "
-            f"{_ms([p['bam_accuracy'] for p in prep])} %, {prep[0]['bam_flops'] / 1e6:.2f} M "
-            f"MACs, {prep[0]['bam_params'] / 1e6:.3f} M params (input 3×{args.image_size}×"
-            f"{args.image_size}).")
-        lines.append("")
-        header = "| method | " + " | ".join(f"−{t:g} % FLOPs" for t in args.targets) + " |"
-        rule = "|---" * (len(args.targets) + 1) + "|"
-        lines += [header, rule]
-        lines += _accuracy_rows(points, model_name, args, "acc_after", "acc_before")
-        if any(p.get("acc_before_bn") is not None for p in points):
-            lines += ["", f"Right after pruning, before fine-tuning, with BatchNorm statistics "
-                      f"re-estimated on {args.bn_batches} training batches (no weight update; "
-                      "this separates which channels were kept from the stale statistics "
-                      "that drag the raw numbers in parentheses above down). Bold: best mean.",
-                      "", header, rule]
-            lines += _accuracy_rows(points, model_name, args, "acc_before_bn", None)
-        lines += ["", "Achieved FLOPs reduction vs the baseline, mean (min–max) over seeds; "
-                  "params reduction in brackets:", ""]
-        lines += [header.replace("−", "target −"), "|---" * (len(args.targets) + 1) + "|"]
-        for kind in args.methods:
-            cells = []
-            for t in args.targets:
-                red = _values(points, model_name, kind, t, "reduction")
-                par = _values(points, model_name, kind, t, "params_reduction")
-                cells.append(f"{statistics.fmean(red):.1f} % ({min(red):.1f}–{max(red):.1f}) "
-                             f"[{statistics.fmean(par):.1f} %]" if red else "n/a")
-            lines.append(f"| {kind} | " + " | ".join(cells) + " |")
-        lines.append("")
-    lines += _timing_table(results, args)
-    lines += _summary(results, args)
+        lines += [f"### {model_name}", "",
+                  f"Baseline {_ms([p['baseline_accuracy'] for p in prep])} % top-1, "
+                  f"{prep[0]['baseline_flops'] / 1e6:.2f} M MACs, "
+                  f"{prep[0]['baseline_params'] / 1e6:.3f} M params; with BAM "
+                  f"{_ms([p['bam_accuracy'] for p in prep])} %, "
+                  f"{prep[0]['bam_flops'] / 1e6:.2f} M MACs.", ""]
+        if args.finetune_epochs:
+            lines += [f"After {args.finetune_epochs} fine-tune epochs:", ""]
+            lines += _accuracy_table(after, model_name, cells, args.finetune_targets)
+        lines += ["Right after pruning (BatchNorm re-estimated, no fine-tuning):", ""]
+        lines += _accuracy_table(pruned, model_name, cells, args.targets)
+        lines += _paired_table(after if args.finetune_epochs else pruned, model_name, cells,
+                               args.finetune_targets if args.finetune_epochs else args.targets,
+                               test_images)
+        lines += _structure_table(results, model_name, cells, args)
+    lines += _timing_table(results, args, cells)
+    lines += _summary(results, args, cells, pruned, after, test_images)
     lines += [
-        "### How it was run", "",
-        "```", command_line(args), "```", "",
+        "### How it was run", "", "```", command_line(args), "```", "",
         f"Machine: {host['nproc']} CPU cores ({host['cpu']}), {host['device']}, torch "
         f"{host['torch']} ({host['torch_threads']} threads), torch-pruning "
-        f"{host['torch_pruning']}, Python {host['python']}. Wall time of the whole run: "
-        f"{results['seconds'] / 60:.1f} min.",
-        "",
-    ]
+        f"{host['torch_pruning']}, Python {host['python']}; load average at the end "
+        f"{host['load']:.1f}. Sum of the cells' wall times: "
+        f"{sum(c['seconds'] for c in results['cells'].values()) / 60:.1f} min (stage 0 "
+        "not included; cells resumed from the cache keep their original times).", ""]
     return "\n".join(lines)
 
 
-def _values(points, model_name, kind, target, key) -> list[float]:
-    return [p[key] for p in points if p["model"] == model_name and p["method"] == kind
-            and p["target"] == target and p.get(key) is not None]
+def _accuracy_table(table: Table, model: str, cells, targets) -> list[str]:
+    lines = ["| criterion · allocation | " + " | ".join(f"−{t:g} % FLOPs" for t in targets)
+             + " |", "|---" * (len(targets) + 1) + "|"]
+    best = {t: max((c for c in cells if table.mean(model, c, t) is not None),
+                   key=lambda c, t=t: table.mean(model, c, t), default=None) for t in targets}
+    for cell in cells:
+        row = []
+        for t in targets:
+            values = list(table.values(model, cell, t).values())
+            text = _ms(values) if values else "not reached"
+            row.append(f"**{text}**" if best[t] == cell and values else text)
+        lines.append(f"| {_label(cell)} | " + " | ".join(row) + " |")
+    return [*lines, ""]
 
 
-def _accuracy_rows(points, model_name, args, key: str, paren: str | None) -> list[str]:
-    """One row per method: mean ± std of `key` (best mean in bold), `paren` in brackets."""
-    best = {}
-    for t in args.targets:
-        means = {k: statistics.fmean(v) for k in args.methods
-                 if (v := _values(points, model_name, k, t, key))}
-        best[t] = max(means, key=means.get) if means else None
-    rows = []
-    for kind in args.methods:
-        cells = []
-        for t in args.targets:
-            values = _values(points, model_name, kind, t, key)
-            if not values:
-                cells.append("not reached")
+def _paired_table(table: Table, model: str, cells, targets, test_images: int) -> list[str]:
+    """The default configuration against every other cell, seed by seed."""
+    if DEFAULT_CELL not in cells:
+        return []
+    lines = [f"Paired per seed: {_label(DEFAULT_CELL)} minus each cell, mean difference in "
+             "points (seeds where it is ahead / seeds); *noise* = within two standard errors "
+             f"of the paired difference or within {_floor(test_images):.2f} points:", "",
+             "| cell | " + " | ".join(f"−{t:g} %" for t in targets) + " |",
+             "|---" * (len(targets) + 1) + "|"]
+    for cell in cells:
+        if cell == DEFAULT_CELL:
+            continue
+        row = []
+        for t in targets:
+            diff = paired(table.values(model, DEFAULT_CELL, t), table.values(model, cell, t))
+            if diff is None:
+                row.append("n/a")
                 continue
-            text = _ms(values)
-            if best[t] == kind:
-                text = f"**{text}**"
-            if paren:
-                text += f" ({_ms(_values(points, model_name, kind, t, paren))})"
-            cells.append(text)
-        rows.append(f"| {kind} | " + " | ".join(cells) + " |")
-    return rows
+            noise = " noise" if within_noise(diff, _floor(test_images)) else ""
+            row.append(f"{diff[0]:+.2f} ({diff[1]}/{diff[2]}){noise}")
+        lines.append(f"| {_label(cell)} | " + " | ".join(row) + " |")
+    return [*lines, ""]
 
 
-def _timing_table(results: dict, args: argparse.Namespace) -> list[str]:
-    lines = [
-        "### Time of scoring + surgery vs one fine-tune epoch", "",
-        "Per pruning step: scoring = `compute_scores` (calibration forward passes for the "
-        f"data-driven criteria, {args.calibration_batches} batches of {args.batch_size}); "
-        "surgery = dependency-graph build + `find_groups` + `select_channels` + "
-        "`remove_channels`. FLOPs bookkeeping is excluded. Per seed the medians over the "
-        "trajectory's steps are taken (the CPU was shared, medians resist the stalls); "
-        "*step / epoch* divides the median step by the median fine-tune epoch of the "
-        "pruned models of the same method and seed; *first step / unpruned epoch* divides "
-        "the first (heaviest) step by one epoch of the unpruned BAM model. Target: "
-        f"< {OVERHEAD_TARGET:g} %. Mean ± std over seeds.", "",
-        "| model | method | steps to reach all targets | score ms / step | surgery ms / step "
-        "| FT epoch s | step / epoch | first step / unpruned epoch |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+def _structure_table(results: dict, model: str, cells, args) -> list[str]:
+    target = args.targets[len(args.targets) // 2]
+    lines = [f"At −{target:g} %: achieved FLOPs reduction (mean, min–max over seeds) and "
+             "mean fraction of channels kept in residual streams vs inner layers:", "",
+             "| cell | FLOPs↓ % | residual kept | inner kept |", "|---|---|---|---|"]
+    for cell in cells:
+        points = [p for c in results["cells"].values() if c["model"] == model
+                  and (c["method"], c["allocation"]) == cell and c["seed"] in args.seeds
+                  for p in c["points"] if p["target"] == target]
+        if not points:
+            continue
+        red = [p["reduction"] for p in points]
+        lines.append(f"| {_label(cell)} | {statistics.fmean(red):.1f} ({min(red):.1f}–"
+                     f"{max(red):.1f}) | {statistics.fmean(p['residual_kept'] for p in points):.2f}"
+                     f" | {statistics.fmean(p['inner_kept'] for p in points):.2f} |")
+    return [*lines, ""]
+
+
+def _timing_table(results: dict, args, cells) -> list[str]:
+    lines = ["### Time per pruning step", "",
+             f"Per step: scoring ({args.calibration_batches} calibration batches of "
+             f"{args.batch_size}; taylor adds a backward pass), surgery (graph + selection + "
+             f"removal), BatchNorm re-estimation ({args.bn_batches} batches); medians over the "
+             "steps, mean over seeds; *step / epoch* = (score + surgery) over one fine-tune "
+             "epoch of the same cell. The CPU was shared: indicative only.", "",
+             "| model | cell | steps | score ms | surgery ms | BN ms | FT epoch s "
+             "| step / epoch |", "|---|---|---|---|---|---|---|---|"]
     for model_name in args.models:
-        for kind in args.methods:
-            trajs = [t for t in results["trajectories"]
-                     if t["model"] == model_name and t["method"] == kind]
-            if not trajs:
+        for cell in cells:
+            found = [c for c in results["cells"].values() if c["model"] == model_name
+                     and (c["method"], c["allocation"]) == cell and c["seed"] in args.seeds
+                     and c["score_s"]]
+            if not found:
                 continue
-            steps = [t["steps"] for t in trajs]
-            score = [1000 * statistics.median(t["score_s"]) for t in trajs]
-            surgery = [1000 * statistics.median(t["surgery_s"]) for t in trajs]
-            epoch = [t["finetune_epoch_s"] for t in trajs if t["finetune_epoch_s"]]
-            step_ratio = [100 * statistics.median(a + b for a, b in zip(t["score_s"],
-                                                                        t["surgery_s"],
-                                                                        strict=True))
-                          / t["finetune_epoch_s"] for t in trajs if t["finetune_epoch_s"]]
-            first_ratio = [100 * (t["score_s"][0] + t["surgery_s"][0]) / t["unpruned_epoch_s"]
-                           for t in trajs]
-            lines.append(f"| {model_name} | {kind} | {_ms(steps, 1)} | {_ms(score, 0)} | "
-                         f"{_ms(surgery, 0)} | {_ms(epoch)} | {_ms(step_ratio, 1)} % | "
-                         f"{_ms(first_ratio, 1)} % |")
-    lines.append("")
-    return lines
+            med = {k: [1000 * statistics.median(c[k]) for c in found]
+                   for k in ("score_s", "surgery_s", "bn_s")}
+            epoch = [c["finetune_epoch_s"] for c in found if c["finetune_epoch_s"]]
+            ratio = [100 * statistics.median(a + b for a, b in zip(c["score_s"], c["surgery_s"],
+                                                                   strict=True))
+                     / c["finetune_epoch_s"] for c in found if c["finetune_epoch_s"]]
+            lines.append(f"| {model_name} | {_label(cell)} | "
+                         f"{statistics.fmean(len(c['score_s']) for c in found):.0f} | "
+                         f"{_ms(med['score_s'], 0)} | {_ms(med['surgery_s'], 0)} | "
+                         f"{_ms(med['bn_s'], 0)} | {_ms(epoch)} | {_ms(ratio, 1)} % |")
+    return [*lines, ""]
 
 
-def _summary(results: dict, args: argparse.Namespace) -> list[str]:
+def _floor(test_images: int) -> float:
+    """Two binomial standard errors of one evaluation at 90 % accuracy, in points."""
+    return 2 * 100 * (0.9 * 0.1 / max(test_images, 1)) ** 0.5
+
+
+def _summary(results, args, cells, pruned: Table, after: Table, test_images: int
+             ) -> list[str]:
     """Generated from the numbers above, so a re-run cannot leave a stale conclusion."""
-    noise = 100 / TEST_IMAGES
-    lines = ["### What won", ""]
-    points = results["points"]
+    table = after if args.finetune_epochs else pruned
+    targets = args.finetune_targets if args.finetune_epochs else args.targets
+    when = "after fine-tuning" if args.finetune_epochs else "right after pruning"
+    floor = _floor(test_images)
+    lines = ["### What the numbers say", ""]
     for model_name in args.models:
-        parts = []
-        for t in args.targets:
-            ranked = sorted(((statistics.fmean(v), k) for k in args.methods
-                             if (v := _values(points, model_name, k, t, "acc_after"))),
-                            reverse=True)
-            key = ("acc_before_bn" if _values(points, model_name, args.methods[0], t,
-                                              "acc_before_bn") else "acc_before")
-            ranked_before = sorted(((statistics.fmean(v), k) for k in args.methods
-                                    if (v := _values(points, model_name, k, t, key))),
-                                   reverse=True)
+        for t in targets:
+            ranked = sorted((c for c in cells if table.mean(model_name, c, t) is not None),
+                            key=lambda c, t=t: -table.mean(model_name, c, t))
             if not ranked:
                 continue
-            (top, winner), rest = ranked[0], ranked[1:]
-            if rest:
-                gap = top - rest[0][0]
-                verdict = ("a clear margin" if gap > 1.0 else
-                           "within noise, ≤ 1 point")
-                text = (f"−{t:g} %: {winner} {top:.2f} %, ahead of {rest[0][1]} by "
-                        f"{gap:.2f} points ({verdict})")
-            else:
-                text = f"−{t:g} %: {winner} {top:.2f} %"
-            if ranked_before:
-                how = " (BN re-estimated)" if key == "acc_before_bn" else ""
-                text += (f"; before fine-tuning{how} {ranked_before[0][1]} led "
-                         f"({ranked_before[0][0]:.2f} %)")
-            parts.append(text)
-        if parts:
-            lines.append(f"- **{model_name}** after fine-tuning — " + "; ".join(parts) + ".")
-    lines += [
-        "",
-        f"Caveats: the digits test split has {TEST_IMAGES} images, so one image is "
-        f"{noise:.2f} points and differences within about one point (or within the seed std) "
-        "are noise. Digits are an easy 10-class task at 16×16 pixels, where even heavily "
-        "pruned ResNets recover most accuracy in a few epochs, so the after-fine-tuning "
-        "columns compress the differences between criteria; the before-fine-tuning numbers "
-        "show the criterion's quality more directly. A digits epoch (1437 images) is tiny, "
-        "so the overhead ratios are pessimistic: scoring streams a fixed number of "
-        "calibration batches and the graph build is independent of the data set, while an "
-        "epoch on CIFAR or ImageNet is 35–900× longer. Timings were taken on a shared "
-        "CPU and are indicative only.",
-        "",
-    ]
+            best = ranked[0]
+            text = (f"- **{model_name}, −{t:g} %** {when}: best {_label(best)} "
+                    f"{table.mean(model_name, best, t):.2f} %")
+            if DEFAULT_CELL in ranked and best != DEFAULT_CELL:
+                diff = paired(table.values(model_name, DEFAULT_CELL, t),
+                              table.values(model_name, best, t))
+                verdict = "within noise of" if within_noise(diff, floor) else "below"
+                text += (f"; the default {_label(DEFAULT_CELL)} "
+                         f"{table.mean(model_name, DEFAULT_CELL, t):.2f} % is {verdict} it "
+                         f"({diff[0]:+.2f}, ahead on {diff[1]}/{diff[2]} seeds)")
+            elif best == DEFAULT_CELL:
+                text += " (the default)"
+            random_cell = ("random", DEFAULT_CELL[1])
+            diff = paired(table.values(model_name, DEFAULT_CELL, t),
+                          table.values(model_name, random_cell, t))
+            if diff:
+                text += (f"; default vs {_label(random_cell)}: {diff[0]:+.2f}, ahead on "
+                         f"{diff[1]}/{diff[2]} seeds")
+            lines.append(text + ".")
+    lines += ["", *_correlation_verdict(cells, args, pruned, after, floor), ""]
     return lines
 
 
-def write_section(path: str, text: str) -> None:
-    """Write `text` (starting with SECTION) into `path`, replacing only that section."""
-    sections.write_section(path, SECTION, text)
+def _correlation_verdict(cells, args, pruned: Table, after: Table, floor: float) -> list[str]:
+    """Does a redundancy term help over attention-weighted strength alone? Paired, per
+    model x target, for every correlation variant under uniform allocation."""
+    lines = []
+    strength = ("strength", "uniform")
+    if strength not in cells:
+        return lines
+    for kind in CORRELATION_VARIANTS:
+        cell = (kind, "uniform")
+        if cell not in cells:
+            continue
+        for name, table, targets in (("after fine-tuning", after, args.finetune_targets),
+                                     ("right after pruning", pruned, args.targets)):
+            diffs = [d for m in args.models for t in targets
+                     if (d := paired(table.values(m, cell, t), table.values(m, strength, t)))]
+            if not diffs:
+                continue
+            better = sum(d[0] > 0 and not within_noise(d, floor) for d in diffs)
+            worse = sum(d[0] < 0 and not within_noise(d, floor) for d in diffs)
+            mean = statistics.fmean(d[0] for d in diffs)
+            lines.append(f"- {kind} vs strength alone ({name}, uniform, {len(diffs)} model × "
+                         f"target settings): mean {mean:+.2f} points; better beyond noise in "
+                         f"{better}, worse beyond noise in {worse}, within noise in "
+                         f"{len(diffs) - better - worse}.")
+    return lines
+
+
+def write_section(path: str, heading: str, text: str) -> None:
+    """Write `text` (starting with `heading`) into `path`, replacing only that section."""
+    sections.write_section(path, heading, text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    cells = cells_of(args)
+    runs = len(args.models) * len(args.seeds)
+    finetunes = runs * len(cells) * len(args.finetune_targets) * bool(args.finetune_epochs)
+    _say(f"{runs} stage-0 runs, {runs * len(cells)} cells "
+         f"({len(cells)} per model and seed: {', '.join(map(_label, cells))}), "
+         f"{finetunes} fine-tunes of {args.finetune_epochs} epochs; cache {args.cache_dir}")
+    if args.dry_run:
+        return 0
+    cache = CellCache(args.cache_dir, args)
+    results = run(args, cache)
     host = machine()
-    _say(f"benchmarking {', '.join(args.methods)} on {', '.join(args.models)}, seeds "
-         f"{args.seeds}, targets {args.targets} ({host['nproc']} cores, torch {host['torch']})")
-    results = run(args)
+    results["test_images"] = len(make_runner(args, 0)[0].test_set)
     results["machine"] = host
     text = render(results, args, host)
     if args.json:
@@ -616,13 +761,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out == "-":
         print(text)
     else:
-        write_section(args.out, text)
-        _say(f"wrote the '{SECTION}' section of {args.out} ({results['seconds'] / 60:.1f} min)")
+        write_section(args.out, SECTIONS[args.dataset], text)
+        _say(f"wrote the '{SECTIONS[args.dataset]}' section of {args.out}")
     return 0
 
 
-__all__ = ["Snapshot", "Trajectory", "build_parser", "main", "prune_trajectory", "render",
-           "run", "write_section"]
+__all__ = ["CellCache", "Snapshot", "Trajectory", "build_parser", "cells_of", "main",
+           "paired", "prune_trajectory", "render", "run", "write_section"]
 
 if __name__ == "__main__":
     sys.exit(main())
