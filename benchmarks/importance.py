@@ -63,6 +63,10 @@ SECTIONS = {"digits": "## Importance criteria at equal FLOPs",
 DEFAULT_CELL = ("ccpcsa", "uniform")  # the library's default configuration
 CORRELATION_VARIANTS = ("ccpcsa", "maxcorr", "dedup")  # strength x a redundancy term
 CACHE_FILE = "cells.json"
+# The default grid is reduced to about 3 h on 2 idle cores (docs/benchmarks.md): global
+# allocation for the criteria that answer the allocation question, LAMP (whose normaliser
+# only matters globally) and random.
+REDUCED_GLOBAL = ("ccpcsa", "strength", "l1", "lamp", "random")
 # Settings that change what a cell measures; a cache made with others is refused.
 CELL_SETTINGS = ("dataset", "data_root", "image_size", "train_subset", "targets",
                  "finetune_targets", "finetune_epochs", "finetune_lr", "baseline_epochs",
@@ -86,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fashion-mnist folder (default: /usr/share/datasets/fashion-mnist)")
     p.add_argument("--image-size", type=int, default=None,
                    help="input side in pixels (default: the dataset's, 28 / digits 16)")
-    p.add_argument("--train-subset", type=int, default=0, metavar="N",
+    p.add_argument("--train-subset", type=int, default=6000, metavar="N",
                    help="train and fine-tune on a fixed random N images of the training "
                         "split (the same for every seed and cell; 0 = all); the test split "
                         "is always whole (default: %(default)s)")
@@ -98,26 +102,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", nargs="+", type=float, default=[30.0, 50.0, 70.0],
                    help="FLOPs reductions in percent of the baseline (no-BAM) model's MACs "
                         "(default: %(default)s)")
-    p.add_argument("--finetune-targets", nargs="+", type=float, default=None,
-                   help="targets whose snapshots are also fine-tuned (default: every target)")
+    p.add_argument("--finetune-targets", nargs="+", type=_target_or_all, default=[50.0, 70.0],
+                   help="targets whose snapshots are also fine-tuned; 'all' = every target "
+                        "(default: %(default)s)")
     p.add_argument("--criteria", nargs="+", default=list(IMPORTANCES),
                    help=f"importance criteria, any of {', '.join(IMPORTANCES)} "
                         "(default: all)")
     p.add_argument("--allocations", nargs="+", default=["uniform", "global"],
                    help=f"allocation policies, any of {', '.join(ALLOCATIONS)} "
                         "(default: %(default)s)")
-    p.add_argument("--global-criteria", nargs="+", default=None,
-                   help="run the allocations other than uniform only for these criteria "
-                        "(default: every criterion under every allocation)")
-    p.add_argument("--finetune-epochs", type=int, default=2,
+    p.add_argument("--global-criteria", nargs="+", default=list(REDUCED_GLOBAL),
+                   help="run the allocations other than uniform only for these criteria; "
+                        "'all' = every criterion (default: %(default)s)")
+    p.add_argument("--finetune-epochs", type=int, default=1,
                    help="fine-tune epochs at each fine-tune target, identical for every cell "
                         "(default: %(default)s)")
     p.add_argument("--finetune-lr", type=float, default=0.01,
                    help="SGD learning rate of that fine-tune, cosine-annealed "
                         "(default: %(default)s)")
-    p.add_argument("--baseline-epochs", type=int, default=15,
+    p.add_argument("--baseline-epochs", type=int, default=10,
                    help="step 1: epochs to train the model without BAM (default: %(default)s)")
-    p.add_argument("--attention-epochs", type=int, default=5,
+    p.add_argument("--attention-epochs", type=int, default=3,
                    help="step 2: epochs to train the model with BAM (default: %(default)s)")
     p.add_argument("--lr", type=float, default=0.05,
                    help="SGD learning rate of steps 1-2 (default: %(default)s)")
@@ -150,13 +155,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _target_or_all(text: str) -> float | str:
+    return "all" if text == "all" else float(text)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     for name in args.models:
         if name not in MODELS:
             parser.error(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
-    for kind in [*args.criteria, *(args.global_criteria or [])]:
+    if args.global_criteria == ["all"]:
+        args.global_criteria = list(args.criteria)
+    for kind in [*args.criteria, *args.global_criteria]:
         if kind not in IMPORTANCES:
             parser.error(f"unknown criterion {kind!r}; choose from {', '.join(IMPORTANCES)}")
     for allocation in args.allocations:
@@ -166,7 +177,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if any(not 0 < t < 100 for t in args.targets):
         parser.error(f"--targets must be in (0, 100), got {args.targets}")
     args.targets = sorted(set(args.targets))
-    args.finetune_targets = sorted(set(args.finetune_targets or args.targets))
+    if "all" in args.finetune_targets:
+        args.finetune_targets = list(args.targets)
+    args.finetune_targets = sorted(set(args.finetune_targets))
     if not set(args.finetune_targets) <= set(args.targets):
         parser.error("--finetune-targets must be among --targets")
     if min(args.finetune_epochs, args.baseline_epochs, args.attention_epochs,
@@ -184,7 +197,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def cells_of(args: argparse.Namespace) -> list[tuple[str, str]]:
     """(criterion, allocation) pairs: every criterion under uniform, the others as asked."""
-    wider = set(args.global_criteria or args.criteria)
+    wider = set(args.global_criteria)
     return [(kind, allocation) for allocation in args.allocations for kind in args.criteria
             if allocation == "uniform" or kind in wider]
 
@@ -200,8 +213,7 @@ def command_line(args: argparse.Namespace) -> str:
               "--seeds", *map(str, args.seeds), "--targets", *(f"{t:g}" for t in args.targets),
               "--finetune-targets", *(f"{t:g}" for t in args.finetune_targets),
               "--criteria", *args.criteria, "--allocations", *args.allocations]
-    if args.global_criteria:
-        parts += ["--global-criteria", *args.global_criteria]
+    parts += ["--global-criteria", *args.global_criteria]
     parts += ["--finetune-epochs", str(args.finetune_epochs),
               "--finetune-lr", f"{args.finetune_lr:g}",
               "--baseline-epochs", str(args.baseline_epochs),
@@ -540,11 +552,7 @@ def render(results: dict, args: argparse.Namespace, host: dict) -> str:
         "= the lowest mean-normalised scores over all layers (LAMP: its own normaliser); "
         "*flops* = global, per MAC saved. Baselines are Torch-Pruning's importances. Cells: "
         f"mean ± std over seeds {args.seeds}; bold = best mean in the column."), ""]
-    if args.train_subset:
-        lines += [f"**Reduced run:** stage 0 and fine-tuning train on a fixed random "
-                  f"{args.train_subset} of the training images (the test split is whole), "
-                  "so absolute accuracies are below full-data training; the comparison "
-                  "between cells is what is measured.", ""]
+    lines += _reductions(results, args)
     for model_name in args.models:
         prep = [p for k, p in results["prepared"].items() if k.split("|")[0] == model_name
                 and int(k.split("|")[1]) in args.seeds]
@@ -576,6 +584,26 @@ def render(results: dict, args: argparse.Namespace, host: dict) -> str:
         f"{sum(c['seconds'] for c in results['cells'].values()) / 60:.1f} min (stage 0 "
         "not included; cells resumed from the cache keep their original times).", ""]
     return "\n".join(lines)
+
+
+def _reductions(results: dict, args: argparse.Namespace) -> list[str]:
+    """What this run leaves out of the full grid, said where its numbers are."""
+    cut = []
+    if results.get("train_images", 0) < results.get("train_split", 0):
+        cut.append(f"stage 0 and fine-tuning train on a fixed random {results['train_images']} "
+                   f"of the {results['train_split']} training images (the test split is "
+                   "whole), so absolute accuracies are below full-data training")
+    others = [a for a in args.allocations if a != "uniform"]
+    if others and set(args.global_criteria) != set(args.criteria):
+        cut.append(f"{' and '.join(others)} allocation only for "
+                   f"{', '.join(args.global_criteria)}")
+    if args.finetune_targets != args.targets and args.finetune_epochs:
+        cut.append("fine-tuning only at " + ", ".join(f"−{t:g} %" for t in
+                                                       args.finetune_targets))
+    if not cut:
+        return []
+    return ["**Reduced grid** (to fit about 3 h on 2 cores): " + "; ".join(cut) + ". The "
+            "comparison between cells, on equal terms, is what is measured.", ""]
 
 
 def _accuracy_table(table: Table, model: str, cells, targets) -> list[str]:
@@ -751,7 +779,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     cache = CellCache(args.cache_dir, args)
     results = run(args, cache)
     host = machine()
-    results["test_images"] = len(make_runner(args, 0)[0].test_set)
+    runner = make_runner(args, 0)[0]
+    results["test_images"] = len(runner.test_set)
+    results["train_images"] = len(runner.train_set)
+    results["train_split"] = len(build_datasets(DataConfig(args.dataset, args.data_root,
+                                                           args.image_size))[0])
     results["machine"] = host
     text = render(results, args, host)
     if args.json:
