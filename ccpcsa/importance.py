@@ -31,8 +31,11 @@ random = RandomImportance (seeded).
 Every result is normalised per group by its mean (LAMP keeps its own normaliser, its point),
 which only matters to the global allocation policies (prune.select_channels).
 
-Default: `ccpcsa` until the Fashion-MNIST benchmark (benchmarks/importance.py) decides; see
-README.md "Our decisions" for the numbers.
+Default: `ccpcsa`, provisionally, until the Fashion-MNIST benchmark (benchmarks/importance.py,
+docs/benchmarks.md) decides. A preliminary run (resnet20, 3 seeds, 10,000 training images,
+uniform allocation, BN re-estimated, no fine-tuning) gave at -50 / -70 % FLOPs: ccpcsa
+59.8 / 29.6 %, strength 56.7 / 34.7 %, maxcorr 32.9 / 18.2 %, random 39.7 / 30.7 %: the
+redundancy term was within noise of strength alone, i.e. not shown to help (README.md).
 """
 
 from __future__ import annotations
