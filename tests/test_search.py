@@ -248,7 +248,8 @@ def _brute_force_pareto(accuracy: list[float], flops: list[int]) -> list[bool]:
     ("m_range: []\n", [], ["m_range"]),
     (None, ["--cap-range", "0.8,0.2"], ["cap_range", "0.8", "0.2"]),
     (None, ["--num-samples", "0"], ["num_samples", "0"]),
-], ids=["unknown-yaml-key", "empty-range", "low-above-high", "zero-samples"])
+    (None, ["--allocation", "magic"], ["allocation", "magic"]),
+], ids=["unknown-yaml-key", "empty-range", "low-above-high", "zero-samples", "allocation"])
 def test_bad_config_is_one_line_before_ray(tmp_path, yaml_text, flags, names):
     args = ["--storage", str(tmp_path / "runs"), "--name", "bad", *flags]
     if yaml_text is not None:
