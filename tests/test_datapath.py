@@ -214,8 +214,9 @@ def test_calibration_batches_cover_the_classes(ray_cluster, parquet_root, tmp_pa
     assert _classes(pairs[0][1]) >= HALF
     labels = [y.tolist() for _, y in pairs]
     assert labels == [y.tolist() for _, y in runner.parquet_calibration(2)]  # the same draw
-    images = [x for x in runner.calibration_batches(2)]  # the Runner interface: images only
-    assert all(torch.equal(a, b) for a, b in zip(images, [x for x, _ in pairs], strict=True))
+    through_runner = list(runner.calibration_batches(2))  # the Runner interface: the same pairs
+    assert all(torch.equal(a, b) and torch.equal(ya, yb)
+               for (a, ya), (b, yb) in zip(through_runner, pairs, strict=True))
     # drawn across the split: 4 random row groups of 8 rows, from more than one shard
     pieces = calibration_pieces(shard_index(str(parquet_root), "train"), 2 * BATCH, 0)
     assert sum(p.rows for p in pieces) == 2 * BATCH and len({p.path for p in pieces}) > 1
