@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ccpcsa import storage
-from ccpcsa.models import build_model
+from ccpcsa.models import build_model, get_spec
 
 FORMAT = "ccpcsa-checkpoint/1"
 
@@ -57,14 +57,36 @@ def save_checkpoint(model: nn.Module, info: CheckpointInfo, path: str) -> str:
 
 
 def read_payload(path: str) -> dict[str, Any]:
+    """The checkpoint's plain-data payload; CheckpointError naming the file if it is missing,
+    unreadable, truncated, not a torch file, or not in this format."""
     try:
         raw = storage.read_bytes(path)
     except (OSError, FileNotFoundError) as exc:
         raise CheckpointError(f"cannot read checkpoint {path!r}: {exc}") from None
-    payload = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    if not raw:
+        raise CheckpointError(f"{path!r} is empty, not a checkpoint")
+    try:
+        payload = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, KeyError..
+        raise CheckpointError(f"{path!r} is not a readable checkpoint (truncated, or not a "
+                              f"file torch.save wrote): {_one_line(exc)}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path!r} is not a ccpcsa checkpoint (expected format {FORMAT})")
+    missing = [k for k in _PAYLOAD_KEYS if k not in payload]
+    if missing:
+        raise CheckpointError(f"{path!r} lacks {', '.join(missing)}: not a complete checkpoint")
+    if not isinstance(payload["state_dict"], dict):
+        raise CheckpointError(f"{path!r}: state_dict is a {type(payload['state_dict']).__name__}"
+                              ", not a dict of tensors")
     return payload
+
+
+_PAYLOAD_KEYS = ("model", "num_classes", "with_bam", "input_shape", "state_dict")
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 def info_of(payload: dict[str, Any]) -> CheckpointInfo:
@@ -79,17 +101,28 @@ def info_of(payload: dict[str, Any]) -> CheckpointInfo:
     )
 
 
-def model_from_payload(payload: dict[str, Any]) -> nn.Module:
-    model = build_model(payload["model"], int(payload["num_classes"]), payload["with_bam"])
-    state = payload["state_dict"]
-    resize_to_state_dict(model, state)
-    model.load_state_dict(state)
+def model_from_payload(payload: dict[str, Any], source: str = "checkpoint") -> nn.Module:
+    """The model a payload describes; CheckpointError naming `source` when the weights do not
+    fit the architecture (another model, other classes, missing or extra layers)."""
+    try:
+        model = build_model(payload["model"], int(payload["num_classes"]), payload["with_bam"])
+        state = payload["state_dict"]
+        resize_to_state_dict(model, state)
+        model.load_state_dict(state)
+    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
+        raise CheckpointError(f"{source}: the weights do not fit a {payload.get('model')!r} "
+                              f"model: {_one_line(exc)}") from None
+    classes = get_spec(payload["model"]).classifier(model).out_features
+    if classes != int(payload["num_classes"]):
+        raise CheckpointError(f"{source}: num_classes is {payload['num_classes']} but the "
+                              f"classifier's weights have {classes} outputs")
     return model.eval()
 
 
 def load_checkpoint(path: str) -> nn.Module:
-    """Rebuild the (pruned) model stored at path, eval-ready, on the CPU."""
-    return model_from_payload(read_payload(path))
+    """Rebuild the (pruned) model stored at path, eval-ready, on the CPU; CheckpointError
+    naming the file when it cannot (see read_payload and model_from_payload)."""
+    return model_from_payload(read_payload(path), source=repr(path))
 
 
 def resize_to_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,6 +41,9 @@ REFERENCES = ("baseline", "attention")
 
 @dataclass(frozen=True)
 class PrepareConfig:
+    """Steps 1-2. Every field changes the trained models, so every field (plus a fingerprint
+    of the data under data_root) is part of the stage-0 cache key."""
+
     model: str
     num_classes: int
     input_shape: tuple[int, int, int]
@@ -46,14 +52,18 @@ class PrepareConfig:
     attention_epochs: int = 5
     lr: float = 0.05
     seed: int = 0
+    data_root: str | None = None
+    batch_size: int = 64  # global batch
+    workers: int = 1  # data-parallel workers: BatchNorm statistics and float sums depend on it
+    sync_bn: bool = False
 
     def validate(self) -> None:
         get_spec(self.model)
         for name in ("baseline_epochs", "attention_epochs"):
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
 
 
 @dataclass(frozen=True)
@@ -75,16 +85,18 @@ class LoopConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        if self.groups_per_round < 1:
+        # `not x >= low` also refuses NaN, which every comparison calls False
+        if not self.groups_per_round >= 1:
             raise ValueError(f"groups per round (m) must be >= 1, got {self.groups_per_round}")
-        if self.tolerance < 0:
-            raise ValueError(f"tolerance must be >= 0 percentage points, got {self.tolerance}")
-        if self.max_rounds < 1:
+        if not (math.isfinite(self.tolerance) and self.tolerance >= 0):
+            raise ValueError(f"tolerance must be a finite number >= 0 percentage points, got "
+                             f"{self.tolerance}")
+        if not self.max_rounds >= 1:
             raise ValueError(f"max rounds must be >= 1, got {self.max_rounds}")
-        if self.finetune_epochs < 0:
+        if not self.finetune_epochs >= 0:
             raise ValueError(f"fine-tune epochs must be >= 0, got {self.finetune_epochs}")
-        if not self.finetune_lr > 0:
-            raise ValueError(f"fine-tune lr must be > 0, got {self.finetune_lr}")
+        if not (math.isfinite(self.finetune_lr) and self.finetune_lr > 0):
+            raise ValueError(f"fine-tune lr must be a finite number > 0, got {self.finetune_lr}")
         if self.importance not in IMPORTANCES:
             raise ValueError(
                 f"unknown importance {self.importance!r}; choose one of: {', '.join(IMPORTANCES)}")
@@ -144,28 +156,39 @@ class LoopResult:
     stop_reason: str
 
 
+# PrepareConfig fields that name files: their content (a cheap fingerprint) is in the key too.
+FINGERPRINTED_FIELDS = ("data_root",)
+
+
+def stage0_keys(cfg: PrepareConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Cache keys of step 1 (the baseline) and step 2 (the BAM model): every setting that
+    changes what they train to, and a fingerprint of each file or folder a setting names."""
+    fields = asdict(cfg)
+    for name in FINGERPRINTED_FIELDS:
+        path = fields.get(name)
+        if path and not storage.is_uri(path):
+            fields[name] = os.path.abspath(path)
+        fields[f"{name}_fingerprint"] = storage.fingerprint(path)
+    baseline = {k: v for k, v in fields.items() if k != "attention_epochs"}
+    return baseline, fields
+
+
 def prepare(cfg: PrepareConfig, runner: Runner, cache_dir: str) -> Prepared:
-    """Train M (step 1), then M + BAM (step 2); cached in cache_dir and reused when the same
-    configuration asks again (a resumed or second search does not retrain them)."""
+    """Train M (step 1), then M + BAM (step 2). Each step is cached in cache_dir under a key of
+    everything that changes its result (stage0_keys) and reused when the same settings ask
+    again: a resumed or second run does not retrain them, and a run killed during step 2 does
+    not retrain step 1."""
     cfg.validate()
-    key = json.dumps(asdict(cfg), sort_keys=True)
+    baseline_key, attention_key = stage0_keys(cfg)
     meta_path = storage.join(cache_dir, "prepare.json")
     attention_path = storage.join(cache_dir, "attention.pt")
-    if storage.exists(meta_path):
-        meta = json.loads(storage.read_text(meta_path))
-        if meta.get("key") == key and storage.exists(attention_path):
-            log.info("reusing prepared models from %s", cache_dir)
-            return Prepared(**meta["prepared"])
-        log.info("prepared models in %s were made with another config; retraining", cache_dir)
+    cached = _cached(meta_path, attention_key, attention_path)
+    if cached is not None:
+        log.info("reusing prepared models from %s", cache_dir)
+        return Prepared(**cached["prepared"])
 
-    seed_everything(cfg.seed)
-    model = build_model(cfg.model, cfg.num_classes, with_bam=False)
-    log.info("step 1: training the baseline %s for %d epochs", cfg.model, cfg.baseline_epochs)
-    model = runner.fit(model, cfg.baseline_epochs, cfg.lr, label="baseline")
-    baseline = _measure(model, runner, cfg.input_shape)
-    log.info("baseline: accuracy %.2f%%, %s", baseline[0], _flops_text(baseline))
-    _save(model, cfg, False, baseline, storage.join(cache_dir, "baseline.pt"), {"round": -1})
-
+    model, baseline = _baseline_model(cfg, runner, cache_dir, baseline_key)
+    seed_everything(cfg.seed + 1)  # step 2 draws the same numbers whether step 1 ran or loaded
     insert_bam(model.cpu(), get_spec(cfg.model).bam_placements)
     log.info("step 2: training with BAM for %d epochs", cfg.attention_epochs)
     model = runner.fit(model, cfg.attention_epochs, cfg.lr, label="attention")
@@ -173,8 +196,53 @@ def prepare(cfg: PrepareConfig, runner: Runner, cache_dir: str) -> Prepared:
     log.info("with BAM: accuracy %.2f%%, %s", attention[0], _flops_text(attention))
     _save(model, cfg, True, attention, attention_path, {"round": 0})
     prepared = Prepared(baseline[0], baseline[1], baseline[2], attention[0], attention_path)
-    storage.write_text(meta_path, json.dumps({"key": key, "prepared": asdict(prepared)}, indent=2))
+    # written after the checkpoint: a prepare.json always describes a complete attention.pt
+    storage.write_json(meta_path, {"key": attention_key, "prepared": asdict(prepared)})
     return prepared
+
+
+def _baseline_model(cfg: PrepareConfig, runner: Runner, cache_dir: str, key: dict[str, Any]
+                    ) -> tuple[nn.Module, tuple[float, int, int]]:
+    """Step 1: M and its (accuracy, FLOPs, params), from the cache or trained now."""
+    meta_path = storage.join(cache_dir, "baseline.json")
+    path = storage.join(cache_dir, "baseline.pt")
+    cached = _cached(meta_path, key, path)
+    if cached is not None:
+        log.info("step 1: reusing the baseline %s", path)
+        accuracy, flops, params = cached["measured"]
+        return load_checkpoint(path).train(), (float(accuracy), int(flops), int(params))
+    seed_everything(cfg.seed)
+    model = build_model(cfg.model, cfg.num_classes, with_bam=False)
+    log.info("step 1: training the baseline %s for %d epochs", cfg.model, cfg.baseline_epochs)
+    model = runner.fit(model, cfg.baseline_epochs, cfg.lr, label="baseline")
+    measured = _measure(model, runner, cfg.input_shape)
+    log.info("baseline: accuracy %.2f%%, %s", measured[0], _flops_text(measured))
+    _save(model, cfg, False, measured, path, {"round": -1})
+    storage.write_json(meta_path, {"key": key, "measured": list(measured)})
+    return model, measured
+
+
+def _cached(meta_path: str, key: dict[str, Any], checkpoint: str) -> dict[str, Any] | None:
+    """The cache entry at meta_path if it was made under `key` and its checkpoint exists."""
+    if not storage.exists(meta_path):
+        return None
+    try:
+        meta = storage.read_json(meta_path)
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring the stage-0 cache entry %s: %s", meta_path, exc)
+        return None
+    stored = meta.get("key") if isinstance(meta, dict) else None
+    if _canonical(stored) == _canonical(key) and storage.exists(checkpoint):
+        return meta
+    changed = sorted(k for k in key if not isinstance(stored, dict)
+                     or _canonical(stored.get(k)) != _canonical(key[k]))
+    log.info("%s was made with other settings (%s differ); training again", meta_path,
+             ", ".join(changed) or "checkpoint missing")
+    return None
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def prune_loop(

@@ -48,10 +48,10 @@ class TrainConfig:
 
 def pick_device(preferred: str | None = None) -> torch.device:
     if preferred:
-        device = torch.device(preferred)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {preferred!r} requested but CUDA is not available")
-        return device
+        from ccpcsa.validation import device as check_device
+
+        check_device(preferred)  # ValueError naming it: unknown, or CUDA not available
+        return torch.device(preferred)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
