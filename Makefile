@@ -24,7 +24,7 @@ test: $(STAMP)
 
 # One model, one schedule, no search.
 prune: $(STAMP)
-	$(BIN)/python -m ccpcsa prune --model resnet20 --dataset digits --out runs/prune $(RUN_ARGS)
+	$(BIN)/python -m ccpcsa prune --model resnet20 --dataset digits --out runs/prune --overwrite $(RUN_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -4,26 +4,42 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from dataclasses import asdict
 from typing import Any
 
-from ccpcsa import storage
-from ccpcsa.checkpoint import CheckpointInfo, save_checkpoint
-from ccpcsa.data import DATASETS, DataConfig, DataError, dataset_info
+from ccpcsa import exits, storage, validation
+from ccpcsa.checkpoint import CheckpointError, CheckpointInfo, save_checkpoint
+from ccpcsa.data import DATASETS, DataConfig, DataError, check_dataset
 from ccpcsa.importance import IMPORTANCES
 from ccpcsa.loop import REFERENCES, LoopConfig, PrepareConfig, prepare, prune_loop, record_of
 from ccpcsa.models import MODELS, get_spec
 from ccpcsa.prune import ALLOCATIONS, PruneLimits
 from ccpcsa.results import record_row, table_header, table_line, write_config, write_rows
+from ccpcsa.runlock import RunInUseError, RunLock
 from ccpcsa.runners import make_runner
 from ccpcsa.train import TrainConfig, pick_device
 
 log = logging.getLogger("ccpcsa")
 
 
-class UsageError(ValueError):
+class UsageError(validation.SettingError):
     pass
+
+
+RESULT_FILES = ("rounds.parquet", "final.pt", "final_nobam.pt")  # what one prune run writes
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a float that is neither NaN nor infinite."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def parse_caps(items: list[str] | None, flag: str) -> dict[str, float]:
@@ -59,18 +75,18 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
                    help="step 1: epochs to train the model without BAM (default: %(default)s)")
     p.add_argument("--attention-epochs", type=int, default=5,
                    help="step 2: epochs to train the model with BAM (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=0.05,
+    p.add_argument("--lr", type=finite_float, default=0.05,
                    help="SGD learning rate of steps 1-2, cosine-annealed (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64,
                    help="global batch size (default: %(default)s)")
-    p.add_argument("--tolerance", type=float, default=0.5,
+    p.add_argument("--tolerance", type=finite_float, default=0.5,
                    help="stop when top-1 falls more than this many percentage points below the "
                         "reference; the last model within it is returned (default: %(default)s)")
     p.add_argument("--max-rounds", type=int, default=10,
                    help="at most this many prune + fine-tune rounds (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=1,
                    help="fine-tune epochs after each pruning round (default: %(default)s)")
-    p.add_argument("--finetune-lr", type=float, default=0.01,
+    p.add_argument("--finetune-lr", type=finite_float, default=0.01,
                    help="SGD learning rate of each fine-tune (default: %(default)s)")
     p.add_argument("--importance", default="ccpcsa",
                    help=f"channel scoring, one of {', '.join(IMPORTANCES)}: ccpcsa = strength "
@@ -104,10 +120,10 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1,
                    help="data-parallel training workers under Ray Train; 1 = one process, "
                         "no Ray (default: %(default)s)")
-    p.add_argument("--gpus-per-worker", type=float, default=None,
+    p.add_argument("--gpus-per-worker", type=finite_float, default=None,
                    help="GPUs per Ray Train worker with --workers > 1 (default: 1 when the Ray "
                         "cluster has GPUs, else 0)")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0,
+    p.add_argument("--cpus-per-worker", type=finite_float, default=1.0,
                    help="CPUs per Ray Train worker with --workers > 1 (default: %(default)s)")
     p.add_argument("--sync-bn", action="store_true",
                    help="BatchNorm statistics over the global batch of all Ray Train workers "
@@ -141,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_flags(p)
     p.add_argument("--groups-per-round", "-m", type=int, default=8,
                    help="m: channel groups removed per round (default: %(default)s)")
-    p.add_argument("--max-ratio", type=float, default=0.9,
+    p.add_argument("--max-ratio", type=finite_float, default=0.9,
                    help="default cap on the fraction of a layer's original channels that may be "
                         "removed, in [0, 1) (default: %(default)s)")
     p.add_argument("--stage-cap", action="append", metavar="STAGE=RATIO",
@@ -154,13 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strip-bam", action="store_true",
                    help="also write final_nobam.pt: the final model without BAM, fine-tuned")
     p.add_argument("--out", default="runs/prune", help="output folder or URI "
-                   "(default: %(default)s)")
+                   "(default: %(default)s); one prune run at a time uses it (a lock file)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier run in --out (rounds.parquet, "
+                        "checkpoints/, final*.pt); without it such an --out is refused. The "
+                        "stage-0 models in --out/prepared/ are reused when their settings match")
     return parser
 
 
 def configs_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Validate every flag up front; raise UsageError / ValueError naming the bad value."""
     get_spec(args.model)
+    validation.location("--out", args.out)
+    validation.whole("--seed", args.seed, 0)
     data_cfg = DataConfig(args.dataset, args.data_root, args.image_size)
     train_cfg = TrainConfig(batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                             device=args.device, loader_workers=args.loader_workers)
@@ -168,14 +190,61 @@ def configs_from_args(args: argparse.Namespace) -> dict[str, Any]:
     pick_device(args.device)
     if args.workers < 1:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    validation.per_worker_batch(args.batch_size, args.workers, "--batch-size")
+    validation.gpus("--gpus-per-worker", args.gpus_per_worker)
+    validation.number("--cpus-per-worker", args.cpus_per_worker, above=0)
     if args.loader_workers is not None and args.loader_workers < 0:
         raise UsageError(f"--loader-workers must be >= 0, got {args.loader_workers}")
-    info = dataset_info(data_cfg)
+    info = check_dataset(data_cfg)
     prep_cfg = PrepareConfig(args.model, info.num_classes,
                              (info.channels, info.image_size, info.image_size), args.dataset,
-                             args.baseline_epochs, args.attention_epochs, args.lr, args.seed)
+                             args.baseline_epochs, args.attention_epochs, args.lr, args.seed,
+                             data_root=args.data_root, batch_size=args.batch_size,
+                             workers=args.workers, sync_bn=args.sync_bn)
     prep_cfg.validate()
     return {"data": data_cfg, "train": train_cfg, "prepare": prep_cfg, "info": info}
+
+
+def check_layer_caps(layer_caps: dict[str, float], prep_cfg: PrepareConfig) -> None:
+    """Every --layer-cap names a channel group of the model (a cap on no group would be
+    silently ignored)."""
+    if not layer_caps:
+        return
+    import torch
+
+    from ccpcsa.models import build_model
+    from ccpcsa.prune import build_graph, find_groups
+
+    spec = get_spec(prep_cfg.model)
+    model = build_model(prep_cfg.model, prep_cfg.num_classes, with_bam=True)
+    graph = build_graph(model, torch.zeros(1, *prep_cfg.input_shape))
+    groups = sorted(g.key for g in find_groups(model, graph, spec.classifier(model),
+                                               spec.stage_of))
+    unknown = sorted(set(layer_caps) - set(groups))
+    if unknown:
+        shown = ", ".join(groups[:12]) + (f" ... ({len(groups)} in all)" if len(groups) > 12
+                                          else "")
+        raise UsageError(f"--layer-cap names unknown layer group(s) {', '.join(unknown)} of "
+                         f"{prep_cfg.model}; groups (by root layer): {shown}")
+
+
+def prepare_out_folder(out: str, overwrite: bool) -> None:
+    """Refuse an --out holding an earlier run's results, or with --overwrite remove them, so
+    no round of another run is left beside this one's."""
+    found = [name for name in RESULT_FILES if storage.exists(storage.join(out, name))]
+    rounds = [info.base_name for info in storage.list_dir(storage.join(out, "checkpoints"))
+              if info.base_name.startswith("round_") and info.base_name.endswith(".pt")]
+    if not found and not rounds:
+        return
+    if not overwrite:
+        what = ", ".join([*found, *([f"{len(rounds)} round checkpoints"] if rounds else [])])
+        raise UsageError(f"{out} already holds the results of a prune run ({what}); pass "
+                         "--overwrite to replace them or choose another --out")
+    for name in found:
+        storage.remove(storage.join(out, name))
+    for name in rounds:
+        storage.remove(storage.join(out, "checkpoints", name))
+    log.info("--overwrite: removed the earlier run's results from %s", out)
 
 
 def loop_config_from_args(args: argparse.Namespace, groups_per_round: int, max_ratio: float,
@@ -204,7 +273,18 @@ def run_prune(args: argparse.Namespace) -> int:
                          f"{args.model}; stages: {', '.join(spec.stages)}")
     loop_cfg = loop_config_from_args(args, args.groups_per_round, args.max_ratio, stage_caps,
                                      layer_caps)
-    storage.check_writable(args.out)
+    check_layer_caps(layer_caps, configs["prepare"])
+    try:
+        storage.check_writable(args.out)
+    except OSError as exc:
+        raise UsageError(str(exc)) from None
+    with RunLock(args.out, "python -m ccpcsa prune"):
+        prepare_out_folder(args.out, args.overwrite)
+        return _prune_locked(args, configs, loop_cfg)
+
+
+def _prune_locked(args: argparse.Namespace, configs: dict[str, Any], loop_cfg: LoopConfig
+                  ) -> int:
     prep_cfg = configs["prepare"]
     write_config(storage.join(args.out, "config.json"),
                  {"command": "prune", **vars(args), "loop": asdict(loop_cfg)}, args.seed)
@@ -277,11 +357,28 @@ def setup_logging(verbose: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    try:
-        return run_prune(args)
-    except (UsageError, DataError, OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    with exits.terminate_as_interrupt():
+        try:
+            return run_prune(args)
+        except KeyboardInterrupt as exc:
+            print(f"error: interrupted; the rounds finished so far are in {args.out} "
+                  "(rounds.parquet, checkpoints/)", file=sys.stderr)
+            return exits.interrupted_code(exc)
+        except FloatingPointError as exc:
+            print(f"error: training diverged ({exits.one_line(exc)}); lower --lr or "
+                  "--finetune-lr", file=sys.stderr)
+            return exits.FAILED
+        except (UsageError, DataError, CheckpointError, RunInUseError, ValueError) as exc:
+            print(f"error: {exits.one_line(exc)}", file=sys.stderr)
+            return exits.REFUSED
+        except OSError as exc:
+            print(f"error: {exits.one_line(exc)}", file=sys.stderr)
+            return exits.FAILED
+        except Exception as exc:
+            if not type(exc).__module__.startswith("ray."):
+                raise  # a bug: the traceback says where
+            print(f"error: {type(exc).__name__}: {exits.one_line(exc)}", file=sys.stderr)
+            return exits.FAILED
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ from dataclasses import asdict
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ccpcsa import storage
 from ccpcsa.flops import human
@@ -40,9 +39,7 @@ def record_row(record: RoundRecord, baseline_flops: int, baseline_params: int,
 
 
 def write_rows(rows: list[dict[str, Any]], path: str) -> None:
-    fs, p = storage.resolve(path)
-    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-    pq.write_table(pa.Table.from_pylist(rows), p, filesystem=fs)
+    storage.write_bytes(path, storage.parquet_bytes(pa.Table.from_pylist(rows)))
 
 
 def table_header() -> str:
@@ -62,4 +59,4 @@ def table_line(row: dict[str, Any], reference_accuracy: float) -> str:
 
 def write_config(path: str, config: dict[str, Any], seed: int) -> None:
     body = {"config": config, "seed": seed, "versions": versions()}
-    storage.write_text(path, json.dumps(body, indent=2, sort_keys=True, default=str))
+    storage.write_json(path, body)

@@ -18,6 +18,7 @@ import posixpath
 import secrets
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 # What pyarrow.fs.FileSystem.from_uri understands (and Ray's storage with it).
@@ -135,6 +136,15 @@ def read_json(path: str) -> Any:
         raise CorruptFileError(f"{path} is {what}") from None
 
 
+def parquet_bytes(table: pa.Table) -> bytes:
+    """The table as a Parquet file in memory, for an atomic write_bytes."""
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
 def remove(path: str) -> None:
     """Delete a file; a missing file is not an error."""
     fs, p = resolve(path)
@@ -142,11 +152,28 @@ def remove(path: str) -> None:
         fs.delete_file(p)
 
 
+def move(source: str, destination: str) -> None:
+    """Rename a file (atomic on a local disk; copy + delete on object stores)."""
+    fs, src = resolve(source)
+    _, dest = resolve(destination)
+    fs.create_dir(posixpath.dirname(dest), recursive=True)
+    fs.move(src, dest)
+
+
 def list_dir(path: str) -> list[pafs.FileInfo]:
     """Entries directly under path (empty if it does not exist); FileInfo.base_name names
     each."""
     fs, p = resolve(path)
     return fs.get_file_info(pafs.FileSelector(p, allow_not_found=True))
+
+
+def list_files(path: str) -> list[str]:
+    """Every file under path, recursively, as paths relative to it with "/" separators; empty
+    if path does not exist."""
+    fs, root = resolve(path)
+    selector = pafs.FileSelector(root, allow_not_found=True, recursive=True)
+    return sorted(posixpath.relpath(info.path, root) for info in fs.get_file_info(selector)
+                  if info.type == pafs.FileType.File)
 
 
 def fingerprint(path: str | None, depth: int = 2) -> str:

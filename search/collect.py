@@ -1,9 +1,7 @@
-"""Tune's results -> the points table -> the Pareto frontier files of a run."""
+"""The trials on disk -> the points table -> the Pareto frontier files and the summary."""
 
 from __future__ import annotations
 
-import posixpath
-import re
 from typing import Any
 
 import pandas as pd
@@ -11,6 +9,7 @@ import pandas as pd
 from ccpcsa import storage
 from ccpcsa.loop import Prepared
 from search.config import SearchConfig
+from search.ondisk import TrialOnDisk, counts
 from search.pareto import (
     collect_checkpoints,
     format_table,
@@ -18,7 +17,6 @@ from search.pareto import (
     plot_frontier,
     write_frontier,
 )
-from search.trial import CHECKPOINT_FILE
 
 POINT_COLUMNS = ["trial_id", "round", "accuracy", "flops", "params", "checkpoint"]
 
@@ -38,56 +36,48 @@ def stage0_point(prepared: Prepared) -> dict[str, Any]:
             "checkpoint": prepared.attention_checkpoint, "status": "stage0"}
 
 
-def trial_points(grid, storage_root: str) -> tuple[list[dict[str, Any]], int, list[str]]:
-    """Every reported round of every trial (finished or errored), with its checkpoint file;
-    the number of finished trials and a one-line description of each failed one."""
-    points, finished, failed = [], 0, []
-    for result in grid:
-        status = "error" if result.error else "finished"
-        finished += result.error is None
-        if result.error is not None:
-            failed.append(f"{_trial_name(result.path)}: {_last_line(result.error)}")
-        paths = {}
-        for checkpoint, metrics in result.best_checkpoints or []:
-            paths[int(metrics["round"])] = _uri(storage_root, checkpoint.path)
-        frame = result.metrics_dataframe
-        if frame is None or frame.empty:
+def trial_points(trials: list[TrialOnDisk]) -> list[dict[str, Any]]:
+    """Every reported round of every trial (finished, failed or interrupted), with its
+    checkpoint file and the trial's parameters."""
+    points = []
+    for trial in trials:
+        params = {f"param_{k}": v for k, v in trial.params.items()}
+        for rnd, point in sorted(trial.rounds.items()):
+            points.append({"trial_id": trial.trial_id, "round": rnd, **point,
+                           "status": trial.status, **params})
+    return points
+
+
+def trial_lines(trials: list[TrialOnDisk], adopted: set[str]) -> list[str]:
+    """One line per trial: its status, and its rounds or its error."""
+    lines = []
+    for trial in trials:
+        if trial.status == "not started":
             continue
-        rows = frame[frame["is_final"] == False]  # noqa: E712 (pandas mask)
-        rows = rows.drop_duplicates("round", keep="last")  # a retried trial re-reports rounds
-        params = {f"param_{k}": v for k, v in (result.config or {}).items()}
-        for _, row in rows.iterrows():
-            rnd = int(row["round"])
-            points.append({
-                "trial_id": str(row["trial_id"]), "round": rnd,
-                "accuracy": float(row["accuracy"]), "flops": int(row["flops"]),
-                "params": int(row["params"]),
-                "checkpoint": storage.join(paths[rnd], CHECKPOINT_FILE) if rnd in paths else "",
-                "status": status, **params})
-    return points, finished, failed
+        rounds = f"{len(trial.rounds)} round{'s' * (len(trial.rounds) != 1)} reported"
+        if trial.status == "failed":
+            detail = f"{trial.error} ({rounds})"
+        elif trial.status == "interrupted":
+            detail = rounds + ("; its Tune state was lost, so it was not continued"
+                               if trial.trial_id in adopted else "; --resume continues it")
+        else:
+            detail = rounds
+        lines.append(f"{trial.status}: {trial.name}: {detail}")
+    return lines
 
 
-def _trial_name(path: str) -> str:
-    """run_trial_<id>_<number> from a trial folder run_trial_<id>_<number>_<params>_<date>."""
-    name = posixpath.basename(str(path).rstrip("/"))
-    found = re.match(r"(.+?_[0-9a-f]{5,}_\d+)(?:_|$)", name)
-    return found.group(1) if found else name
+def summary_counts(trials: list[TrialOnDisk], num_samples: int) -> str:
+    found = counts(trials, num_samples)
+    return (f"{found['finished']} trials finished, {found['failed']} failed, "
+            f"{found['interrupted']} interrupted, {found['not started']} not started "
+            f"(of {num_samples})")
 
 
-def _last_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
-
-
-def _uri(storage_root: str, path: str) -> str:
-    if storage.is_uri(storage_root):
-        return f"{storage_root.split('://', 1)[0]}://{path}"
-    return path
-
-
-def write_results(grid, cfg: SearchConfig, prepared: Prepared, run_dir: str) -> str:
-    points, finished, failed = trial_points(grid, cfg.storage)
-    frame = pd.DataFrame([stage0_point(prepared), *points])
+def write_results(trials: list[TrialOnDisk], cfg: SearchConfig, prepared: Prepared,
+                  run_dir: str, adopted: set[str] = frozenset()) -> str:
+    """frontier.parquet, frontier.png and frontier/*.pt from every point on disk; returns the
+    summary to print."""
+    frame = pd.DataFrame([stage0_point(prepared), *trial_points(trials)])
     baseline = baseline_of(prepared)
     frame = mark_frontier(frame, baseline)
     frame = collect_checkpoints(frame, run_dir)
@@ -95,7 +85,7 @@ def write_results(grid, cfg: SearchConfig, prepared: Prepared, run_dir: str) -> 
     plot = plot_frontier(frame, storage.join(run_dir, "frontier.png"), baseline,
                          title=f"{cfg.model} on {cfg.dataset}: CCPCSA schedules")
     table = format_table(frame, baseline)
-    failures = "".join(f"\nfailed: {line}" for line in failed)
-    return (f"{finished} trials finished, {len(failed)} failed; {len(frame)} points, "
-            f"{int(frame['pareto'].sum())} on the frontier{failures}\n{table}\n"
+    per_trial = "".join(f"\n{line}" for line in trial_lines(trials, set(adopted)))
+    return (f"{summary_counts(trials, cfg.num_samples)}; {len(frame)} points, "
+            f"{int(frame['pareto'].sum())} on the frontier{per_trial}\n{table}\n"
             f"frontier: {storage.join(run_dir, 'frontier.parquet')}\nplot: {plot}")

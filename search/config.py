@@ -8,7 +8,9 @@ from typing import Any
 
 import yaml
 
-from ccpcsa.data import DATASETS
+from ccpcsa import validation
+from ccpcsa.data import DATASETS, NEEDS_ROOT
+from ccpcsa.data.common import MIN_IMAGE_SIZE
 from ccpcsa.importance import IMPORTANCES
 from ccpcsa.loop import REFERENCES
 from ccpcsa.models import MODELS
@@ -17,7 +19,7 @@ from ccpcsa.prune import ALLOCATIONS
 SAMPLERS = ("nsga2", "tpe", "random")
 
 
-class ConfigError(ValueError):
+class ConfigError(validation.SettingError):
     pass
 
 
@@ -70,35 +72,49 @@ class SearchConfig:
     reference: str = "baseline"
 
     def validate(self) -> None:
-        _choice("model", self.model, tuple(MODELS))
-        _choice("dataset", self.dataset, DATASETS)
-        _choice("sampler", self.sampler, SAMPLERS)
-        _choice("importance", self.importance, IMPORTANCES)
-        _choice("allocation", self.allocation, ALLOCATIONS)
-        _choice("reference", self.reference, REFERENCES)
+        """Every setting, whatever it came from (flags, YAML, a saved run): types, finite
+        numbers, ranges, names, the storage URI scheme, the batch split over workers. Nothing
+        is touched (the search checks its storage and data before Ray starts)."""
+        check = validation
+        check.choice("model", self.model, tuple(MODELS))
+        check.choice("dataset", self.dataset, DATASETS)
+        if self.data_root is not None:
+            check.location("data_root", self.data_root)
+        if self.dataset in NEEDS_ROOT and self.data_root is None:
+            raise ConfigError(f"dataset {self.dataset!r} needs data_root (--data-root)")
+        if self.image_size is not None:
+            check.whole("image_size", self.image_size, MIN_IMAGE_SIZE)
+        check.choice("sampler", self.sampler, SAMPLERS)
+        check.choice("importance", self.importance, IMPORTANCES)
+        check.choice("allocation", self.allocation, ALLOCATIONS)
+        check.choice("reference", self.reference, REFERENCES)
         for name in ("num_samples", "max_concurrent_trials", "workers_per_trial", "max_rounds",
                      "calibration_batches", "min_channels"):
-            _at_least(name, getattr(self, name), 1)
-        for name in ("baseline_epochs", "attention_epochs", "epochs", "max_failures",
+            check.whole(name, getattr(self, name), 1)
+        for name in ("seed", "baseline_epochs", "attention_epochs", "epochs", "max_failures",
                      "bn_batches"):
-            _at_least(name, getattr(self, name), 0)
-        _at_least("batch_size", self.batch_size, 2)
-        _at_least("tolerance", self.tolerance, 0)
+            check.whole(name, getattr(self, name), 0)
+        check.whole("batch_size", self.batch_size, 2)
+        check.per_worker_batch(self.batch_size, self.workers_per_trial)
+        check.number("tolerance", self.tolerance, low=0)
         for name in ("lr", "finetune_lr", "cpus_per_worker"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        lw = self.loader_workers
-        if lw is not None and (not isinstance(lw, int) or isinstance(lw, bool) or lw < 0):
-            raise ConfigError(f"loader_workers must be an integer >= 0, got {lw!r}")
-        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
-            raise ConfigError(f"gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
+            check.number(name, getattr(self, name), above=0)
+        check.gpus("gpus_per_worker", self.gpus_per_worker)
+        for name in ("per_layer", "residual_cap", "search_finetune", "resume"):
+            check.flag(name, getattr(self, name))
+        if self.loader_workers is not None:
+            check.whole("loader_workers", self.loader_workers, 0)
         if self.m_range is not None:
-            _range("m_range", self.m_range, low=1, integer=True)
-        _range("cap_range", self.cap_range, low=0.0, high_below=1.0)
-        _range("lr_range", self.lr_range, low_above=0.0)
-        _range("epochs_range", self.epochs_range, low=0, integer=True)
-        if not self.name or "/" in self.name:
-            raise ConfigError(f"name must be a non-empty folder name, got {self.name!r}")
+            low, _ = check.pair("m_range", self.m_range, int)
+            check.whole("m_range low", int(low), 1)
+        low, high = check.pair("cap_range", self.cap_range)
+        check.number("cap_range low", low, low=0)
+        check.number("cap_range high", high, below=1)
+        check.number("lr_range low", check.pair("lr_range", self.lr_range)[0], above=0)
+        check.whole("epochs_range low", int(check.pair("epochs_range", self.epochs_range, int)[0]),
+                    0)
+        check.location("storage", self.storage)
+        check.run_name("name", self.name)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -128,41 +144,24 @@ def load_yaml(path: str) -> dict[str, Any]:
 
 
 def build_config(file_values: dict[str, Any], flag_values: dict[str, Any]) -> SearchConfig:
-    """Defaults < YAML file < flags given on the command line (None = not given)."""
+    """Defaults < YAML file < flags given on the command line (None = not given); validated."""
     merged = {**file_values, **{k: v for k, v in flag_values.items() if v is not None}}
+    return config_from_dict(merged)
+
+
+def config_from_dict(values: dict[str, Any], source: str = "") -> SearchConfig:
+    """A validated SearchConfig from plain values: the one way in for flags, a YAML file and
+    the configuration saved with a run (--resume). ConfigError names the bad setting."""
+    where = f" in {source}" if source else ""
+    if not isinstance(values, dict):
+        raise ConfigError(f"the configuration{where} must be a mapping of settings")
+    unknown = sorted(set(values) - set(field_names()))
+    if unknown:
+        raise ConfigError(f"unknown setting(s){where}: {', '.join(map(str, unknown))}; valid "
+                          f"settings: {', '.join(field_names())}")
+    cfg = SearchConfig(**values)
     try:
-        cfg = SearchConfig(**merged)
-    except TypeError as exc:
-        raise ConfigError(f"bad configuration: {exc}") from None
-    cfg.validate()
+        cfg.validate()
+    except validation.SettingError as exc:
+        raise ConfigError(f"{exc}{where}") from None
     return cfg
-
-
-def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
-
-
-def _at_least(name: str, value: Any, low: float) -> None:
-    if not isinstance(value, int | float) or isinstance(value, bool) or value < low:
-        raise ConfigError(f"{name} must be a number >= {low}, got {value!r}")
-
-
-def _range(name: str, value: Any, low: float | None = None, high_below: float | None = None,
-           low_above: float | None = None, integer: bool = False) -> None:
-    if not isinstance(value, list | tuple) or len(value) == 0:
-        raise ConfigError(f"{name} is empty; give [low, high]")
-    if len(value) != 2 or not all(isinstance(v, int | float) and not isinstance(v, bool)
-                                  for v in value):
-        raise ConfigError(f"{name} must be two numbers [low, high], got {value!r}")
-    lo, hi = value
-    if integer and not all(float(v).is_integer() for v in value):
-        raise ConfigError(f"{name} must be whole numbers, got {value!r}")
-    if lo > hi:
-        raise ConfigError(f"{name} has low > high: {value!r}")
-    if low is not None and lo < low:
-        raise ConfigError(f"{name} must start at >= {low}, got {value!r}")
-    if low_above is not None and lo <= low_above:
-        raise ConfigError(f"{name} must start above {low_above}, got {value!r}")
-    if high_below is not None and hi >= high_below:
-        raise ConfigError(f"{name} must end below {high_below}, got {value!r}")

@@ -7,12 +7,12 @@ minimises FLOPs. Storage goes through pyarrow.fs so a run dir may be a local pat
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import posixpath
 import re
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +23,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 from matplotlib.ticker import Formatter, LogFormatter
+
+from ccpcsa import storage
 
 FRONTIER_FILE = "frontier.parquet"
 FRONTIER_DIR = "frontier"
@@ -156,10 +158,9 @@ def write_frontier(df: pd.DataFrame, run_dir: str, baseline: dict | None = None)
         meta = dict(table.schema.metadata or {})
         meta[BASELINE_KEY] = json.dumps(baseline, default=_json_default).encode()
         table = table.replace_schema_metadata(meta)
-    fs, root = _resolve(run_dir)
-    fs.create_dir(root, recursive=True)
-    pq.write_table(table, posixpath.join(root, FRONTIER_FILE), filesystem=fs)
-    return join_path(run_dir, FRONTIER_FILE)
+    path = join_path(run_dir, FRONTIER_FILE)
+    storage.write_bytes(path, storage.parquet_bytes(table))  # atomic: old or new, never a part
+    return path
 
 
 def read_frontier(run_dir: str) -> tuple[pd.DataFrame, dict | None]:
@@ -280,19 +281,9 @@ def _draw_baseline(ax: Any, baseline: dict | None) -> None:
 
 
 def _save_figure(fig: Figure, path: str) -> None:
-    if not _is_uri(path):
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
-        fig.savefig(path, format="png")
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, "plot.png")
-        fig.savefig(local, format="png")
-        fs, dest = _resolve(path)
-        fs.create_dir(posixpath.dirname(dest), recursive=True)
-        pafs.copy_files(
-            local, dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
-        )
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    storage.write_bytes(path, png.getvalue())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,7 +371,9 @@ def frontier_checkpoint_name(trial_id: Any, round_: Any) -> str:
 
 
 def collect_checkpoints(df: pd.DataFrame, run_dir: str) -> pd.DataFrame:
-    """Copy each pareto row's checkpoint to <run_dir>/frontier/<trial_id>_round<k>.pt.
+    """Copy each pareto row's checkpoint to <run_dir>/frontier/<trial_id>_round<k>.pt, and
+    remove the copies an earlier frontier of this run left there (a resumed search's frontier
+    replaces the old one; no stale model stays next to it).
 
     Returns a copy of df with `frontier_checkpoint` (the destination; "" for non-pareto rows
     and for pareto rows that recorded no checkpoint). A recorded checkpoint that does not exist
@@ -398,13 +391,18 @@ def collect_checkpoints(df: pd.DataFrame, run_dir: str) -> pd.DataFrame:
         _copy_file(src, dest)
         dests[i] = dest
     out["frontier_checkpoint"] = dests
+    _remove_stale_copies(join_path(run_dir, FRONTIER_DIR), {d for d in dests if d})
     return out
 
 
 def _copy_file(src: str, dest: str) -> None:
-    src_fs, src_path = _resolve(src)
-    if src_fs.get_file_info(src_path).type != pafs.FileType.File:
+    if not storage.is_file(src):
         raise FileNotFoundError(f"checkpoint not found: {src}")
-    dest_fs, dest_path = _resolve(dest)
-    dest_fs.create_dir(posixpath.dirname(dest_path), recursive=True)
-    pafs.copy_files(src_path, dest_path, source_filesystem=src_fs, destination_filesystem=dest_fs)
+    storage.write_bytes(dest, storage.read_bytes(src))
+
+
+def _remove_stale_copies(folder: str, keep: set[str]) -> None:
+    kept = {posixpath.basename(path.replace(os.sep, "/")) for path in keep}
+    for info in storage.list_dir(folder):
+        if info.is_file and info.base_name.endswith(".pt") and info.base_name not in kept:
+            storage.remove(join_path(folder, info.base_name))

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import time
 from typing import Any
@@ -23,17 +24,20 @@ from typing import Any
 if __package__ in (None, ""):  # `python search/run.py`: make the repo importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ccpcsa import storage  # noqa: E402
-from ccpcsa.data import DataError, dataset_info  # noqa: E402
+from ccpcsa import exits, storage  # noqa: E402
+from ccpcsa.checkpoint import CheckpointError  # noqa: E402
+from ccpcsa.data import DataError, check_dataset  # noqa: E402
 from ccpcsa.importance import IMPORTANCES  # noqa: E402
 from ccpcsa.loop import PrepareConfig, Prepared  # noqa: E402
 from ccpcsa.prune import ALLOCATIONS  # noqa: E402
 from ccpcsa.results import versions  # noqa: E402
+from ccpcsa.runlock import RunInUseError, RunLock  # noqa: E402
 from search.config import (  # noqa: E402
     SAMPLERS,
     ConfigError,
     SearchConfig,
     build_config,
+    config_from_dict,
     load_yaml,
 )
 
@@ -187,7 +191,8 @@ def resolve_storage(cfg: SearchConfig) -> SearchConfig:
 
 
 def check_run_folder(cfg: SearchConfig) -> SearchConfig:
-    """New run: refuse to overwrite. --resume: use the configuration saved with the run."""
+    """New run: refuse to overwrite. --resume: the configuration saved with the run, checked
+    by the same validation as flags and YAML. Call it holding the run's lock."""
     run_dir = run_dir_of(cfg)
     saved = storage.join(run_dir, CONFIG_FILE)
     if cfg.resume:
@@ -195,13 +200,24 @@ def check_run_folder(cfg: SearchConfig) -> SearchConfig:
         # A search interrupted in between resumes too: stage 0 from its cache, then the trials.
         if not storage.exists(saved):
             raise ConfigError(f"nothing to resume at {run_dir!r}: no search there")
-        stored = json.loads(storage.read_text(saved))["config"]
+        stored = read_saved_config(saved)
         stored.update(resume=True, storage=cfg.storage, name=cfg.name)
-        return SearchConfig(**stored)
+        return config_from_dict(stored, source=saved)
     if storage.exists(saved):
         raise ConfigError(f"{run_dir!r} already holds a search; pass --resume to continue it "
                           f"or choose another --name")
     return cfg
+
+
+def read_saved_config(path: str) -> dict[str, Any]:
+    try:
+        body = storage.read_json(path)
+    except ValueError as exc:
+        raise ConfigError(f"cannot resume: {exc}; the run's saved configuration is lost "
+                          "(start the search under another --name)") from None
+    if not isinstance(body, dict) or not isinstance(body.get("config"), dict):
+        raise ConfigError(f"cannot resume: {path} holds no 'config' mapping")
+    return dict(body["config"])
 
 
 def connect_ray(cfg: SearchConfig):
@@ -238,20 +254,19 @@ def run_stage0(ray, cfg: SearchConfig, prep_cfg: PrepareConfig, run_dir: str) ->
     return ray.get(task.remote())
 
 
-def make_tuner(cfg: SearchConfig, trainable, space: dict[str, Any]):
+def make_tuner(cfg: SearchConfig, trainable, space: dict[str, Any], plan):
+    """Tune's restored run (plan.restore) or a new one of plan.num_samples trials."""
     import optuna
     from ray import tune
 
     from search.searcher import ResumableOptunaSearch
 
     run_dir = run_dir_of(cfg)
-    if cfg.resume and storage.exists(storage.join(run_dir, STATE_FILE)):
+    if plan.restore:
         # finished and failed trials are kept as they are; interrupted ones continue from
         # their last checkpoint; the searcher suggests the trials not started yet
         return tune.Tuner.restore(run_dir, trainable, resume_unfinished=True,
                                   resume_errored=False)
-    if cfg.resume:
-        log.info("no trial of %s had started: starting its trials", run_dir)
     # NSGA-II's default population (50) would leave a small search in its random first
     # generation; scale it so a search sees a few generations.
     population = max(4, min(50, cfg.num_samples // 4))
@@ -262,9 +277,13 @@ def make_tuner(cfg: SearchConfig, trainable, space: dict[str, Any]):
     }[cfg.sampler]()
     search = ResumableOptunaSearch(space=space, metric=["accuracy", "flops"],
                                    mode=["max", "min"], sampler=sampler, seed=cfg.seed)
+    told = sum(search.tell_finished(t.params, t.final) for t in plan.told)
+    if plan.told:
+        log.info("told Optuna the results of %d of the %d finished trials on disk", told,
+                 len(plan.told))
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=search, num_samples=cfg.num_samples,
+        tune_config=tune.TuneConfig(search_alg=search, num_samples=plan.num_samples,
                                     max_concurrent_trials=cfg.max_concurrent_trials),
         run_config=tune.RunConfig(
             name=cfg.name, storage_path=cfg.storage,
@@ -311,30 +330,43 @@ def run_trial(params: dict[str, Any], settings, fail_numbers: frozenset[int] = f
     return trial.run_trial(params, settings)
 
 
-def run_search(cfg: SearchConfig) -> int:
+def run_search(cfg: SearchConfig, termination) -> int:
     from ccpcsa.distributed import prefer_loopback
 
     prefer_loopback()  # before Ray is imported
+    fail = fail_numbers_from_env()
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", STATE_PERIOD_S)
+    cfg = resolve_storage(cfg)
+    with RunLock(run_dir_of(cfg), "search/run.py"):
+        return _run_locked(cfg, fail, termination)
+
+
+def _run_locked(cfg: SearchConfig, fail: frozenset[int], termination) -> int:
     from ray import tune
 
     from search import collect
+    from search.ondisk import counts, scan_trials
+    from search.resume import Plan, plan_resume
     from search.space import build_space, describe_model
-    from search.trial import TrialSettings
+    from search.trial import TrialSettings, data_config
 
-    fail = fail_numbers_from_env()
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", STATE_PERIOD_S)
-    cfg = check_run_folder(resolve_storage(cfg))
+    cfg = check_run_folder(cfg)
     run_dir = run_dir_of(cfg)
-    storage.check_writable(run_dir)
-    info = dataset_info_of(cfg)
+    try:
+        storage.check_writable(run_dir)
+    except OSError as exc:
+        raise ConfigError(str(exc)) from None
+    info = check_dataset(data_config(cfg))  # all data checks before Ray starts
     input_shape = (info.channels, info.image_size, info.image_size)
     ray = connect_ray(cfg)
     if not cfg.resume:
-        storage.write_text(storage.join(run_dir, CONFIG_FILE), json.dumps(
-            {"config": cfg.to_dict(), "versions": versions()}, indent=2, default=str))
+        storage.write_json(storage.join(run_dir, CONFIG_FILE),
+                           {"config": cfg.to_dict(), "versions": versions()})
     started = time.time()
     prep_cfg = PrepareConfig(cfg.model, info.num_classes, input_shape, cfg.dataset,
-                             cfg.baseline_epochs, cfg.attention_epochs, cfg.lr, cfg.seed)
+                             cfg.baseline_epochs, cfg.attention_epochs, cfg.lr, cfg.seed,
+                             data_root=cfg.data_root, batch_size=cfg.batch_size,
+                             workers=cfg.workers_per_trial)
     print(f"stage 0: baseline and BAM training for {cfg.model} on {cfg.dataset} "
           f"(cached in {storage.join(run_dir, 'stage0')})", flush=True)
     prepared = run_stage0(ray, cfg, prep_cfg, run_dir)
@@ -346,34 +378,55 @@ def run_search(cfg: SearchConfig) -> int:
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, settings=settings, fail_numbers=fail),
         trial_resources(cfg))
+    plan = (plan_resume(run_dir, cfg.num_samples, scan_trials(run_dir)) if cfg.resume
+            else Plan(False, cfg.num_samples))
     print(f"search: {cfg.num_samples} trials, {cfg.max_concurrent_trials} at once, "
           f"params {', '.join(space)}", flush=True)
-    grid = make_tuner(cfg, trainable, space).fit()
-    summary = collect.write_results(grid, cfg, prepared, run_dir)
-    print(summary, flush=True)
+    if plan.restore or plan.num_samples > 0:
+        termination.forward_to_sigint = True  # SIGTERM: Tune saves its state and stops
+        try:
+            make_tuner(cfg, trainable, space, plan).fit()
+        finally:
+            termination.forward_to_sigint = False
+    trials = scan_trials(run_dir)
+    print(collect.write_results(trials, cfg, prepared, run_dir, set(plan.adopted)), flush=True)
+    found = counts([t for t in trials if t.trial_id not in plan.adopted],
+                   cfg.num_samples - len(plan.adopted))
+    if found["interrupted"] or found["not started"]:
+        print(f"search interrupted after {time.time() - started:.0f}s; what finished is in "
+              f"{run_dir}; continue with: python search/run.py --storage {cfg.storage} "
+              f"--name {cfg.name} --resume", flush=True)
+        return 128 + (termination.signum or signal.SIGINT)
     print(f"done in {time.time() - started:.0f}s; results in {run_dir}", flush=True)
-    return 0
-
-
-def dataset_info_of(cfg: SearchConfig):
-    from search.trial import data_config
-
-    return dataset_info(data_config(cfg))
+    return exits.OK
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg, args = config_from_argv(argv)
-        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                            stream=sys.stderr,
-                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
-        if args.dry_run:  # syntax and ranges only: storage and data are not touched
-            print(json.dumps(cfg.to_dict(), indent=2))
-            return 0
-        return run_search(cfg)
-    except (ConfigError, DataError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    with exits.terminate_as_interrupt() as termination:
+        try:
+            cfg, args = config_from_argv(argv)
+            logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                                stream=sys.stderr,
+                                format="%(asctime)s %(name)s %(levelname)s %(message)s")
+            if args.dry_run:  # every setting checked; storage and data are not touched
+                print(json.dumps(cfg.to_dict(), indent=2))
+                return exits.OK
+            return run_search(cfg, termination)
+        except KeyboardInterrupt as exc:
+            print(f"error: interrupted by {signal.Signals(exits.interrupted_code(exc) - 128).name}"
+                  "; what had finished is kept; continue with --resume", file=sys.stderr)
+            return exits.interrupted_code(exc)
+        except (ConfigError, DataError, CheckpointError, RunInUseError) as exc:
+            print(f"error: {exits.one_line(exc)}", file=sys.stderr)
+            return exits.REFUSED
+        except (OSError, ValueError, FloatingPointError) as exc:
+            print(f"error: {exits.one_line(exc)}", file=sys.stderr)
+            return exits.FAILED
+        except Exception as exc:
+            if not type(exc).__module__.startswith("ray."):
+                raise  # a bug: the traceback says where
+            print(f"error: {type(exc).__name__}: {exits.one_line(exc)}", file=sys.stderr)
+            return exits.FAILED
 
 
 if __name__ == "__main__":

@@ -39,3 +39,15 @@ class ResumableOptunaSearch(OptunaSearch):
             params={k: config[k] for k in self._space}, distributions=self._space))
         log.info("trial %s (started before the interruption) told to Optuna after resume",
                  trial_id)
+
+    def tell_finished(self, params: dict, result: dict) -> bool:
+        """Add a trial that finished outside this searcher (one adopted from disk when Tune's
+        state was lost) to the Optuna study, so the sampler learns from it."""
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        values = [result.get(m) for m in metrics]
+        if None in values or set(params) != set(self._space):
+            return False
+        self._ot_study.add_trial(optuna.trial.create_trial(
+            state=optuna.trial.TrialState.COMPLETE, values=values,
+            params={k: params[k] for k in self._space}, distributions=self._space))
+        return True

@@ -18,7 +18,7 @@ import os
 
 from torch.utils.data import Dataset
 
-from ccpcsa.data.cifar import cifar_datasets
+from ccpcsa.data.cifar import check_cifar_layout, cifar_datasets
 from ccpcsa.data.cli import main
 from ccpcsa.data.common import (
     CIFAR100_MEAN,
@@ -40,6 +40,7 @@ from ccpcsa.data.common import (
 from ccpcsa.data.digits import digits_datasets
 from ccpcsa.data.fashion import FASHION_ROOT, check_fashion_files, fashion_datasets
 from ccpcsa.data.imagefolder import (
+    check_imagefolder,
     decode_image_batch,
     decode_uint8_batch,
     find_classes,
@@ -84,6 +85,18 @@ def dataset_info(cfg: DataConfig) -> DatasetInfo:
     return DatasetInfo(num_classes=num_classes, image_size=size, channels=3)
 
 
+def check_dataset(cfg: DataConfig) -> DatasetInfo:
+    """dataset_info plus what building the datasets would refuse, found cheaply (no image is
+    decoded): the CIFAR files, an ImageFolder's class folders each holding an image. Run it
+    before starting anything that is costly to undo."""
+    info = dataset_info(cfg)
+    if cfg.name in ("cifar10", "cifar100"):
+        check_cifar_layout(cfg.name, str(cfg.root))
+    elif cfg.name == "imagefolder":
+        check_imagefolder(str(cfg.root))
+    return info
+
+
 def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
     """(train, test) map-style datasets of (float32 3xSxS normalised tensor, int label)."""
     size = validate_config(cfg)
@@ -103,9 +116,10 @@ __all__ = [
     "FASHION_ROOT",
     "IMAGENET_MEAN", "IMAGENET_STD", "NEEDS_ROOT", "NUM_CLASSES", "DataConfig", "DataError",
     "DatasetInfo", "Piece", "ShardIndex", "Uint8Normalizer", "build_datasets",
-    "calibration_pieces", "check_parquet_splits", "dataset_info", "decode_image_batch",
-    "decode_pieces", "decode_uint8_batch", "eval_pieces", "imagefolder_geometry",
-    "imagefolder_to_parquet", "imagefolder_transform", "main", "parquet_classes",
+    "calibration_pieces", "check_dataset", "check_parquet_splits", "dataset_info",
+    "decode_image_batch", "decode_pieces", "decode_uint8_batch", "eval_pieces",
+    "imagefolder_geometry", "imagefolder_to_parquet", "imagefolder_transform", "main",
+    "parquet_classes",
     "parquet_rows", "parquet_shards", "parquet_split_dir", "read_piece", "read_shard_table",
     "scan_imagefolder", "shard_index", "steps_per_epoch", "train_pieces", "warn_if_class_sorted",
 ]

@@ -72,8 +72,49 @@ def scan_imagefolder(folder: str) -> tuple[list[str], list[tuple[str, int]]]:
 
 
 def load_rgb(path: str) -> Image.Image:
-    with open(path, "rb") as f:
-        return Image.open(f).convert("RGB")
+    """The image file decoded to RGB; DataError naming the file if it is unreadable,
+    truncated or not an image."""
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"{path}: cannot decode image ({exc})") from None
+
+
+def check_imagefolder(root: str) -> None:
+    """What imagefolder_datasets would refuse, found without listing every file: train/ and
+    val/ with the same class folders, each holding at least one image (the scan of a class
+    stops at its first image)."""
+    train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
+    require_dir(root, "an ImageNet-style folder holding train/<class>/ and val/<class>/")
+    require_dir(train_dir, "train/<class>/<image files> under the dataset root")
+    require_dir(val_dir, "val/<class>/<image files> under the dataset root")
+    train_classes, val_classes = find_classes(train_dir), find_classes(val_dir)
+    _check_same_classes(train_dir, train_classes, val_dir, val_classes)
+    for folder, classes in ((train_dir, train_classes), (val_dir, val_classes)):
+        for name in classes:
+            class_dir = os.path.join(folder, name)
+            if not _has_image(class_dir):
+                raise DataError(f"{class_dir}: no images; expected files ending in "
+                                f"{', '.join(IMAGE_EXTENSIONS)}")
+
+
+def _has_image(class_dir: str) -> bool:
+    for _dirpath, _dirs, names in os.walk(class_dir, followlinks=True):
+        if any(_is_image(n) for n in names):
+            return True
+    return False
+
+
+def _check_same_classes(train_dir: str, train_classes: list[str], val_dir: str,
+                        val_classes: list[str]) -> None:
+    if val_classes != train_classes:
+        only_train = sorted(set(train_classes) - set(val_classes))
+        only_val = sorted(set(val_classes) - set(train_classes))
+        raise DataError(
+            f"{val_dir}: class folders differ from {train_dir}; expected the same classes "
+            f"(only in train: {only_train[:5]}, only in val: {only_val[:5]})"
+        )
 
 
 class ImageFiles(Dataset):
@@ -102,13 +143,7 @@ def imagefolder_datasets(root: str, image_size: int, augment: bool) -> tuple[Dat
     require_dir(val_dir, "val/<class>/<image files> under the dataset root")
     train_classes, train_samples = scan_imagefolder(train_dir)
     val_classes, val_samples = scan_imagefolder(val_dir)
-    if val_classes != train_classes:
-        only_train = sorted(set(train_classes) - set(val_classes))
-        only_val = sorted(set(val_classes) - set(train_classes))
-        raise DataError(
-            f"{val_dir}: class folders differ from {train_dir}; expected the same classes "
-            f"(only in train: {only_train[:5]}, only in val: {only_val[:5]})"
-        )
+    _check_same_classes(train_dir, train_classes, val_dir, val_classes)
     train_tf = imagefolder_transform(image_size, train=augment)
     test_tf = imagefolder_transform(image_size, train=False)
     return ImageFiles(train_samples, train_classes, train_tf), ImageFiles(

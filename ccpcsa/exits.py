@@ -1,0 +1,68 @@
+"""Exit codes and interruption handling shared by `python -m ccpcsa` and search/run.py.
+
+0   done
+1   failed while running (one line on stderr: the cause, e.g. training diverged)
+2   refused: a bad setting, bad data, a run folder in use or already holding a run
+130 interrupted by SIGINT (Ctrl-C), 143 by SIGTERM (`kill`, `ray job stop`, Kubernetes):
+    what was finished is kept; the search continues with --resume
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+OK, FAILED, REFUSED = 0, 1, 2
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived; raised like Ctrl-C's KeyboardInterrupt so cleanup runs."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def interrupted_code(exc: BaseException) -> int:
+    return 128 + getattr(exc, "signum", signal.SIGINT)
+
+
+class _Termination:
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.forward_to_sigint = False  # while Tune runs: let its SIGINT handler stop it
+
+    def handle(self, signum: int, _frame) -> None:
+        self.signum = signum
+        if self.forward_to_sigint:
+            signal.raise_signal(signal.SIGINT)
+        else:
+            raise Interrupted(signum)
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[_Termination]:
+    """Inside the block SIGTERM raises Interrupted (as Ctrl-C raises KeyboardInterrupt), so
+    `finally` blocks run: run locks are released and no half-written file is left. Set
+    `forward_to_sigint` on the yielded object while a Ray Tune run is in progress: SIGTERM
+    then becomes the SIGINT that Tune answers by saving its state and stopping."""
+    state = _Termination()
+    try:
+        previous = signal.signal(signal.SIGTERM, state.handle)
+    except ValueError:  # not the main thread: leave signals alone
+        yield state
+        return
+    try:
+        yield state
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of an exception in one line. Errors re-raised by Ray or a DataLoader worker
+    carry the original traceback in their message: its last line is the original error."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return lines[-1] if len(lines) > 1 else lines[0]

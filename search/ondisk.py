@@ -1,0 +1,144 @@
+"""A search's trials as they are on disk, read without Tune: the frontier and the summary are
+built from these, so whatever a trial reported and checkpointed is counted, whether or not
+Tune's own experiment state survived (a full disk, a kill while it was being saved).
+
+A trial folder (<run>/<trainable>_<id>_<number>_<params>_<date>/) holds Tune's result.json
+(one JSON report per line; a per-round report names its checkpoint_NNNNNN/ folder), params.json,
+error.txt when the trial raised, and the checkpoint folders with our model.pt. A checkpoint
+whose report did not reach result.json (the driver died before syncing it) is read from the
+checkpoint itself, which carries the round and its metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ccpcsa import storage
+
+log = logging.getLogger("ccpcsa.search")
+
+RESULT_FILE = "result.json"
+PARAMS_FILE = "params.json"
+ERROR_FILE = "error.txt"
+CHECKPOINT_FILE = "model.pt"  # what search.trial writes into each reported checkpoint
+TRIAL_FOLDER = re.compile(r"^(?P<name>.+?_(?P<id>[0-9a-f]{5,})_(?P<number>\d+))(?:_|$)")
+STATUSES = ("finished", "failed", "interrupted", "not started")
+
+
+@dataclass
+class TrialOnDisk:
+    trial_id: str
+    name: str  # <trainable>_<id>_<number>, as Tune names the trial in its logs
+    number: int  # Tune's creation number of the trial in its session
+    folder: str  # path or URI of the trial folder
+    params: dict[str, Any] = field(default_factory=dict)
+    rounds: dict[int, dict[str, Any]] = field(default_factory=dict)  # round -> metrics + ckpt
+    final: dict[str, Any] | None = None  # the last report: the trial's returned model
+    error: str = ""  # last line of error.txt
+
+    @property
+    def status(self) -> str:
+        if self.final is not None:
+            return "finished"
+        if self.error:
+            return "failed"
+        return "interrupted" if self.rounds else "not started"
+
+
+def scan_trials(run_dir: str) -> list[TrialOnDisk]:
+    """Every trial folder under run_dir, in Tune's creation order within each session."""
+    trials = []
+    for info in storage.list_dir(run_dir):
+        found = TRIAL_FOLDER.match(info.base_name)
+        if info.is_file or not found:
+            continue
+        trial = TrialOnDisk(found["id"], found["name"], int(found["number"]),
+                            storage.join(run_dir, info.base_name))
+        _read_trial(trial)
+        trials.append(trial)
+    # folder names end in the trial's creation time: sessions in order, then Tune's numbers
+    return sorted(trials, key=lambda t: (t.folder.rsplit("_", 2)[-2:], t.number))
+
+
+def _read_trial(trial: TrialOnDisk) -> None:
+    files = set(storage.list_files(trial.folder))
+    referenced = set()
+    for report in _reports(storage.join(trial.folder, RESULT_FILE), files):
+        trial.params = report.get("config") or trial.params
+        if report.get("is_final"):
+            trial.final = report
+            continue
+        checkpoint = ""
+        folder = report.get("checkpoint_dir_name")
+        if folder and f"{folder}/{CHECKPOINT_FILE}" in files:
+            checkpoint = storage.join(trial.folder, folder, CHECKPOINT_FILE)
+            referenced.add(folder)
+        trial.rounds[int(report["round"])] = _point(report, checkpoint)  # a retry: last wins
+    for name in sorted(files):
+        folder, _, base = name.partition("/")
+        if base == CHECKPOINT_FILE and folder.startswith("checkpoint_") and \
+                folder not in referenced:
+            _add_unreported_checkpoint(trial, storage.join(trial.folder, name))
+    if not trial.params and PARAMS_FILE in files:
+        try:
+            trial.params = storage.read_json(storage.join(trial.folder, PARAMS_FILE))
+        except (OSError, ValueError) as exc:
+            log.warning("%s", exc)
+    if ERROR_FILE in files:
+        text = storage.read_text(storage.join(trial.folder, ERROR_FILE))
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        trial.error = lines[-1] if lines else "failed (empty error.txt)"
+
+
+def _reports(path: str, files: set[str]) -> list[dict[str, Any]]:
+    if RESULT_FILE not in files:
+        return []
+    reports = []
+    for number, line in enumerate(storage.read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            report = json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("%s line %d is cut short (the driver stopped while writing it); "
+                        "its checkpoint is read instead", path, number)
+            continue
+        if isinstance(report, dict) and ("round" in report or report.get("is_final")):
+            reports.append(report)
+    return reports
+
+
+def _point(report: dict[str, Any], checkpoint: str) -> dict[str, Any]:
+    return {"accuracy": float(report["accuracy"]), "flops": int(report["flops"]),
+            "params": int(report["params"]), "checkpoint": checkpoint}
+
+
+def _add_unreported_checkpoint(trial: TrialOnDisk, path: str) -> None:
+    from ccpcsa.checkpoint import CheckpointError, read_payload
+
+    try:
+        payload = read_payload(path)
+        rnd = int(payload["extra"]["round"])
+        metrics = payload["metrics"]
+    except (CheckpointError, KeyError, TypeError, ValueError) as exc:
+        log.warning("skipping %s: %s", path, exc)
+        return
+    if rnd not in trial.rounds:
+        log.info("%s: round %d read from its checkpoint (its report was not saved)",
+                 trial.name, rnd)
+        trial.rounds[rnd] = _point(metrics, path)
+
+
+def counts(trials: list[TrialOnDisk], num_samples: int) -> dict[str, int]:
+    """Trials per status; those the search never started (no folder) are "not started"."""
+    found = {status: 0 for status in STATUSES}
+    for trial in trials:
+        found[trial.status] += 1
+    started = len(trials) - found["not started"]
+    found["not started"] = max(0, num_samples - started)
+    return found
+
