@@ -471,3 +471,21 @@ def test_run_py_help_lists_every_flag_used():
     used.add("--dry-run")
     missing = sorted(used - documented)
     assert not missing, f"search/run.py --help does not list {missing}"
+
+
+# --------------------------------------------------------------------------- dashboard exposure
+
+
+def test_dashboard_on_all_interfaces_only_with_token_auth():
+    """--dashboard-host=0.0.0.0 exposes the job API (code execution) to the network: every
+    cluster file that does it turns Ray's token authentication on for every node."""
+    aws = _load_yaml(AWS_YAML)
+    # every container (head and workers) runs with token authentication on
+    assert "--env RAY_AUTH_MODE=token" in aws["docker"]["run_options"]
+    assert "--dashboard-host=0.0.0.0" in " ".join(aws["head_start_ray_commands"])
+    assert "~/.ray/auth_token" in aws["file_mounts"], "workers need the head's token"
+    for spec in (_raycluster()["spec"], _rayjob()["spec"]["rayClusterSpec"]):
+        assert spec["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+        assert spec.get("authOptions", {}).get("mode") == "token", spec.get("authOptions")
+        major, minor = map(int, spec["rayVersion"].split(".")[:2])
+        assert (major, minor) >= (2, 52), "Ray token authentication needs Ray >= 2.52"
