@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # `python search/run.py`: make the repo importabl
 
 from ccpcsa import exits, storage  # noqa: E402
 from ccpcsa.checkpoint import CheckpointError  # noqa: E402
-from ccpcsa.data import DataError, check_dataset  # noqa: E402
+from ccpcsa.data import DataConfig, DataError, check_dataset  # noqa: E402
 from ccpcsa.importance import IMPORTANCES  # noqa: E402
 from ccpcsa.loop import PrepareConfig, Prepared  # noqa: E402
 from ccpcsa.prune import ALLOCATIONS  # noqa: E402
@@ -342,21 +342,21 @@ def run_search(cfg: SearchConfig, termination) -> int:
 
 
 def _run_locked(cfg: SearchConfig, fail: frozenset[int], termination) -> int:
-    from ray import tune
-
-    from search import collect
-    from search.ondisk import counts, scan_trials
-    from search.resume import Plan, plan_resume
-    from search.space import build_space, describe_model
-    from search.trial import TrialSettings, data_config
-
     cfg = check_run_folder(cfg)
     run_dir = run_dir_of(cfg)
     try:
         storage.check_writable(run_dir)
     except OSError as exc:
         raise ConfigError(str(exc)) from None
-    info = check_dataset(data_config(cfg))  # all data checks before Ray starts
+    info = check_dataset(DataConfig(cfg.dataset, cfg.data_root, cfg.image_size))  # before Ray
+
+    from ray import tune
+
+    from search import collect
+    from search.ondisk import counts, scan_trials
+    from search.resume import Plan, plan_resume
+    from search.space import build_space, describe_model
+    from search.trial import TrialSettings
     input_shape = (info.channels, info.image_size, info.image_size)
     ray = connect_ray(cfg)
     if not cfg.resume:

@@ -5,6 +5,9 @@
   other trials' points are on the frontier.
 - A search killed (SIGKILL) after a trial finished resumes with --resume: the finished trial is
   kept with its results and is not run again.
+- Ctrl-C (SIGINT) exits 130 with a per-status summary; with Tune's experiment state then
+  emptied (as a full disk leaves it), --resume keeps and does not re-run the finished trial,
+  runs the trials still owed and puts every round on disk on the frontier.
 - `ray job submit` to a real Ray head: every point of frontier.parquet re-measures (FLOPs,
   params, top-1 on the digits test split) to its stored values from its checkpoint, `pareto` is
   exactly the brute-force non-dominated set, frontier.png is a PNG.
@@ -22,6 +25,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -490,3 +494,73 @@ def test_trials_fine_tune_on_ray_train_workers(tmp_path):
     assert (frame["round"] >= 1).any()
     for path in frame.loc[frame["round"] >= 1, "checkpoint"]:
         assert load_checkpoint(path).ccpcsa_model == "resnet20"
+
+
+# --------------------------------------------------------------------------- lost state
+
+
+def _summary_counts(out: str) -> dict[str, int]:
+    found = re.search(r"(\d+) trials finished, (\d+) failed, (\d+) interrupted, (\d+) not "
+                      r"started \(of (\d+)\)", out)
+    assert found, _tail(out)
+    keys = ("finished", "failed", "interrupted", "not started", "of")
+    return dict(zip(keys, map(int, found.groups()), strict=True))
+
+
+def test_ctrl_c_exits_130_and_resume_survives_a_lost_tune_state(tmp_path):
+    """SIGINT after a trial finished: exit 130, the summary says which trials finished, were
+    interrupted or never started. Then Tune's experiment state is emptied (what a full disk
+    leaves) and --resume must neither lose nor re-run the finished trial, and every round on
+    disk must reach the frontier."""
+    from search.ondisk import scan_trials
+
+    storage = tmp_path / "runs"
+    run_dir = storage / "lost"
+    samples = 3
+    args = ["--storage", str(storage), "--name", "lost", "--num-samples", str(samples),
+            "--max-concurrent-trials", "1", *TINY]
+    with _ray_processes("lost-a") as (marker, ray_tmp):
+        log = tmp_path / "first.log"
+        with log.open("w") as out:
+            driver = subprocess.Popen([sys.executable, RUN_PY, *args], cwd=REPO,
+                                      env=_env(marker, ray_tmp), stdout=out,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + SEARCH_TIMEOUT_S
+            while not any(v["status"] == "TERMINATED"
+                          for v in (_experiment_state(run_dir) or {}).values()):
+                assert driver.poll() is None, _tail(log.read_text())
+                assert time.monotonic() < deadline, _tail(log.read_text())
+                time.sleep(0.2)
+            driver.send_signal(signal.SIGINT)  # Ctrl-C
+            driver.wait(timeout=SEARCH_TIMEOUT_S)
+        finally:
+            _stop(marker, driver)
+    first = log.read_text()
+    assert driver.returncode == 130, _tail(first)
+    counts = _summary_counts(first)
+    assert counts["finished"] >= 1 and counts["interrupted"] + counts["not started"] >= 1
+    assert counts["finished"] + counts["interrupted"] + counts["not started"] == samples
+    assert "--resume" in first and "Traceback" not in first.split("search: ")[-1]
+    before = {t.trial_id: t for t in scan_trials(str(run_dir)) if t.status == "finished"}
+    results = {t: (run_dir / Path(v.folder).name / "result.json").read_bytes()
+               for t, v in before.items()}
+
+    newest = sorted(run_dir.glob("experiment_state-*.json"))[-1]
+    newest.write_bytes(b"")  # a full disk cut it to nothing
+    with _ray_processes("lost-b") as (marker, ray_tmp):
+        done = _search(["--storage", str(storage), "--name", "lost", "--resume"],
+                       _env(marker, ray_tmp), tmp_path / "resumed.log")
+    assert done.returncode == 0, _tail(done.stdout)
+    assert "cannot be restored" in done.stdout and "is empty" in done.stdout, _tail(done.stdout)
+    trials = scan_trials(str(run_dir))
+    started = [t for t in trials if t.status != "not started"]
+    assert len(started) == samples, [(t.name, t.status) for t in trials]
+    assert _summary_counts(done.stdout)["finished"] == sum(t.status == "finished"
+                                                            for t in trials)
+    frame = pd.read_parquet(run_dir / "frontier.parquet")
+    for trial_id, trial in before.items():  # kept, and not run again
+        assert (Path(trial.folder) / "result.json").read_bytes() == results[trial_id]
+    for trial in trials:  # never fewer rounds than are on disk
+        on_frontier = set(frame.loc[frame["trial_id"] == trial.trial_id, "round"])
+        assert on_frontier == set(trial.rounds), trial.name

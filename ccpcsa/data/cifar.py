@@ -136,7 +136,8 @@ def cifar_datasets(name: str, root: str, image_size: int, augment: bool) -> tupl
     check_cifar_layout(name, root)
     folder = os.path.join(root, layout.folder)
     meta = load_batch(os.path.join(folder, layout.meta))
-    classes = [str(c) for c in meta.get(layout.names_key, [])]
+    classes = [c.decode("latin1") if isinstance(c, bytes) else str(c)
+               for c in meta.get(layout.names_key, [])]
     train_tf = cifar_transform(image_size, augment, mean, std)
     test_tf = cifar_transform(image_size, False, mean, std)
     train = CifarImages(folder, layout.train, layout.label_key, classes, train_tf)
