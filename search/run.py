@@ -7,6 +7,11 @@ Stage 0 (baseline and BAM training) runs once and is cached under <storage>/<nam
 every trial then runs the CCPCSA loop with its own m and ratio caps; every round of every
 trial is a candidate point, and the accuracy-FLOPs Pareto frontier of all of them is written
 to <storage>/<name>/ (frontier.parquet, frontier.png, frontier/*.pt).
+
+One search per run folder at a time (a lock file); every setting is checked before Ray
+starts; Ctrl-C or SIGTERM saves Tune's state, writes the frontier of what finished and exits
+130 or 143 (exit codes: ccpcsa/exits.py); --resume checks Tune's state before restoring it
+(search/resume.py).
 """
 
 from __future__ import annotations
@@ -133,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--name", help=f"run name; results in <storage>/<name> (default {d.name})")
     g.add_argument("--resume", action="store_true", default=None,
                    help="continue the interrupted search <storage>/<name>: finished trials are "
-                        "kept, unfinished ones continue; the saved configuration is used")
+                        "kept, unfinished ones continue; the saved configuration is used (and "
+                        "checked like flags)")
     g.add_argument("--dry-run", action="store_true", default=False,
                    help="validate the configuration, print it, and exit")
     g = p.add_argument_group("stage 0 (once per search) and each trial's loop")
@@ -357,6 +363,7 @@ def _run_locked(cfg: SearchConfig, fail: frozenset[int], termination) -> int:
     from search.resume import Plan, plan_resume
     from search.space import build_space, describe_model
     from search.trial import TrialSettings
+
     input_shape = (info.channels, info.image_size, info.image_size)
     ray = connect_ray(cfg)
     if not cfg.resume:

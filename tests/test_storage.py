@@ -1,5 +1,7 @@
 """Results storage given as a URI (file://, the local stand-in for s3:// and gs://) works for
-the prune CLI, the search and the report, through pyarrow.fs and Ray's storage."""
+the prune CLI, the search and the report, through pyarrow.fs and Ray's storage; writes are
+atomic and run locks hold on file:// URIs and on object stores (fsspec's in-memory file system
+stands in for one); the data fingerprint of the stage-0 cache key sees added files."""
 
 import subprocess
 import sys
@@ -36,3 +38,54 @@ def test_prune_search_and_report_on_a_file_uri(tmp_path):
     assert (tmp_path / "runs" / "uri" / "frontier.png").is_file()
     report = _run(["search/report.py", storage.join(runs, "uri")])
     assert "plot:" in report.stdout
+
+
+# --------------------------------------------------------------------------- writes and locks
+
+
+def test_atomic_write_on_a_file_uri_leaves_no_temporary(tmp_path):
+    uri = f"file://{tmp_path}/run/config.json"
+    storage.write_json(uri, {"a": 1})
+    storage.write_json(uri, {"a": 2})
+    assert storage.read_json(uri) == {"a": 2}
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json"]
+    assert storage.list_files(f"file://{tmp_path}") == ["run/config.json"]
+
+
+def test_lock_on_a_file_uri_is_the_local_exclusive_create(tmp_path):
+    from ccpcsa.runlock import LOCK_FILE, RunInUseError, RunLock
+
+    uri = f"file://{tmp_path}/run"
+    with RunLock(uri, "first"):
+        assert (tmp_path / "run" / LOCK_FILE).is_file()
+        try:
+            RunLock(uri, "second").acquire()
+            raise AssertionError("a second lock was granted")
+        except RunInUseError as exc:
+            assert "in use by pid" in str(exc) and "(first," in str(exc)
+    assert not (tmp_path / "run" / LOCK_FILE).exists()
+
+
+def test_lock_on_an_object_store_is_check_write_read_back():
+    """Object stores have no exclusive create in pyarrow.fs; fsspec's in-memory file system
+    stands in for one (no local path): the second run is still refused."""
+    from ccpcsa.runlock import RunInUseError, RunLock
+
+    uri = "fsspec+memory:///ccpcsa-test/run"
+    with RunLock(uri, "first"):
+        try:
+            RunLock(uri, "second").acquire()
+            raise AssertionError("a second lock was granted")
+        except RunInUseError as exc:
+            assert uri in str(exc)
+    assert not storage.exists(f"{uri}/.ccpcsa.lock")
+
+
+def test_data_fingerprint_sees_added_files_two_levels_down(tmp_path):
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    before = storage.fingerprint(str(tmp_path))
+    assert storage.fingerprint(str(tmp_path)) == before
+    (tmp_path / "train" / "cat" / "a.png").write_bytes(b"x")  # changes the class folder's mtime
+    assert storage.fingerprint(str(tmp_path)) != before
+    assert storage.fingerprint(None) == ""
+    assert storage.fingerprint(str(tmp_path / "no")) == "missing"
