@@ -37,3 +37,13 @@ def test_unknown_failed_trial_is_skipped():
     searcher.on_trial_complete("lost", None, error=True)
     searcher.on_trial_complete("other", {"accuracy": 91.0, "config": {}})  # no flops, no params
     assert searcher._ot_study.get_trials() == []
+
+
+def test_finished_trial_adopted_from_disk_is_told_to_the_study():
+    searcher = _searcher()
+    config = {"groups_per_round": 3, "cap_layer1": 0.25}
+    assert searcher.tell_finished(config, {"accuracy": 92.0, "flops": 9})
+    assert not searcher.tell_finished({"groups_per_round": 3}, {"accuracy": 1.0, "flops": 1})
+    assert not searcher.tell_finished(config, {"accuracy": 92.0})  # no flops reported
+    (trial,) = searcher._ot_study.get_trials()
+    assert trial.values == [92.0, 9.0] and trial.params == config
