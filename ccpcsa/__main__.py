@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap for one stage, e.g. layer1=0.5 (repeatable)")
     p.add_argument("--layer-cap", action="append", metavar="LAYER=RATIO",
                    help="cap for one channel group, named by its root layer (repeatable)")
-    p.add_argument("--residual-cap", type=float, default=None, metavar="RATIO",
+    p.add_argument("--residual-cap", type=finite_float, default=None, metavar="RATIO",
                    help="cap for every residual-stream group (channels summed by skip "
                         "connections), instead of its stage's (default: the stage's)")
     p.add_argument("--strip-bam", action="store_true",
