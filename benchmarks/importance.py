@@ -388,7 +388,8 @@ def _run_model_seed(args, cache: CellCache, model_name: str, seed: int, todo) ->
     info = dataset_info(data)
     input_shape = (info.channels, info.image_size, info.image_size)
     prep_cfg = PrepareConfig(model_name, info.num_classes, input_shape, args.dataset,
-                             args.baseline_epochs, args.attention_epochs, args.lr, seed)
+                             args.baseline_epochs, args.attention_epochs, args.lr, seed,
+                             data_root=args.data_root, batch_size=args.batch_size)
     t = time.perf_counter()
     prepared = prepare(prep_cfg, runner,
                        os.path.join(args.cache_dir, f"{model_name}-seed{seed}"))
