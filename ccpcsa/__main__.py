@@ -114,6 +114,11 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
     p.add_argument("--min-channels", type=int, default=4,
                    help="never shrink a layer below this many channels (default: %(default)s)")
+    p.add_argument("--round-to", type=int, default=None, metavar="N",
+                   help="every pruned width is a multiple of N (tensor cores work on multiples "
+                        "of 8), within the caps and floor, which round up to a multiple; a "
+                        "round removes at least m channels and less than N more (default: 8 "
+                        "when training on CUDA, else 1)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--device", default=None,
                    help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
@@ -195,6 +200,8 @@ def configs_from_args(args: argparse.Namespace) -> dict[str, Any]:
     validation.number("--cpus-per-worker", args.cpus_per_worker, above=0)
     if args.loader_workers is not None and args.loader_workers < 0:
         raise UsageError(f"--loader-workers must be >= 0, got {args.loader_workers}")
+    if args.round_to is not None:
+        validation.whole("--round-to", args.round_to, 1)
     info = check_dataset(data_cfg)
     prep_cfg = PrepareConfig(args.model, info.num_classes,
                              (info.channels, info.image_size, info.image_size), args.dataset,
@@ -254,7 +261,7 @@ def loop_config_from_args(args: argparse.Namespace, groups_per_round: int, max_r
         groups_per_round=groups_per_round, tolerance=args.tolerance, max_rounds=args.max_rounds,
         finetune_epochs=args.epochs, finetune_lr=args.finetune_lr, importance=args.importance,
         calibration_batches=args.calibration_batches, allocation=args.allocation,
-        bn_batches=args.bn_batches,
+        bn_batches=args.bn_batches, round_to=args.round_to,
         limits=PruneLimits(max_ratio, stage_caps, layer_caps, args.min_channels,
                            args.residual_cap),
         reference=args.reference, seed=args.seed)
@@ -321,6 +328,7 @@ def _prune_locked(args: argparse.Namespace, configs: dict[str, Any], loop_cfg: L
           flush=True)
     if args.strip_bam:
         write_stripped(result.model, runner, prep_cfg, loop_cfg, args.out)
+    runner.close()  # Ray Train workers, if any (also closed at exit after an error)
     return 0
 
 

@@ -9,7 +9,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -19,7 +19,7 @@ from ccpcsa import storage
 from ccpcsa.attention import insert_bam
 from ccpcsa.checkpoint import CheckpointInfo, load_checkpoint, read_payload, save_checkpoint
 from ccpcsa.flops import count_flops, count_params
-from ccpcsa.importance import IMPORTANCES, compute_scores
+from ccpcsa.importance import IMPORTANCES
 from ccpcsa.models import build_model, get_spec
 from ccpcsa.prune import (
     ALLOCATIONS,
@@ -79,6 +79,9 @@ class LoopConfig:
     # ranks channels within a layer under "uniform"
     allocation: str = "uniform"
     bn_batches: int = 16  # BatchNorm re-estimated on this many batches after surgery; 0 = off
+    # every pruned width a multiple of this (tensor cores); None = 8 when the runner trains on
+    # CUDA, else 1
+    round_to: int | None = None
     limits: PruneLimits = field(default_factory=PruneLimits)
     # Algorithm 1 compares with Acc of step 1 (the model before BAM); "attention" uses M'.
     reference: str = "baseline"
@@ -107,6 +110,9 @@ class LoopConfig:
                              f"{', '.join(ALLOCATIONS)}")
         if self.bn_batches < 0:
             raise ValueError(f"BN recalibration batches must be >= 0, got {self.bn_batches}")
+        if self.round_to is not None and not (isinstance(self.round_to, int)
+                                              and self.round_to >= 1):
+            raise ValueError(f"round-to must be an integer >= 1, got {self.round_to!r}")
         if self.reference not in REFERENCES:
             raise ValueError(f"unknown reference {self.reference!r}; choose one of: "
                              f"{', '.join(REFERENCES)}")
@@ -267,6 +273,11 @@ def prune_loop(
     starting round is then not passed to `on_round` again."""
     cfg.validate()
     spec = get_spec(model_name)
+    round_to = cfg.round_to or default_round_to(runner)
+    if cfg.round_to is None:
+        cfg = replace(cfg, round_to=round_to)
+    log.info("pruned widths are multiples of %d%s", round_to,
+             "" if round_to > 1 else " (any width)")
     seed_everything(cfg.seed + start_round)
     device = next(model.parameters()).device
     widths_now = group_widths(_groups(model, spec, input_shape, device)[1])
@@ -329,12 +340,11 @@ def prune_step(model: nn.Module, spec, input_shape: tuple[int, int, int], runner
     returns (channels removed, seconds spent scoring), or None when nothing is prunable."""
     start = time.perf_counter()
     graph, groups = _groups(model, spec, input_shape, next(model.parameters()).device)
-    scores = compute_scores(cfg.importance, model, groups,
-                            runner.calibration_batches(cfg.calibration_batches), seed=seed)
+    scores = runner.score(cfg.importance, model, groups, cfg.calibration_batches, seed)
     seconds_score = time.perf_counter() - start
     costs = channel_macs(model, groups, input_shape) if cfg.allocation == "flops" else None
     chosen = select_channels(groups, scores, cfg.groups_per_round, cfg.limits, original_widths,
-                             cfg.allocation, costs)
+                             cfg.allocation, costs, cfg.round_to or 1)
     if not chosen:
         return None
     return remove_channels(graph, groups, chosen), seconds_score
@@ -342,6 +352,16 @@ def prune_step(model: nn.Module, spec, input_shape: tuple[int, int, int], runner
 
 def record_of(result: LoopResult, round_number: int) -> RoundRecord:
     return next(r for r in result.records if r.round == round_number)
+
+
+def default_round_to(runner: Runner) -> int:
+    """8 where the runner trains on CUDA (tensor cores work on multiples of 8), else 1."""
+    return 8 if getattr(runner, "uses_cuda", False) else 1
+
+
+def channel_groups(model: nn.Module, model_name: str, input_shape: tuple[int, int, int]):
+    """(dependency graph, prunable channel groups) of a model, traced on its device."""
+    return _groups(model, get_spec(model_name), input_shape, next(model.parameters()).device)
 
 
 def _groups(model: nn.Module, spec, input_shape, device):

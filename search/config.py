@@ -69,6 +69,7 @@ class SearchConfig:
     calibration_batches: int = 4
     bn_batches: int = 16
     min_channels: int = 4
+    round_to: int | None = None  # None: 8 when the workers train on CUDA, else 1
     reference: str = "baseline"
 
     def validate(self) -> None:
@@ -104,6 +105,8 @@ class SearchConfig:
             check.flag(name, getattr(self, name))
         if self.loader_workers is not None:
             check.whole("loader_workers", self.loader_workers, 0)
+        if self.round_to is not None:
+            check.whole("round_to", self.round_to, 1)
         if self.m_range is not None:
             low, _ = check.pair("m_range", self.m_range, int)
             check.whole("m_range low", int(low), 1)

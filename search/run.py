@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"0 = off (default {d.bn_batches})")
     g.add_argument("--min-channels", type=int,
                    help=f"channel floor per layer (default {d.min_channels})")
+    g.add_argument("--round-to", type=int, metavar="N",
+                   help="every pruned width a multiple of N, within caps and floor (default: 8 "
+                        "when the trials train on CUDA, else 1)")
     g.add_argument("--reference", help=f"tolerance measured from: baseline or attention "
                    f"(default {d.reference})")
     a("-v", "--verbose", action="store_true", default=False, help="debug logging")
@@ -252,7 +255,10 @@ def run_stage0(ray, cfg: SearchConfig, prep_cfg: PrepareConfig, run_dir: str) ->
     def stage0() -> Prepared:
         logging.basicConfig(level=logging.INFO)
         runner = make_runner(cfg, storage.join(run_dir, "train", "stage0"))
-        return prepare(prep_cfg, runner, storage.join(run_dir, "stage0"))
+        try:
+            return prepare(prep_cfg, runner, storage.join(run_dir, "stage0"))
+        finally:
+            runner.close()
 
     if cfg.workers_per_trial > 1:  # Ray Train places its own workers
         return stage0()
