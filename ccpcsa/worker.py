@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import re
 import signal
@@ -189,6 +190,8 @@ class Worker:
                                               self.device)
             loss /= max(seen, 1)
             seconds = time.perf_counter() - started
+            if not math.isfinite(loss):  # on every worker (the loss is summed): none goes on
+                raise FloatingPointError(f"{c.label}: loss became {loss} in epoch {epoch + 1}")
             if self.rank == 0:
                 log_epoch(f"{c.label} ({self.world} workers)", epoch, c.epochs, loss, int(seen),
                           seconds)
