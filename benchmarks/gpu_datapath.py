@@ -30,10 +30,11 @@ step on the CPU at toy sizes (a code-path check; its numbers mean nothing).
 
 On the lent GPU machine (one H100, 16 cores, Python 3.12 with torch but without ray): copy
 /work/shared/device-kit into the working tree first (its wheels/ hold Ray 2.60 and
-torch_pruning), then run from the repository root, within ~240 s of device time:
+torch_pruning), then run from the repository root, within ~330 s of device time
+(a smaller --budget-s skips the last steps, scoring and rounds, when time runs short):
   python3 -m pip install -q --no-index --no-deps --target /tmp/deps device-kit/wheels/*.whl &&
   PYTHONPATH=$PWD:/tmp/deps RAY_USAGE_STATS_ENABLED=0 \
-  python3 benchmarks/gpu_datapath.py --out $OUT --budget-s 190
+  python3 benchmarks/gpu_datapath.py --out $OUT --budget-s 280
 """
 
 from __future__ import annotations
