@@ -142,6 +142,7 @@ class Worker:
         self._train: TrainSource | None = None
         self._test_batches = None
         self._calibration_set = None
+        self._calibration_batches: dict[int, Any] = {}  # count -> loader (the same each round)
         self._finished: list[str] = []  # fit folders to delete once their result is posted
 
     # ------------------------------------------------------------------ the model
@@ -203,7 +204,8 @@ class Worker:
         del wrapped
         sync_buffers(model, self.device)  # every worker holds what rank 0 sends back
         self.version = c.seq
-        self._finished.append(run_dir)
+        if self.rank == 0:
+            self._finished.append(run_dir)
         correct, total = self.count_correct()
         accuracy = 100.0 * correct / max(total, 1)
         return {"payload": self.payload() if self.rank == 0 else None, "accuracy": accuracy,
@@ -279,14 +281,18 @@ class Worker:
                                                      self.rank, self.world):
                 yield source.normalize(images), labels
             return
-        if self._calibration_set is None:
-            self._calibration_set = build_datasets(replace(self.setup.data, augment=False))[0]
-        drawn = calibration_indices(len(self._calibration_set), count, global_batch,
-                                    self.cfg.seed)
-        lo, hi = self.rank * per_worker, (self.rank + 1) * per_worker
-        mine = [i for b in range(count) for i in drawn[b * global_batch:][lo:hi]]
-        yield from loader(Subset(self._calibration_set, mine), self.cfg, train=False,
-                          batch_size=per_worker)
+        if count not in self._calibration_batches:
+            if self._calibration_set is None:
+                self._calibration_set = build_datasets(replace(self.setup.data,
+                                                               augment=False))[0]
+            drawn = calibration_indices(len(self._calibration_set), count, global_batch,
+                                        self.cfg.seed)
+            lo, hi = self.rank * per_worker, (self.rank + 1) * per_worker
+            mine = [i for b in range(count) for i in drawn[b * global_batch:][lo:hi]]
+            self._calibration_batches[count] = loader(Subset(self._calibration_set, mine),
+                                                      self.cfg, train=False,
+                                                      batch_size=per_worker)
+        yield from self._calibration_batches[count]
 
     # ------------------------------------------------------------------ across workers
 
