@@ -446,14 +446,15 @@ def _maybe_kill(batches, kill: str, rank: int, epoch: int):
 
 
 def _payload_info(model: nn.Module) -> CheckpointInfo:
+    """How the workers rebuild `model`: its name (registry, torchvision:NAME or module:callable,
+    which must import on every node), classes and BAM placements (to_payload records them)."""
     from ccpcsa.attention import has_bam
-    from ccpcsa.models import get_spec
 
     name = getattr(model, "ccpcsa_model", None)
-    if name is None:
+    num_classes = getattr(model, "ccpcsa_num_classes", None)
+    if name is None or num_classes is None:
         raise DistributedError("RayRunner needs a model made by ccpcsa (build_model or "
                                "load_checkpoint): it rebuilds the architecture by name")
-    num_classes = get_spec(name).classifier(model).out_features
     return CheckpointInfo(name, num_classes, has_bam(model), (0, 0, 0))
 
 
