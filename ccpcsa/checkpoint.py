@@ -9,6 +9,7 @@ ConvNeXt's layer scale); no module is pickled.
 
 from __future__ import annotations
 
+import collections
 import io
 from dataclasses import dataclass, field
 from typing import Any
@@ -118,7 +119,9 @@ def model_from_payload(payload: dict[str, Any], source: str = "checkpoint") -> n
     try:
         model = build_model(name, int(payload["num_classes"]), payload["with_bam"],
                             input_shape=shape, placements=payload.get("bam_placements") or None)
-        state = payload["state_dict"]
+        state = collections.OrderedDict(payload["state_dict"])
+        # the module versions torch keeps beside a state_dict (MNASNet refuses to load without)
+        state._metadata = getattr(model.state_dict(), "_metadata", None)
         resize_to_state_dict(model, state)
         model.load_state_dict(state)
         classes = get_spec(name, shape).classifier(model).weight.shape[0]

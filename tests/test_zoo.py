@@ -81,7 +81,8 @@ def test_grouped_convs_shrink_per_conv_group():
     per = g.width // g.interleave
     scores = {x.key: torch.ones(x.width) for x in groups}
     scores[g.key][[1, per + 1]] = 0.0  # the 2nd channel of the first two conv groups
-    chosen = select_channels(groups, scores, 1, PruneLimits(), {x.key: x.width for x in groups})
+    chosen = select_channels(groups, scores, 1, PruneLimits(), {x.key: x.width for x in groups},
+                             allocation="global")
     # one unit = the 2nd channel of every conv group
     assert chosen == {g.key: [1 + j * per for j in range(g.interleave)]}
 
