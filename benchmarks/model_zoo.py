@@ -145,8 +145,10 @@ def family(name: str) -> str:
 
 def table(results: dict[str, dict]) -> str:
     ok = sum(r["status"] == "ok" for r in results.values())
+    skipped = sum(r["status"] == "skipped" for r in results.values())
     lines = [START, "",
-             f"{ok} of {len(results)} torchvision classification models tried prune "
+             f"{ok} of the {len(results) - skipped} torchvision classification models tried "
+             f"prune ({skipped} larger ones skipped in this run: --max-params) "
              f"(`python benchmarks/model_zoo.py`; 10 classes, CPU, the smallest input of "
              f"{'/'.join(map(str, SIZES))} px each accepts; FLOPs = MACs at that input, with "
              f"BAM, before and after removing 10 % of the prunable channels, cross-checked "
@@ -156,7 +158,7 @@ def table(results: dict[str, dict]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for name in sorted(results, key=lambda n: (family(n), n)):
         r = results[name]
-        error = r.get("error", "").replace(f"torchvision:{name} ", "")
+        error = r.get("error", "").removeprefix(f"torchvision:{name} ")
         status = "ok" if r["status"] == "ok" else (
             f"{r['status']}{' at ' + r['step'] if r.get('step') else ''}: {_md(error)}")
         macs = (f"{_human(r['flops_before'])} | {_human(r['flops_after'])}"
