@@ -116,7 +116,8 @@ class RayRunner:
         self.storage_path = storage_path if storage.is_uri(storage_path) else os.path.abspath(
             storage_path)
         storage.check_writable(self.storage_path)
-        dataset_info(data)  # a bad dataset fails here, before any worker starts
+        info = dataset_info(data)  # a bad dataset fails here, before any worker starts
+        self.input_shape = (info.channels, info.image_size, info.image_size)
         self.gpus_per_worker = check_cluster(num_workers, gpus_per_worker, cpus_per_worker)
         self._parquet = _parquet_indexes(data, num_workers, cpus_per_worker)
         self._calibration: Dataset | None = None
@@ -184,7 +185,7 @@ class RayRunner:
         )
         from ray.train.torch import TorchTrainer
 
-        info = _payload_info(model)
+        info = _payload_info(model, self.input_shape)
         name = f"{_slug(label)}-{uuid.uuid4().hex[:8]}"
         job = WorkerJob(to_payload(model, info), self.data, self.train_cfg, epochs, lr, label,
                         self.sync_bn, os.environ.get(KILL_ENV, ""),
@@ -445,9 +446,10 @@ def _maybe_kill(batches, kill: str, rank: int, epoch: int):
 # ------------------------------------------------------------------------------- driver side
 
 
-def _payload_info(model: nn.Module) -> CheckpointInfo:
+def _payload_info(model: nn.Module, input_shape: tuple[int, int, int]) -> CheckpointInfo:
     """How the workers rebuild `model`: its name (registry, torchvision:NAME or module:callable,
-    which must import on every node), classes and BAM placements (to_payload records them)."""
+    which must import on every node), classes, BAM placements (to_payload records them) and
+    input shape (a model outside the registry finds its classifier by tracing on it)."""
     from ccpcsa.attention import has_bam
 
     name = getattr(model, "ccpcsa_model", None)
@@ -455,7 +457,7 @@ def _payload_info(model: nn.Module) -> CheckpointInfo:
     if name is None or num_classes is None:
         raise DistributedError("RayRunner needs a model made by ccpcsa (build_model or "
                                "load_checkpoint): it rebuilds the architecture by name")
-    return CheckpointInfo(name, num_classes, has_bam(model), (0, 0, 0))
+    return CheckpointInfo(name, num_classes, has_bam(model), input_shape)
 
 
 def _parquet_indexes(data: DataConfig, num_workers: int, cpus_per_worker: float

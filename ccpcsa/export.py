@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ccpcsa import storage
+from ccpcsa import exits, storage
 from ccpcsa.attention import has_bam, strip_bam
 from ccpcsa.checkpoint import info_of, model_from_payload, read_payload
 
@@ -66,7 +66,7 @@ def add_export_parser(sub) -> None:
 def run_export(args: argparse.Namespace) -> int:
     payload = read_payload(args.checkpoint)
     info = info_of(payload)
-    model = model_from_payload(payload)
+    model = model_from_payload(payload, source=repr(args.checkpoint))
     note = ""
     if args.strip_bam:
         if has_bam(model):
@@ -90,7 +90,7 @@ def run_export(args: argparse.Namespace) -> int:
     print(f"check: max |exported - checkpoint| = {result.max_abs_diff:.3g} on random inputs "
           f"of batch {' and '.join(map(str, CHECK_BATCHES))} (tolerance {ATOL:g} + "
           f"{RTOL:g}*|output|): {verdict}")
-    return 0 if result.within_tolerance else 1
+    return exits.OK if result.within_tolerance else exits.FAILED
 
 
 def export_model(model: nn.Module, input_shape: tuple[int, ...], fmt: str, out: str
@@ -111,7 +111,7 @@ def export_model(model: nn.Module, input_shape: tuple[int, ...], fmt: str, out: 
             _WRITERS[fmt](model, example, local)
         except Exception as exc:  # the exporters' own errors: one line naming the format
             raise ExportError(f"{fmt} export failed: {type(exc).__name__}: "
-                              f"{_first_line(exc)}") from None
+                              f"{exits.first_line(exc)}") from None
         run = _LOADERS[fmt](local)
         diff, ok = 0.0, True
         generator = torch.Generator().manual_seed(0)
@@ -178,8 +178,3 @@ _LOADERS = {"torchscript": _load_torchscript, "exported": _load_exported, "onnx"
 def _default_out(checkpoint: str, fmt: str) -> str:
     root, ext = os.path.splitext(checkpoint)
     return (root if ext == ".pt" else checkpoint) + SUFFIXES[fmt]
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ccpcsa.attention import WithBAM
+from ccpcsa.exits import first_line
 
 HEAD = "head"
 
@@ -87,7 +88,7 @@ def trace_layout(model: nn.Module, input_shape: tuple[int, ...], label: str) -> 
             model(torch.zeros(1, *input_shape))
     except Exception as exc:  # the user's model, any failure: one line naming the input
         raise LayoutError(f"{label} does not run on a {'x'.join(map(str, input_shape))} input "
-                          f"({type(exc).__name__}: {_first_line(exc)}); choose another "
+                          f"({type(exc).__name__}: {first_line(exc)}); choose another "
                           f"--image-size") from None
     finally:
         for h in hooks:
@@ -208,8 +209,3 @@ def resolve_module(model: nn.Module, path: str) -> nn.Module:
             module = module.stage
         module = getattr(module, part)
     return module.stage if isinstance(module, WithBAM) else module
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__

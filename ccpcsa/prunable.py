@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ccpcsa.exits import first_line
 from ccpcsa.layout import plain_path
 from ccpcsa.loop import PrepareConfig
 from ccpcsa.models import build_model, get_spec, is_registered
@@ -36,7 +37,7 @@ def check_prunable(name: str, num_classes: int, input_shape: tuple[int, ...]) ->
         graph = build_graph(model, example)
     except Exception as exc:  # torch-pruning's tracer, on an architecture it cannot follow
         raise PruneError(f"{name} cannot be pruned: torch-pruning cannot trace it "
-                         f"({_where(exc)}{type(exc).__name__}: {_first_line(exc)})") from None
+                         f"({_where(exc)}{type(exc).__name__}: {first_line(exc)})") from None
     groups = find_groups(model, graph, spec.classifier(model), spec.stage_of)
     if not groups:
         raise PruneError(f"{name} has no channel group that can be pruned")
@@ -50,12 +51,12 @@ def check_prunable(name: str, num_classes: int, input_shape: tuple[int, ...]) ->
         except Exception as exc:
             raise PruneError(f"{name} cannot be pruned consistently: removing a channel of "
                              f"layer {group.key} fails ({type(exc).__name__}: "
-                             f"{_first_line(exc)})") from None
+                             f"{first_line(exc)})") from None
     layer, output = _run_naming_failure(model, example)
     layer = plain_path(layer, spec.bam_placements)
     if isinstance(output, BaseException):
         raise PruneError(f"{name} cannot be pruned consistently: with channels removed, layer "
-                         f"{layer} fails ({type(output).__name__}: {_first_line(output)})")
+                         f"{layer} fails ({type(output).__name__}: {first_line(output)})")
     if not isinstance(output, torch.Tensor) or output.shape != (1, num_classes):
         shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output)
         raise PruneError(f"{name} cannot be pruned consistently: with channels removed it "
@@ -97,10 +98,3 @@ def _where(exc: BaseException) -> str:
         tb = tb.tb_next
     name = getattr(node, "name", None)
     return f"at {name}: " if name else ""
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
-
-

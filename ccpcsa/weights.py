@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ccpcsa import storage
+from ccpcsa.exits import first_line
 
 ENUM_NAME = re.compile(r"^[A-Za-z0-9_]+_Weights\.[A-Za-z0-9_]+$")
 # keys torchvision's files hold for auxiliary heads that ccpcsa builds without (models.py)
@@ -74,7 +75,7 @@ def read_state_dict(source: str) -> tuple[dict[str, torch.Tensor], dict[str, Any
                           weights_only=True)
     except Exception as exc:  # pickle errors of a non-weights file, truncated files...
         raise WeightsError(f"cannot read weights {path} with torch.load(weights_only=True): "
-                           f"{_first_line(exc)} (save model.state_dict(), not the model)"
+                           f"{first_line(exc)} (save model.state_dict(), not the model)"
                            ) from None
     if isinstance(data, dict) and data.get("format") == FORMAT:
         return data["state_dict"], data
@@ -147,8 +148,3 @@ def _check_classes(model: nn.Module, state: dict[str, torch.Tensor], source: str
 
 def _shape(tensor: torch.Tensor) -> str:
     return "x".join(map(str, tensor.shape))
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
