@@ -183,7 +183,8 @@ class RayRunner:
         assert self._group is not None
         now = fingerprint(model)
         if self._held is None or self._held[1] != now:
-            self._held = (self._group.send_model(to_payload(model, _payload_info(model))), now)
+            payload = to_payload(model, _payload_info(model, self.input_shape))
+            self._held = (self._group.send_model(payload), now)
         return self._held[0]
 
     def _adopt(self, model: nn.Module, result: dict[str, Any]) -> None:
@@ -399,16 +400,18 @@ def fingerprint(model: nn.Module) -> tuple:
 # ------------------------------------------------------------------------------- driver side
 
 
-def _payload_info(model: nn.Module) -> CheckpointInfo:
+def _payload_info(model: nn.Module, input_shape: tuple[int, int, int]) -> CheckpointInfo:
+    """How the workers rebuild `model`: its name (registry, torchvision:NAME or module:callable,
+    which must import on every node), classes, BAM placements (to_payload records them) and
+    input shape (a model outside the registry finds its classifier by tracing on it)."""
     from ccpcsa.attention import has_bam
-    from ccpcsa.models import get_spec
 
     name = getattr(model, "ccpcsa_model", None)
-    if name is None:
+    num_classes = getattr(model, "ccpcsa_num_classes", None)
+    if name is None or num_classes is None:
         raise DistributedError("RayRunner needs a model made by ccpcsa (build_model or "
                                "load_checkpoint): it rebuilds the architecture by name")
-    num_classes = get_spec(name).classifier(model).out_features
-    return CheckpointInfo(name, num_classes, has_bam(model), (0, 0, 0))
+    return CheckpointInfo(name, num_classes, has_bam(model), input_shape)
 
 
 def _parquet_indexes(data: DataConfig, num_workers: int, cpus_per_worker: float

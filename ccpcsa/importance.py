@@ -349,10 +349,14 @@ def _observe(kind: str, model: nn.Module, groups: list[ChannelGroup], batches: I
                  if kind == "attention" and g.bams}
     seen_this_batch: list[torch.Tensor] = []  # kept alive so ids cannot be reused
 
+    widths = {g.key: g.width for g in groups}
+
     def record(key: str, x: torch.Tensor) -> None:
         if any(x is t for t in seen_this_batch):
             return  # two consumers of one tensor (a conv and a downsample): count it once
         seen_this_batch.append(x)
+        if x.dim() > 2 and x.shape[1] != widths[key] and x.shape[-1] == widths[key]:
+            x = x.movedim(-1, 1)  # a channels-last layer (ConvNeXt's Linear and LayerNorm)
         stats[key].update(x)
 
     hooks = []

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch_pruning as tp
@@ -63,6 +63,9 @@ class ChannelGroup:
         """Channels summed from several layers (a residual stream), not one layer's output
         (a depthwise conv passing a layer's channels through does not count)."""
         return sum(not _is_depthwise(m) for _, m in self.producers) > 1
+    # > 1 when a grouped convolution (RegNet, ResNeXt) reads or writes these channels: they
+    # are removed `interleave` at a time, the same position in each of its conv groups
+    interleave: int = 1
 
 
 @dataclass(frozen=True)
@@ -119,8 +122,11 @@ def find_groups(
         root = group[0].dep.target.module
         width = graph.get_out_channels(root)
         producers, norms, bams, consumers = [], [], [], []
+        interleave = 1
         for dep, idxs in group:
             module = dep.target.module
+            if isinstance(module, nn.Conv2d) and 1 < module.groups < module.in_channels:
+                interleave = math.lcm(interleave, module.groups)
             if module not in names or len(idxs) != width:
                 continue
             entry = (names[module], module)
@@ -130,6 +136,8 @@ def find_groups(
                 consumers.append(entry)
             if not graph.is_out_channel_pruning_fn(dep.handler):
                 continue
+            if graph.get_out_channels(module) != width:
+                continue  # sees these channels as a slice of a concatenation (DenseNet)
             if isinstance(module, BAM):
                 bams.append(entry)
             elif isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -137,9 +145,11 @@ def find_groups(
             elif isinstance(module, (nn.Conv2d, nn.Linear)) and _prunes_outputs(dep, graph):
                 producers.append(entry)
         key = names[root]
+        if width % interleave:
+            continue  # cannot shrink evenly across its conv groups: left whole
         stage = _majority_stage([n for n, _ in producers] or [key], stage_of)
         groups.append(ChannelGroup(key, stage, width, root, producers, norms, bams, consumers,
-                                   group))
+                                   group, interleave))
     return groups
 
 
@@ -209,6 +219,9 @@ def select_channels(
                          f"{', '.join(ALLOCATIONS)}")
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise PruneError(f"round-to must be an integer >= 1, got {round_to!r}")
+    if any(g.interleave > 1 for g in groups):
+        return _select_interleaved(groups, scores, count, limits, original_widths, allocation,
+                                   costs, round_to)
     budget: dict[str, int] = {}
     first: dict[str, int] = {}  # the first step: down to the next multiple of round_to
     ranked: dict[str, torch.Tensor] = {}
@@ -351,6 +364,28 @@ def _slice_macs(module: nn.Module, role: str, out_numel: int, width: int) -> flo
     if role == "out":
         return out_numel / module.out_features * module.in_features
     return out_numel * module.in_features / width
+
+
+def _select_interleaved(groups, scores, count, limits, original_widths, allocation, costs,
+                        round_to=1):
+    """select_channels on a view where an interleaved group's k-th channel of every conv
+    group is one unit (scored by their mean); each chosen unit removes all of them (so
+    round_to applies to the width of each conv group)."""
+    folded, folded_scores, folded_widths = [], {}, {}
+    for g in groups:
+        per = g.width // g.interleave
+        folded.append(replace(g, width=per, interleave=1))
+        folded_scores[g.key] = scores[g.key].reshape(g.interleave, per).mean(0)
+        folded_widths[g.key] = original_widths.get(g.key, g.width) // g.interleave
+    by_key = {g.key: g for g in groups}
+    unit_costs = None if costs is None else {
+        k: v * by_key[k].interleave for k, v in costs.items() if k in by_key}
+    chosen = select_channels(folded, folded_scores, count, limits, folded_widths, allocation,
+                             unit_costs, round_to)
+    by_key = {g.key: g for g in groups}
+    return {key: sorted(i + j * (by_key[key].width // by_key[key].interleave)
+                        for i in idxs for j in range(by_key[key].interleave))
+            for key, idxs in chosen.items()}
 
 
 def remove_channels(

@@ -13,7 +13,7 @@ from ccpcsa.data import DATASETS, NEEDS_ROOT
 from ccpcsa.data.common import MIN_IMAGE_SIZE
 from ccpcsa.importance import IMPORTANCES
 from ccpcsa.loop import REFERENCES
-from ccpcsa.models import MODELS
+from ccpcsa.models import ModelError, check_model_name
 from ccpcsa.prune import ALLOCATIONS
 
 SAMPLERS = ("nsga2", "tpe", "random")
@@ -26,7 +26,8 @@ class ConfigError(validation.SettingError):
 @dataclass
 class SearchConfig:
     # what to prune, on what data
-    model: str = "resnet20"
+    model: str = "resnet20"  # registry name, torchvision:NAME or module:callable
+    weights: str | None = None  # trained weights replacing step 1's training
     dataset: str = "digits"
     data_root: str | None = None
     image_size: int | None = None
@@ -55,7 +56,7 @@ class SearchConfig:
     name: str = "ccpcsa-search"
     resume: bool = False
     # stage 0 (Algorithm 1 steps 1-2), once per search
-    baseline_epochs: int = 10
+    baseline_epochs: int | None = None  # None: 10, or 0 with weights (evaluated only)
     attention_epochs: int = 5
     lr: float = 0.05
     batch_size: int = 64
@@ -71,13 +72,26 @@ class SearchConfig:
     min_channels: int = 4
     round_to: int | None = None  # None: 8 when the workers train on CUDA, else 1
     reference: str = "baseline"
+    # inference latency of each frontier point, batch 1 and this batch (0: not measured)
+    latency_batch: int = 8
+
+    def __post_init__(self) -> None:
+        if self.baseline_epochs is None:
+            self.baseline_epochs = 0 if self.weights else 10
 
     def validate(self) -> None:
         """Every setting, whatever it came from (flags, YAML, a saved run): types, finite
         numbers, ranges, names, the storage URI scheme, the batch split over workers. Nothing
-        is touched (the search checks its storage and data before Ray starts)."""
+        is touched (the search checks its storage, data and weights before Ray starts); a
+        user's model module is imported."""
         check = validation
-        check.choice("model", self.model, tuple(MODELS))
+        check.text("model", self.model)
+        try:
+            check_model_name(self.model)
+        except ModelError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.weights is not None:
+            check.location("weights", self.weights)
         check.choice("dataset", self.dataset, DATASETS)
         if self.data_root is not None:
             check.location("data_root", self.data_root)
@@ -93,7 +107,7 @@ class SearchConfig:
                      "calibration_batches", "min_channels"):
             check.whole(name, getattr(self, name), 1)
         for name in ("seed", "baseline_epochs", "attention_epochs", "epochs", "max_failures",
-                     "bn_batches"):
+                     "bn_batches", "latency_batch"):
             check.whole(name, getattr(self, name), 0)
         check.whole("batch_size", self.batch_size, 2)
         check.per_worker_batch(self.batch_size, self.workers_per_trial)
