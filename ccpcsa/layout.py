@@ -22,6 +22,7 @@ from torch import nn
 
 from ccpcsa.attention import WithBAM
 from ccpcsa.exits import first_line
+from ccpcsa.probe import probe
 
 HEAD = "head"
 
@@ -81,19 +82,12 @@ def trace_layout(model: nn.Module, input_shape: tuple[int, ...], label: str) -> 
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d | nn.Linear):
             hooks.append(module.register_forward_hook(ran(name)))
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, *input_shape))
+        probe(model, input_shape, hooks)
     except Exception as exc:  # the user's model, any failure: one line naming the input
         raise LayoutError(f"{label} does not run on a {'x'.join(map(str, input_shape))} input "
                           f"({type(exc).__name__}: {first_line(exc)}); choose another "
                           f"--image-size") from None
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
     if not compute:
         raise LayoutError(f"{label} has no Conv2d or Linear layer: nothing to prune")
     return _layout(model, units, started, calls, shapes, compute[-1], label)
@@ -110,16 +104,8 @@ def output_channels(model: nn.Module, paths: list[str], input_shape: tuple[int, 
             found.setdefault(path, output.shape[1])
         return hook
 
-    hooks = [resolve_module(model, p).register_forward_hook(record(p)) for p in paths]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    probe(model, input_shape,
+          [resolve_module(model, p).register_forward_hook(record(p)) for p in paths])
     return found
 
 

@@ -18,6 +18,7 @@ import torch_pruning as tp
 from torch import nn
 
 from ccpcsa.attention import BAM
+from ccpcsa.probe import probe
 
 
 class PruneError(ValueError):
@@ -323,15 +324,7 @@ def channel_macs(model: nn.Module, groups: list[ChannelGroup],
 
     hooks = [m.register_forward_hook(hook) for m in model.modules()
              if isinstance(m, (nn.Conv2d, nn.Linear))]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    probe(model, input_shape, hooks)
     return {g.key: float(sum(_slice_macs(m, role, out_numel.get(m, 0), g.width)
                              for m, role in _layer_roles(g).items())) for g in groups}
 
