@@ -308,12 +308,12 @@ def prune_loop(
         model, accuracy_pruned = adaptive_bn_accuracy(model, runner, cfg.bn_batches)
         t2 = time.perf_counter()
         if cfg.screen:
-            accuracy = accuracy_pruned
+            accuracy, t3 = accuracy_pruned, t2
         else:
             model = runner.fit(model, cfg.finetune_epochs, cfg.finetune_lr,
                                label=f"round {rnd}")
             accuracy = runner.evaluate(model)
-        t3 = time.perf_counter()
+            t3 = time.perf_counter()
         widths = group_widths(_groups(model, spec, input_shape,
                                       next(model.parameters()).device)[1])
         within = reference_accuracy - accuracy <= cfg.tolerance

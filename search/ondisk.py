@@ -26,7 +26,10 @@ RESULT_FILE = "result.json"
 PARAMS_FILE = "params.json"
 ERROR_FILE = "error.txt"
 CHECKPOINT_FILE = "model.pt"  # what search.trial writes into each reported checkpoint
-TRIAL_FOLDER = re.compile(r"^(?P<name>.+?_(?P<id>[0-9a-f]{5,})_(?P<number>\d+))(?:_|$)")
+# trial ids: a searcher's (Optuna: 8 hex digits) or Tune's own variants' (<5 hex>_<5 digits>,
+# a two-phase search's fine-tuned finalists)
+TRIAL_FOLDER = re.compile(
+    r"^(?P<name>.+?_(?P<id>[0-9a-f]{5}_\d{5}|[0-9a-f]{5,})_(?P<number>\d+))(?:_|$)")
 EARLY_STOPPED_FILE = "early_stopped.json"  # written by search/early_stop.py
 STATUSES = ("finished", "stopped early", "failed", "interrupted", "not started")
 

@@ -63,6 +63,8 @@ def make_runner(cfg: SearchConfig, storage_path: str):
 
 def run_trial(params: dict[str, Any], settings: TrialSettings) -> None:
     cfg, prepared = settings.cfg, settings.prepared
+    meter = ComputeMeter(cfg.workers_per_trial, cfg.gpus_per_worker or 0.0,
+                         cfg.cpus_per_worker).start()  # the trial's whole cost, data included
     trial_id = tune.get_context().get_trial_id() or "trial"
     if not cfg.gpus_per_worker:
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
@@ -80,9 +82,7 @@ def run_trial(params: dict[str, Any], settings: TrialSettings) -> None:
     reference = prepared.reference_accuracy(cfg.reference)
     runner = make_runner(cfg, storage.join(settings.run_dir, "train", trial_id))
 
-    model, start_round, accuracy, spent = _starting_point(prepared, screen)
-    meter = ComputeMeter(cfg.workers_per_trial, cfg.gpus_per_worker or 0.0,
-                         cfg.cpus_per_worker, offset=spent).start()
+    model, start_round, accuracy, meter.offset = _starting_point(prepared, screen)
 
     def metrics(record: RoundRecord) -> dict[str, Any]:
         return {**_metrics(record, prepared), "phase": settings.phase,
