@@ -18,6 +18,7 @@ from ccpcsa.prune import ALLOCATIONS
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
 EARLY_STOPS = ("off", "asha", "median")
+DEFAULT_FINALISTS = 8
 
 
 class ConfigError(validation.SettingError):
@@ -41,7 +42,7 @@ class SearchConfig:
     # fine-tune), then fine-tunes the `finalists` closest to the screened frontier
     # (search/finalists.py); 0 = every trial fine-tunes every round (num_samples trials)
     screen: int = 0
-    finalists: int = 8
+    finalists: int | None = None  # None: DEFAULT_FINALISTS, at most `screen`
     # stop fine-tuning trials that fall behind the frontier (search/early_stop.py)
     early_stop: str = "off"
     seed: int = 0
@@ -105,10 +106,15 @@ class SearchConfig:
         for name in ("seed", "baseline_epochs", "attention_epochs", "epochs", "max_failures",
                      "bn_batches", "train_subset", "screen"):
             check.whole(name, getattr(self, name), 0)
-        check.whole("finalists", self.finalists, 1)
-        if self.screen and self.finalists > self.screen:
-            raise ConfigError(f"finalists {self.finalists} must be <= screen {self.screen}: "
-                              "the finalists are picked from the screened schedules")
+        if self.finalists is not None:
+            check.whole("finalists", self.finalists, 1)
+            if not self.screen:
+                raise ConfigError(f"finalists {self.finalists} needs screen N: finalists are "
+                                  "the screened schedules that phase 2 fine-tunes")
+            if self.finalists > self.screen:
+                raise ConfigError(f"finalists {self.finalists} must be <= screen "
+                                  f"{self.screen}: the finalists are picked from the screened "
+                                  "schedules")
         if self.screen and self.bn_batches == 0:
             raise ConfigError("screen needs bn_batches >= 1: screened schedules are ranked by "
                               "their accuracy after BatchNorm re-estimation")
@@ -136,6 +142,13 @@ class SearchConfig:
                     0)
         check.location("storage", self.storage)
         check.run_name("name", self.name)
+
+    @property
+    def finalist_count(self) -> int:
+        """K: the schedules phase 2 fine-tunes (0 without --screen)."""
+        if self.finalists is not None:
+            return self.finalists
+        return min(DEFAULT_FINALISTS, self.screen)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

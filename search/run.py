@@ -45,6 +45,7 @@ from ccpcsa.prune import ALLOCATIONS  # noqa: E402
 from ccpcsa.results import versions  # noqa: E402
 from ccpcsa.runlock import RunInUseError, RunLock  # noqa: E402
 from search.config import (  # noqa: E402
+    DEFAULT_FINALISTS,
     EARLY_STOPS,
     SAMPLERS,
     ConfigError,
@@ -117,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--finalists", type=int, metavar="K",
                    help="with --screen: schedules fine-tuned in phase 2, taken from the Pareto "
                         "layers of the screened points (layer 1 = the screened frontier) "
-                        f"(default {d.finalists})")
+                        f"(default {DEFAULT_FINALISTS}, at most N)")
     g.add_argument("--early-stop", help=f"stop fine-tuning trials whose rounds fall behind "
                    f"the frontier (accuracy minus the best other trial's at the same or fewer "
                    f"FLOPs): {', '.join(EARLY_STOPS)}; asha = Tune's ASHA, median = Tune's "
@@ -302,7 +303,7 @@ def phases_of(cfg: SearchConfig) -> tuple[Phase, ...]:
     if not cfg.screen:
         return (Phase("full", run_dir, cfg.num_samples),)
     return (Phase("screen", storage.join(run_dir, "screen"), cfg.screen),
-            Phase("finetune", storage.join(run_dir, "finetune"), cfg.finalists))
+            Phase("finetune", storage.join(run_dir, "finetune"), cfg.finalist_count))
 
 
 def make_sampler(cfg: SearchConfig, num_samples: int):
@@ -507,7 +508,7 @@ def run_phases(ctx: PhaseContext) -> list[PhaseOutcome]:
         first = run_phase(ctx, screen)
         if not first.complete:
             return [first]
-        finalists = select_finalists(first.trials, ctx.cfg.finalists,
+        finalists = select_finalists(first.trials, ctx.cfg.finalist_count,
                                      ctx.prepared.baseline_flops)
         save_finalists(run_dir, finalists)
         print(f"screening done: {len(finalists)} finalist(s) to fine-tune, by Pareto layer of "
