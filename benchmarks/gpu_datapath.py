@@ -14,6 +14,14 @@ Measured, in order (each step is skipped, with the reason, when the time budget 
             decode): img/s of the last training epoch (the first pays cuDNN autotuning and
             Ray's worker start-up), wall time of the whole fit (start, epochs, evaluation)
   verdict   full / plain, against the 0.8 target
+  scoring   the channel-scoring pass (compute_scores, ccpcsa criterion: forward passes plus
+            the correlation statistics of every channel group) on --score-batches calibration
+            batches, on the GPU and on the CPU (all its threads, fewer images): img/s of each
+  rounds    --rounds pruning rounds (prune_loop: score, prune on the driver, BatchNorm
+            re-estimation, --round-epochs fine-tune epochs, evaluation) on the full step's
+            1-GPU worker group, already started: each round's wall time, the workers' time in
+            it, and the rest (driver-side surgery and bookkeeping, Ray dispatch, the model's
+            trips through the object store): the per-round fixed cost
 
 Writes OUT/results.jsonl (one JSON object per measurement) and OUT/gpu_datapath.md (the
 docs/benchmarks.md section); `--render OUT/results.jsonl --docs docs/benchmarks.md` puts that
@@ -22,10 +30,11 @@ step on the CPU at toy sizes (a code-path check; its numbers mean nothing).
 
 On the lent GPU machine (one H100, 16 cores, Python 3.12 with torch but without ray): copy
 /work/shared/device-kit into the working tree first (its wheels/ hold Ray 2.60 and
-torch_pruning), then run from the repository root, within ~240 s of device time:
+torch_pruning), then run from the repository root, within ~330 s of device time
+(a smaller --budget-s skips the last steps, scoring and rounds, when time runs short):
   python3 -m pip install -q --no-index --no-deps --target /tmp/deps device-kit/wheels/*.whl &&
   PYTHONPATH=$PWD:/tmp/deps RAY_USAGE_STATS_ENABLED=0 \
-  python3 benchmarks/gpu_datapath.py --out $OUT --budget-s 190
+  python3 benchmarks/gpu_datapath.py --out $OUT --budget-s 280
 """
 
 from __future__ import annotations
@@ -179,7 +188,7 @@ def pipeline_only(b: Bench, root: str, device: torch.device) -> None:
                ray_cpus=a.ray_cpus)
 
 
-def full_path(b: Bench, root: str, device: torch.device) -> float | None:
+def full_path(b: Bench, root: str, device: torch.device):
     from ccpcsa.data import DataConfig
     from ccpcsa.distributed import RayRunner
     from ccpcsa.models import build_model
@@ -197,12 +206,86 @@ def full_path(b: Bench, root: str, device: torch.device) -> float | None:
     start = time.perf_counter()
     runner.fit(model, a.epochs, 0.01, label="gpu-datapath")
     wall = time.perf_counter() - start
-    m = runner.last_result.metrics
+    m = runner.last_metrics
     img_s = m["last_samples"] / m["last_seconds"]
     b.emit("full", what=f"last of {a.epochs} epochs, 1 Ray Train worker", img_s=round(img_s, 1),
            samples=m["last_samples"], epoch_s=round(m["last_seconds"], 1),
            fit_wall_s=round(wall, 1), evaluated=m.get("evaluated"))
-    return img_s
+    return img_s, runner, model
+
+
+def scoring(b: Bench, root: str, device: torch.device) -> None:
+    """compute_scores on the GPU vs the CPU, on the same decoded calibration batches."""
+    from ccpcsa.data import shard_index
+    from ccpcsa.importance import compute_scores
+    from ccpcsa.ingest import IngestConfig, ParquetBatches
+    from ccpcsa.loop import channel_groups
+    from ccpcsa.models import build_model
+
+    a = b.args
+    cpu = torch.device("cpu")
+    source = ParquetBatches(shard_index(root, "train"), None,
+                            IngestConfig(a.size, a.batch, augment=False), cpu)
+    batches = [(source.normalize(x), y) for x, y in
+               source.calibration(a.score_batches * a.batch, a.batch)]
+    model = build_model(a.model, a.classes, with_bam=True).eval()
+    runs = [(device, batches)] if device.type == "cuda" else []
+    runs.append((cpu, [(x[:a.score_cpu_images], y[:a.score_cpu_images])
+                       for x, y in batches[:1]]))
+    for where, data in runs:
+        if not b.enough(f"scoring {where.type}", 30):
+            return
+        model.to(where)
+        _graph, groups = channel_groups(model, a.model, (3, a.size, a.size))
+        compute_scores("ccpcsa", model, groups, [data[0]])  # warm-up (cuDNN, allocator)
+        sync()
+        start = time.perf_counter()
+        compute_scores("ccpcsa", model, groups, data)
+        sync()
+        seconds = time.perf_counter() - start
+        images = sum(len(y) for _, y in data)
+        b.emit("scoring", what=f"compute_scores (ccpcsa) on the {where.type}, {images} images, "
+               f"{len(groups)} channel groups", img_s=round(images / seconds, 1),
+               seconds=round(seconds, 2), threads=torch.get_num_threads())
+
+
+def rounds(b: Bench, root: str, device: torch.device, runner, model) -> None:
+    """Pruning rounds on an already started worker group: the fixed cost of each."""
+    from ccpcsa.data import DataConfig
+    from ccpcsa.distributed import RayRunner
+    from ccpcsa.loop import LoopConfig, prune_loop
+    from ccpcsa.models import build_model
+    from ccpcsa.prune import PruneLimits
+    from ccpcsa.train import TrainConfig
+
+    a = b.args
+    if runner is None:  # the full step did not run: start a group here (round 1 pays it)
+        runner = RayRunner(DataConfig("parquet", root, a.size), TrainConfig(batch_size=a.batch),
+                           1, str(Path(a.work) / "ray"),
+                           gpus_per_worker=1.0 if device.type == "cuda" else 0.0,
+                           cpus_per_worker=a.cpus_per_worker)
+        model = build_model(a.model, a.classes, with_bam=True)
+    cfg = LoopConfig(groups_per_round=a.round_m, tolerance=100.0, max_rounds=a.rounds,
+                     finetune_epochs=a.round_epochs, calibration_batches=a.score_batches,
+                     bn_batches=a.score_batches, limits=PruneLimits(max_ratio=0.8))
+    marks: list[tuple[float, int]] = [(time.perf_counter(), len(runner.timings))]
+
+    def on_round(record, _model) -> None:
+        if record.round == 0:
+            return
+        now, commands = time.perf_counter(), runner.timings[marks[-1][1]:]
+        wall = now - marks[-1][0]
+        workers = sum(c.worker_s for c in commands)
+        b.emit("rounds", what=f"round {record.round}: {', '.join(c.op for c in commands)}",
+               wall_s=round(wall, 2), workers_s=round(workers, 2),
+               fixed_s=round(wall - workers, 2),
+               dispatch_s=round(sum(c.wall_s - c.worker_s for c in commands), 2),
+               removed=record.removed, round_to=cfg.round_to or (8 if runner.uses_cuda else 1))
+        marks.append((now, len(runner.timings)))
+
+    prune_loop(model, a.model, (3, a.size, a.size), 0.0, runner, cfg, on_round,
+               initial_accuracy=0.0)
+    b.emit("rounds", what=f"worker groups started: {runner.group_starts}")
 
 
 # ------------------------------------------------------------------------------ report
@@ -249,6 +332,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pipeline-epochs", type=int, default=2,
                    help="epochs of the input path alone (default: 2; the first starts Ray's "
                         "worker processes)")
+    p.add_argument("--score-batches", type=int, default=4,
+                   help="calibration batches of --batch for the scoring pass and each round's "
+                        "scoring and BatchNorm re-estimation (default: 4)")
+    p.add_argument("--score-cpu-images", type=int, default=32,
+                   help="images the CPU scoring pass gets (default: 32)")
+    p.add_argument("--rounds", type=int, default=3, help="pruning rounds (default: 3)")
+    p.add_argument("--round-m", type=int, default=256,
+                   help="channels removed per round (default: 256)")
+    p.add_argument("--round-epochs", type=int, default=0,
+                   help="fine-tune epochs per round (default: 0: the fixed cost without the "
+                        "epoch, whose speed the full step measures)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0,
                    help="CPUs the Ray Train worker reserves; the rest decode (default: 1)")
     p.add_argument("--smoke-cpu", action="store_true",
@@ -270,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         args.size, args.batch, args.classes, args.model = 16, 8, 4, "resnet18"
         args.images, args.val_images, args.pool = 32, 8, 8
         args.steps, args.warmup_steps, args.epochs, args.cpus_per_worker = 2, 1, 1, 0.5
-        args.pipeline_epochs = 1
+        args.pipeline_epochs, args.score_batches, args.score_cpu_images = 1, 2, 8
+        args.rounds, args.round_m = 2, 16
         torch.set_num_threads(1)  # as a 1-CPU worker; 2 threads on a busy 2-core box thrash
     b = Bench(args)
     from ccpcsa.distributed import connect_ray, prefer_loopback
@@ -297,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = torch.device("cuda" if cuda else "cpu")
     args.ray_cpus = None
-    plain = full = None
+    plain = full = runner = model = None
     try:
         root = make_data(b)
         plain = plain_loop(b, device) if b.enough("plain", 25) else None
@@ -308,11 +403,17 @@ def main(argv: list[str] | None = None) -> int:
         if b.enough("pipeline", 20):
             pipeline_only(b, root, device)
         if b.enough("full", 40 + args.epochs * args.images / 400):
-            full = full_path(b, root, device)
+            full, runner, model = full_path(b, root, device)
+        if b.enough("scoring", 40):
+            scoring(b, root, device)
+        if b.enough("rounds", 20 + args.rounds * (8 + args.round_epochs * args.images / 400)):
+            rounds(b, root, device, runner, model)
     except Exception as exc:  # report what was measured so far
         b.emit("failed", error=f"{type(exc).__name__}: {exc}"[:400])
         raise
     finally:
+        if runner is not None:
+            runner.close()
         if plain and full:
             b.emit("verdict", ratio=round(full / plain, 3), target=TARGET,
                    met=full / plain >= TARGET)

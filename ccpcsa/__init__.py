@@ -4,6 +4,14 @@
     model = load_checkpoint("runs/search/demo/frontier/<trial>_round3.pt")  # eval-ready
 """
 
-from ccpcsa.checkpoint import load_checkpoint
-
 __all__ = ["load_checkpoint"]
+
+
+def __getattr__(name: str):
+    # imported on first use, so that `import ccpcsa.models` (or latency, prune) needs only
+    # torch, torchvision and torch-pruning, not the storage layer's pyarrow
+    if name == "load_checkpoint":
+        from ccpcsa.checkpoint import load_checkpoint
+
+        return load_checkpoint
+    raise AttributeError(f"module 'ccpcsa' has no attribute {name!r}")

@@ -12,9 +12,12 @@ from typing import Any
 from ccpcsa import exits, storage, validation
 from ccpcsa.checkpoint import CheckpointError, CheckpointInfo, save_checkpoint
 from ccpcsa.data import DATASETS, DataConfig, DataError, check_dataset
+from ccpcsa.export import add_export_parser, run_export
 from ccpcsa.importance import IMPORTANCES
+from ccpcsa.latency import BATCH
 from ccpcsa.loop import REFERENCES, LoopConfig, PrepareConfig, prepare, prune_loop, record_of
-from ccpcsa.models import MODELS, get_spec
+from ccpcsa.models import MODELS, check_model_name, get_spec
+from ccpcsa.prunable import check_before_training
 from ccpcsa.prune import ALLOCATIONS, PruneLimits
 from ccpcsa.results import record_row, table_header, table_line, write_config, write_rows
 from ccpcsa.runlock import RunInUseError, RunLock
@@ -58,7 +61,20 @@ def parse_caps(items: list[str] | None, flag: str) -> dict[str, float]:
 def add_training_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared by `ccpcsa prune` and the search (search/run.py)."""
     p.add_argument("--model", default="resnet20",
-                   help=f"architecture to prune: {', '.join(MODELS)} (default: %(default)s)")
+                   help=f"architecture to prune: {', '.join(MODELS)}; any torchvision "
+                        "classification CNN as torchvision:NAME (e.g. torchvision:resnet34, "
+                        "torchvision:efficientnet_b0); or your own as MODULE:CALLABLE, a "
+                        "function (num_classes) -> nn.Module importable on every node. BAM "
+                        "placement and stages of models outside the registry are traced from "
+                        "the input size (default: %(default)s)")
+    p.add_argument("--weights", default=None,
+                   help="start from trained weights instead of training step 1: a file (a "
+                        "state_dict, a training checkpoint with a 'state_dict' or 'model' key, "
+                        "or a ccpcsa checkpoint without BAM) or a torchvision weights name "
+                        "such as ResNet50_Weights.IMAGENET1K_V2, read from the local torch hub "
+                        "cache ($TORCH_HOME), never downloaded. The loaded model is evaluated "
+                        "once: its accuracy is the reference. The classifier must have the data "
+                        "set's number of classes")
     p.add_argument("--dataset", default="digits",
                    help=f"one of {', '.join(DATASETS)}; digits = the embedded scikit-learn "
                         "digits set, no download; fashion-mnist = the four idx .gz files "
@@ -71,8 +87,9 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=None,
                    help="input side in pixels (default: the dataset's: digits 16, "
                         "fashion-mnist 28, cifar 32, imagefolder 224)")
-    p.add_argument("--baseline-epochs", type=int, default=10,
-                   help="step 1: epochs to train the model without BAM (default: %(default)s)")
+    p.add_argument("--baseline-epochs", type=int, default=None,
+                   help="step 1: epochs to train the model without BAM (default: 10; 0 with "
+                        "--weights, which then only evaluates them; more fine-tunes them)")
     p.add_argument("--attention-epochs", type=int, default=5,
                    help="step 2: epochs to train the model with BAM (default: %(default)s)")
     p.add_argument("--lr", type=finite_float, default=0.05,
@@ -114,6 +131,11 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
     p.add_argument("--min-channels", type=int, default=4,
                    help="never shrink a layer below this many channels (default: %(default)s)")
+    p.add_argument("--round-to", type=int, default=None, metavar="N",
+                   help="every pruned width is a multiple of N (tensor cores work on multiples "
+                        "of 8), within the caps and floor, which round up to a multiple; a "
+                        "round removes at least m channels and less than N more (default: 8 "
+                        "when training on CUDA, else 1)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--device", default=None,
                    help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
@@ -169,20 +191,30 @@ def build_parser() -> argparse.ArgumentParser:
                         "connections), instead of its stage's (default: the stage's)")
     p.add_argument("--strip-bam", action="store_true",
                    help="also write final_nobam.pt: the final model without BAM, fine-tuned")
+    p.add_argument("--latency-batch", type=int, default=BATCH,
+                   help="measure the baseline's and the final model's inference latency at "
+                        "batch 1 and this batch (median of repeats after warm-up, on the "
+                        "training device); 0 skips it (default: %(default)s)")
     p.add_argument("--out", default="runs/prune", help="output folder or URI "
                    "(default: %(default)s); one prune run at a time uses it (a lock file)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results of an earlier run in --out (rounds.parquet, "
                         "checkpoints/, final*.pt); without it such an --out is refused. The "
                         "stage-0 models in --out/prepared/ are reused when their settings match")
+    add_export_parser(sub)
     return parser
 
 
 def configs_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Validate every flag up front; raise UsageError / ValueError naming the bad value."""
-    get_spec(args.model)
+    check_model_name(args.model)
     validation.location("--out", args.out)
     validation.whole("--seed", args.seed, 0)
+    validation.whole("--latency-batch", args.latency_batch, 0)
+    if args.weights is not None:
+        validation.text("--weights", args.weights)
+    if args.baseline_epochs is None:
+        args.baseline_epochs = 0 if args.weights else 10
     data_cfg = DataConfig(args.dataset, args.data_root, args.image_size)
     train_cfg = TrainConfig(batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                             device=args.device, loader_workers=args.loader_workers)
@@ -195,13 +227,16 @@ def configs_from_args(args: argparse.Namespace) -> dict[str, Any]:
     validation.number("--cpus-per-worker", args.cpus_per_worker, above=0)
     if args.loader_workers is not None and args.loader_workers < 0:
         raise UsageError(f"--loader-workers must be >= 0, got {args.loader_workers}")
+    if args.round_to is not None:
+        validation.whole("--round-to", args.round_to, 1)
     info = check_dataset(data_cfg)
     prep_cfg = PrepareConfig(args.model, info.num_classes,
                              (info.channels, info.image_size, info.image_size), args.dataset,
                              args.baseline_epochs, args.attention_epochs, args.lr, args.seed,
                              data_root=args.data_root, batch_size=args.batch_size,
-                             workers=args.workers, sync_bn=args.sync_bn)
+                             workers=args.workers, sync_bn=args.sync_bn, weights=args.weights)
     prep_cfg.validate()
+    check_before_training(prep_cfg)
     return {"data": data_cfg, "train": train_cfg, "prepare": prep_cfg, "info": info}
 
 
@@ -215,8 +250,9 @@ def check_layer_caps(layer_caps: dict[str, float], prep_cfg: PrepareConfig) -> N
     from ccpcsa.models import build_model
     from ccpcsa.prune import build_graph, find_groups
 
-    spec = get_spec(prep_cfg.model)
-    model = build_model(prep_cfg.model, prep_cfg.num_classes, with_bam=True)
+    spec = get_spec(prep_cfg.model, prep_cfg.input_shape)
+    model = build_model(prep_cfg.model, prep_cfg.num_classes, with_bam=True,
+                        input_shape=prep_cfg.input_shape)
     graph = build_graph(model, torch.zeros(1, *prep_cfg.input_shape))
     groups = sorted(g.key for g in find_groups(model, graph, spec.classifier(model),
                                                spec.stage_of))
@@ -254,7 +290,7 @@ def loop_config_from_args(args: argparse.Namespace, groups_per_round: int, max_r
         groups_per_round=groups_per_round, tolerance=args.tolerance, max_rounds=args.max_rounds,
         finetune_epochs=args.epochs, finetune_lr=args.finetune_lr, importance=args.importance,
         calibration_batches=args.calibration_batches, allocation=args.allocation,
-        bn_batches=args.bn_batches,
+        bn_batches=args.bn_batches, round_to=args.round_to,
         limits=PruneLimits(max_ratio, stage_caps, layer_caps, args.min_channels,
                            args.residual_cap),
         reference=args.reference, seed=args.seed)
@@ -266,7 +302,7 @@ def run_prune(args: argparse.Namespace) -> int:
     configs = configs_from_args(args)
     stage_caps = parse_caps(args.stage_cap, "--stage-cap")
     layer_caps = parse_caps(args.layer_cap, "--layer-cap")
-    spec = get_spec(args.model)
+    spec = get_spec(args.model, configs["prepare"].input_shape)
     unknown = sorted(set(stage_caps) - set(spec.stages))
     if unknown:
         raise UsageError(f"--stage-cap names unknown stage(s) {', '.join(unknown)} of "
@@ -319,9 +355,42 @@ def _prune_locked(args: argparse.Namespace, configs: dict[str, Any], loop_cfg: L
           f"-> {final_path}"
           f"{'' if final.within_tolerance else ' (over tolerance: no round stayed within it)'}",
           flush=True)
+    if args.latency_batch:
+        report_latency(prepared, result.model, final, rows, result.final_round, prep_cfg,
+                       args, final_path, reference)
     if args.strip_bam:
         write_stripped(result.model, runner, prep_cfg, loop_cfg, args.out)
+    runner.close()  # Ray Train workers, if any (also closed at exit after an error)
     return 0
+
+
+def report_latency(prepared, model, final, rows, final_round: int, prep_cfg: PrepareConfig,
+                   args: argparse.Namespace, final_path: str, reference: float) -> None:
+    """Measure the baseline (step 1's model) and the final model on the training device; add
+    the final model's latency_* columns to its rounds.parquet row and its checkpoint."""
+    from ccpcsa.checkpoint import load_checkpoint
+    from ccpcsa.latency import measure_latency
+
+    device = pick_device(args.device)
+    base = measure_latency(load_checkpoint(prepared.baseline_checkpoint), prep_cfg.input_shape,
+                           device, args.latency_batch)
+    ours = measure_latency(model, prep_cfg.input_shape, device, args.latency_batch)
+    for row in rows:  # every row gets the columns (Parquet's schema), the final one values
+        row.update(ours.columns() if row["round"] == final_round else
+                   dict.fromkeys(ours.columns()))
+    write_rows(rows, storage.join(args.out, "rounds.parquet"))
+    info = checkpoint_info(prep_cfg, True, final, reference)
+    info.metrics.update({k: v for k, v in ours.columns().items() if k != "latency_device"})
+    info.extra["latency_device"] = ours.device
+    info.extra["baseline_latency"] = base.columns()
+    save_checkpoint(model, info, final_path)
+    fewer = prepared.baseline_flops / final.flops
+    one, many = base.batch1_ms / ours.batch1_ms, base.batch_ms / ours.batch_ms
+    print(f"latency on {ours.device} (baseline without BAM -> final model): "
+          f"{base.batch1_ms:.2f} -> {ours.batch1_ms:.2f} ms at batch 1 ({one:.2f}x faster), "
+          f"{base.batch_ms:.2f} -> {ours.batch_ms:.2f} ms at batch {ours.batch} ({many:.2f}x); "
+          f"FLOPs {fewer:.2f}x fewer; measured speed-up / FLOPs reduction = "
+          f"{one / fewer:.2f} (batch 1), {many / fewer:.2f} (batch {ours.batch})", flush=True)
 
 
 def write_stripped(model, runner, prep_cfg: PrepareConfig, loop_cfg: LoopConfig, out: str
@@ -356,13 +425,18 @@ def setup_logging(verbose: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
+    setup_logging(getattr(args, "verbose", False))  # export has no --verbose
     with exits.terminate_as_interrupt():
         try:
+            if args.command == "export":
+                return run_export(args)
             return run_prune(args)
         except KeyboardInterrupt as exc:
-            print(f"error: interrupted; the rounds finished so far are in {args.out} "
-                  "(rounds.parquet, checkpoints/)", file=sys.stderr)
+            if args.command == "prune":
+                print(f"error: interrupted; the rounds finished so far are in {args.out} "
+                      "(rounds.parquet, checkpoints/)", file=sys.stderr)
+            else:
+                print("error: interrupted", file=sys.stderr)
             return exits.interrupted_code(exc)
         except FloatingPointError as exc:
             print(f"error: training diverged ({exits.one_line(exc)}); lower --lr or "

@@ -89,7 +89,8 @@ class WithBAM(nn.Module):
 
 
 def insert_bam(model: nn.Module, placements: dict[str, int]) -> nn.Module:
-    """Wrap each named submodule (dotted path -> its output channels) with BAM, in place."""
+    """Wrap each named submodule (dotted path -> its output channels) with BAM, in place.
+    The model keeps the placements (`ccpcsa_bam`), which its checkpoints record."""
     for path, channels in placements.items():
         parent, attr = _parent_of(model, path)
         child = getattr(parent, attr) if not attr.isdigit() else parent[int(attr)]
@@ -100,6 +101,7 @@ def insert_bam(model: nn.Module, placements: dict[str, int]) -> nn.Module:
             parent[int(attr)] = wrapped
         else:
             setattr(parent, attr, wrapped)
+    model.ccpcsa_bam = {**getattr(model, "ccpcsa_bam", {}), **placements}
     return model
 
 
@@ -112,6 +114,7 @@ def strip_bam(model: nn.Module) -> nn.Module:
                 parent[int(attr)] = module.stage
             else:
                 setattr(parent, attr, module.stage)
+    model.ccpcsa_bam = {}
     return model
 
 

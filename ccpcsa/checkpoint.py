@@ -1,11 +1,15 @@
 """Checkpoints: architecture description + weights, loadable with torch.load(weights_only=True).
 
-A pruned model is rebuilt by constructing the registered architecture and resizing every
-Conv2d / Linear / BatchNorm to the shapes stored in the state dict; no module is pickled.
+A pruned model is rebuilt by constructing its architecture again from the name it records
+(a registry name, `torchvision:NAME` or `module:callable`), inserting BAM where it records,
+and resizing every layer whose stored tensors have other shapes (Conv2d incl. depthwise and
+grouped, Linear, BatchNorm, LayerNorm, GroupNorm, PReLU, and plain parameters such as
+ConvNeXt's layer scale); no module is pickled.
 """
 
 from __future__ import annotations
 
+import collections
 import io
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +49,8 @@ def to_payload(model: nn.Module, info: CheckpointInfo) -> dict[str, Any]:
         "dataset": info.dataset,
         "metrics": dict(info.metrics),
         "extra": info.extra,
+        # where BAM sits, so a traced model is rebuilt without tracing it again
+        "bam_placements": dict(getattr(model, "ccpcsa_bam", {})) if info.with_bam else {},
         "state_dict": state,
     }
 
@@ -86,7 +92,9 @@ _PAYLOAD_KEYS = ("model", "num_classes", "with_bam", "input_shape", "state_dict"
 
 def _one_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    # load_state_dict's message: a header ending in ':', then one line per problem
+    text = lines[1] if len(lines) > 1 and lines[0].endswith(":") else "".join(lines[:1])
+    return f"{type(exc).__name__}: {text}".rstrip(": ")
 
 
 def info_of(payload: dict[str, Any]) -> CheckpointInfo:
@@ -102,17 +110,24 @@ def info_of(payload: dict[str, Any]) -> CheckpointInfo:
 
 
 def model_from_payload(payload: dict[str, Any], source: str = "checkpoint") -> nn.Module:
-    """The model a payload describes; CheckpointError naming `source` when the weights do not
-    fit the architecture (another model, other classes, missing or extra layers)."""
+    """The model a payload describes, rebuilt from the name it records with BAM where it
+    records; CheckpointError naming `source` when the weights do not fit the architecture
+    (another model, other classes, missing or extra layers)."""
+    name = payload.get("model")
+    shape = tuple(payload.get("input_shape") or ()) or None
+    shape = shape if shape and all(shape) else None  # traced models need it (models.get_spec)
     try:
-        model = build_model(payload["model"], int(payload["num_classes"]), payload["with_bam"])
-        state = payload["state_dict"]
+        model = build_model(name, int(payload["num_classes"]), payload["with_bam"],
+                            input_shape=shape, placements=payload.get("bam_placements") or None)
+        state = collections.OrderedDict(payload["state_dict"])
+        # the module versions torch keeps beside a state_dict (MNASNet refuses to load without)
+        state._metadata = getattr(model.state_dict(), "_metadata", None)
         resize_to_state_dict(model, state)
         model.load_state_dict(state)
+        classes = get_spec(name, shape).classifier(model).weight.shape[0]
     except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
-        raise CheckpointError(f"{source}: the weights do not fit a {payload.get('model')!r} "
-                              f"model: {_one_line(exc)}") from None
-    classes = get_spec(payload["model"]).classifier(model).out_features
+        raise CheckpointError(f"{source}: the weights do not fit a {name!r} model: "
+                              f"{_one_line(exc)}") from None
     if classes != int(payload["num_classes"]):
         raise CheckpointError(f"{source}: num_classes is {payload['num_classes']} but the "
                               f"classifier's weights have {classes} outputs")
@@ -126,25 +141,49 @@ def load_checkpoint(path: str) -> nn.Module:
 
 
 def resize_to_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give every module whose stored tensors differ in shape empty tensors of the stored
+    shapes, and the attributes (channels, groups, normalized shape) that go with them."""
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
-        weight = state.get(prefix + "weight")
-        if isinstance(module, nn.Conv2d) and weight is not None:
-            depthwise = module.groups > 1 and module.groups == module.in_channels
-            module.out_channels = weight.shape[0]
-            if depthwise:
-                module.groups = weight.shape[0]
-            module.in_channels = weight.shape[1] * module.groups
-        elif isinstance(module, nn.Linear) and weight is not None:
-            module.out_features, module.in_features = weight.shape
-        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-            mean = state.get(prefix + "running_mean")
-            module.num_features = (mean if mean is not None else weight).shape[0]
-        else:
+        own = {**dict(module.named_parameters(recurse=False)),
+               **dict(module.named_buffers(recurse=False))}
+        stored = {k: state[prefix + k] for k, t in own.items()
+                  if t is not None and prefix + k in state}
+        if all(stored[k].shape == own[k].shape for k in stored):
             continue
-        for pname, tensor in list(module.named_parameters(recurse=False)):
-            new = state.get(prefix + pname, tensor)
-            setattr(module, pname, nn.Parameter(torch.empty_like(new)))
-        for bname, tensor in list(module.named_buffers(recurse=False)):
-            new = state.get(prefix + bname, tensor)
-            setattr(module, bname, torch.empty_like(new))
+        for key, new in stored.items():
+            if isinstance(own[key], nn.Parameter):
+                setattr(module, key, nn.Parameter(torch.empty_like(new),
+                                                  requires_grad=own[key].requires_grad))
+            else:
+                setattr(module, key, torch.empty_like(new))
+        _resize_attributes(module)
+
+
+_NORMS_WITH_FEATURES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def _resize_attributes(module: nn.Module) -> None:
+    if isinstance(module, nn.modules.conv._ConvNd):
+        weight = module.weight
+        depthwise = module.groups > 1 and module.groups == module.in_channels
+        if module.transposed:  # weight: in x out/groups x k x k
+            module.in_channels = weight.shape[0]
+            module.out_channels = weight.shape[1] * module.groups
+        else:  # weight: out x in/groups x k x k
+            if depthwise:  # one filter per channel, before and after pruning
+                module.groups = weight.shape[0]
+            module.out_channels = weight.shape[0]
+            module.in_channels = weight.shape[1] * module.groups
+    elif isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, _NORMS_WITH_FEATURES):
+        tensor = module.weight if module.weight is not None else module.running_mean
+        module.num_features = tensor.shape[0]
+    elif isinstance(module, nn.LayerNorm) and module.weight is not None:
+        module.normalized_shape = tuple(module.weight.shape)
+    elif isinstance(module, nn.GroupNorm) and module.weight is not None:
+        module.num_channels = module.weight.shape[0]
+    elif isinstance(module, nn.PReLU):
+        module.num_parameters = module.weight.numel()
+

@@ -1,68 +1,53 @@
-"""Ray Train: the loop's training and evaluation, data-parallel over N workers (TorchTrainer).
+"""Ray Train: the loop's training, evaluation, channel scoring and BatchNorm re-estimation,
+data-parallel over N workers of one worker group that lives as long as the runner.
 
-The model travels to the workers as a checkpoint payload (architecture name + state dict, no
-pickled module), so a model that pruning has just reshaped is rebuilt exactly on every worker.
-Map-style datasets (digits, CIFAR, ImageFolder) are sharded by the same seeded sampler a single
-process uses; Parquet shards follow a seeded per-epoch plan and stream through Ray Data, decoded
-and augmented in tasks on the cluster's free CPUs and delivered to the workers as uint8 pixels
-that are normalised on the device (ccpcsa.ingest). Every epoch is checkpointed through
-`ray.train.report`; a worker that dies is replaced and training resumes from the last epoch's
-checkpoint (FailureConfig).
+RayRunner starts a TorchTrainer at its first call and keeps its workers (ccpcsa.worker) running
+until close(): every fit, evaluate, score and recalibrate_bn is a command they execute on a
+model they keep, so a trial's rounds pay Ray Train's start-up once, not once per round. The
+model travels through the object store as a checkpoint payload (architecture name + state
+dict, no pickled module), only when it changed (after surgery); fits and re-estimations send
+rank 0's weights back the same way. A coordinator actor hands out commands and models and
+outlives the workers, so a worker that dies mid-epoch is replaced (FailureConfig) and its
+group resumes the command in flight from the last epoch checkpoint.
 """
 
 from __future__ import annotations
 
-import io
+import asyncio
+import atexit
 import logging
 import os
-import re
-import signal
 import sys
-import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.utils.data import Dataset
 
 from ccpcsa import storage
-from ccpcsa.bn import recalibrate_bn
-from ccpcsa.checkpoint import CheckpointInfo, model_from_payload, to_payload
+from ccpcsa.checkpoint import CheckpointInfo, to_payload
 from ccpcsa.data import (
     DataConfig,
     ShardIndex,
-    build_datasets,
     check_parquet_splits,
     dataset_info,
     parquet_split_dir,
     shard_index,
     warn_if_class_sorted,
 )
-from ccpcsa.ingest import DECODE_CPUS, IngestConfig, ParquetBatches
-from ccpcsa.syncbn import convert_batchnorm
-from ccpcsa.train import (
-    TrainConfig,
-    calibration_batches,
-    count_correct,
-    loader,
-    log_epoch,
-    make_optimizer,
-    run_epoch,
-    to_device,
-    train_sampler,
-)
+from ccpcsa.ingest import DECODE_CPUS
+from ccpcsa.prune import ChannelGroup
+from ccpcsa.train import TrainConfig
+from ccpcsa.worker import Command, GroupSetup, worker_loop
 
 log = logging.getLogger("ccpcsa.distributed")
 
-STATE_FILE = "train_state.pt"
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's single-machine mode
 KILL_ENV = "CCPCSA_KILL_WORKER"  # test hook "RANK:EPOCH:BATCH:MARKER": SIGKILL once, mid-epoch
-_CHECKSUM_MOD = (1 << 61) - 1
+STOP_TIMEOUT_S = 120.0  # close(): how long the group may take to wind down
 
 
 class DistributedError(ValueError):
@@ -70,31 +55,19 @@ class DistributedError(ValueError):
 
 
 @dataclass(frozen=True)
-class WorkerJob:
-    """Everything a worker needs, as plain data."""
+class CommandTiming:
+    """One command as the driver saw it: wall seconds vs the seconds the workers spent in it;
+    the difference is what Ray costs (dispatch, moving the model, waiting)."""
 
-    payload: dict[str, Any]  # the model: checkpoint payload (architecture + weights)
-    data: DataConfig
-    train: TrainConfig
-    epochs: int
-    lr: float
+    op: str
     label: str
-    sync_bn: bool = False
-    kill: str = ""
-    run_dir: str = ""  # where this run's checkpoints are persisted (storage path / name)
-    parquet: tuple[ShardIndex, ShardIndex] | None = None  # (train, val) row groups
-
-
-def parquet_batches(job: WorkerJob, device: torch.device, world: int) -> ParquetBatches:
-    """The Parquet stream of a job: the epoch plans, decode tasks and device normalisation."""
-    assert job.parquet is not None
-    cfg = IngestConfig(dataset_info(job.data).image_size, job.train.batch_size // world,
-                       job.train.seed, job.data.augment)
-    return ParquetBatches(*job.parquet, cfg, device)
+    wall_s: float
+    worker_s: float
 
 
 class RayRunner:
-    """The loop's training backend on N Ray Train workers (see train.LocalRunner for one)."""
+    """The loop's backend on one group of N Ray Train workers (see train.LocalRunner for one
+    process): started at the first call, kept until close() (or the interpreter's exit)."""
 
     def __init__(self, data: DataConfig, train: TrainConfig, num_workers: int,
                  storage_path: str, *, gpus_per_worker: float | None = None,
@@ -116,104 +89,262 @@ class RayRunner:
         self.storage_path = storage_path if storage.is_uri(storage_path) else os.path.abspath(
             storage_path)
         storage.check_writable(self.storage_path)
-        dataset_info(data)  # a bad dataset fails here, before any worker starts
+        info = dataset_info(data)  # a bad dataset fails here, before any worker starts
+        self.input_shape = (info.channels, info.image_size, info.image_size)
         self.gpus_per_worker = check_cluster(num_workers, gpus_per_worker, cpus_per_worker)
         self._parquet = _parquet_indexes(data, num_workers, cpus_per_worker)
-        self._calibration: Dataset | None = None
+        self._group: _WorkerGroup | None = None
+        self._held: tuple[int, tuple] | None = None  # (version, fingerprint) the workers hold
         self._evaluated: tuple[tuple, float] | None = None
-        self.last_result = None  # the ray.train.Result of the latest run, for inspection
+        self.last_metrics: dict[str, Any] = {}  # the latest fit's, as its workers measured
+        self.timings: list[CommandTiming] = []
 
     @property
-    def use_gpu(self) -> bool:
+    def uses_cuda(self) -> bool:
         return self.gpus_per_worker > 0
 
+    @property
+    def group_starts(self) -> int:
+        """How many times a worker group started (1 + restarts after failures; 0 before the
+        first call)."""
+        return 0 if self._group is None else self._group.starts()
+
     def fit(self, model: nn.Module, epochs: int, lr: float, label: str = "train") -> nn.Module:
-        """Train `model` in place on N workers, then evaluate it there (the accuracy is kept
-        for evaluate(), which the loop calls next)."""
+        """Train `model` in place on the workers, then evaluate it there (the accuracy is
+        kept for evaluate(), which the loop calls next)."""
         if epochs <= 0:
             return model
-        state, accuracy = self._run(model, epochs, lr, label)
-        model.load_state_dict(state)
-        self._evaluated = (fingerprint(model), accuracy)
+        start = time.perf_counter()
+        log.info("%s: %d epoch(s) on %d Ray Train worker(s)%s", label, epochs,
+                 self.num_workers, " with GPUs" if self.uses_cuda else "")
+        result = self._call(model, Command(0, "fit", epochs=epochs, lr=lr, label=label,
+                                           kill=os.environ.get(KILL_ENV, "")))
+        self._adopt(model, result)
+        self.last_metrics = result["metrics"]
+        self._evaluated = (fingerprint(model), float(result["accuracy"]))
+        log.info("%s: done in %.1fs, accuracy %.2f%%", label, time.perf_counter() - start,
+                 result["accuracy"])
         return model
 
     def evaluate(self, model: nn.Module) -> float:
         if self._evaluated is not None and self._evaluated[0] == fingerprint(model):
             return self._evaluated[1]
-        _state, accuracy = self._run(model, 0, self.train_cfg.lr, "evaluate")
+        accuracy = float(self._call(model, Command(0, "evaluate"))["accuracy"])
         self._evaluated = (fingerprint(model), accuracy)
         return accuracy
 
-    def calibration_batches(self, count: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Unaugmented training batches of (images, labels) for scoring and BatchNorm
-        re-estimation, on the driver (where scoring runs for now): for Parquet, row groups
-        drawn at random across the split; else seeded random samples of the whole split."""
-        if self.data.name == "parquet":
-            return self.parquet_calibration(count)
-        if self._calibration is None:
-            self._calibration = build_datasets(replace(self.data, augment=False))[0]
-        return calibration_batches(self._calibration, self.train_cfg, count)
-
-    def parquet_calibration(self, count: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """`count` global batches of (normalised float images, labels) drawn at random across
-        the Parquet training split (the same every call), decoded by Ray Data tasks."""
-        assert self._parquet is not None
-        job = WorkerJob({}, self.data, self.train_cfg, 0, 0.0, "calibration",
-                        parquet=self._parquet)
-        source = parquet_batches(job, torch.device("cpu"), 1)
-        batch = self.train_cfg.batch_size
-        for images, labels in source.calibration(count * batch, batch):
-            yield source.normalize(images), labels
+    def score(self, kind: str, model: nn.Module, groups: list[ChannelGroup], batches: int,
+              seed: int) -> dict[str, torch.Tensor]:
+        """Channel scores computed on the workers (their GPUs where they have them), each on
+        its share of `batches` global calibration batches, statistics summed across them."""
+        result = self._call(model, Command(0, "score", kind=kind, batches=batches, seed=seed,
+                                           input_shape=self.input_shape))
+        scores = result["scores"]
+        want = {g.key: g.width for g in groups}
+        got = {key: int(s.numel()) for key, s in scores.items()}
+        if got != want:
+            raise DistributedError(f"the workers scored other channel groups than the driver "
+                                   f"traced: {sorted(set(got.items()) ^ set(want.items()))[:4]}")
+        return scores
 
     def recalibrate_bn(self, model: nn.Module, batches: int) -> nn.Module:
-        """Re-estimate BatchNorm statistics on the driver, from `batches` of its calibration
-        batches (the driver's GPU when it has one, else its CPU). For now: scoring and this
-        recalibration are to move onto the Ray Train workers, where the data and GPUs are."""
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        recalibrate_bn(model, self.calibration_batches(batches), device)
-        return model.cpu()
+        """Re-estimate BatchNorm statistics on the workers (each on its share of `batches`
+        global calibration batches, averaged); the model gets them in place."""
+        self._adopt(model, self._call(model, Command(0, "recalibrate", batches=batches)))
+        return model
 
-    def _run(self, model: nn.Module, epochs: int, lr: float, label: str
-             ) -> tuple[dict[str, torch.Tensor], float]:
-        from ray.train import (
-            CheckpointConfig,
-            FailureConfig,
-            LoggingConfig,
-            RunConfig,
-            ScalingConfig,
-        )
+    def close(self) -> None:
+        """Stop the worker group (a later call starts a new one)."""
+        if self._group is not None:
+            self._group.close()
+            self._group, self._held = None, None
+
+    def __enter__(self) -> RayRunner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, model: nn.Module, command: Command) -> dict[str, Any]:
+        if self._group is None:
+            self._group = _WorkerGroup(self)
+        version = self._push(model)
+        started = time.perf_counter()
+        result = self._group.call(replace(command, model=version))
+        wall = time.perf_counter() - started
+        self.timings.append(CommandTiming(command.op, command.label, wall, result["seconds"]))
+        log.debug("%s %s: %.2fs (workers %.2fs)", command.op, command.label, wall,
+                  result["seconds"])
+        return result
+
+    def _push(self, model: nn.Module) -> int:
+        """The version of `model` the workers hold; sent through the object store only when
+        the workers do not hold it yet (new weights or a new architecture)."""
+        assert self._group is not None
+        now = fingerprint(model)
+        if self._held is None or self._held[1] != now:
+            payload = to_payload(model, _payload_info(model, self.input_shape))
+            self._held = (self._group.send_model(payload), now)
+        return self._held[0]
+
+    def _adopt(self, model: nn.Module, result: dict[str, Any]) -> None:
+        """Load the weights a fit or re-estimation sent back; the workers hold them too."""
+        import ray
+
+        (ref,) = result["payload"]
+        model.load_state_dict(ray.get(ref)["state_dict"])
+        self._held = (int(result["version"]), fingerprint(model))
+
+
+class _WorkerGroup:
+    """One TorchTrainer run whose workers execute commands (ccpcsa.worker.worker_loop) until
+    told to stop; its fit() waits in a background thread while the driver sends commands
+    through a Coordinator actor."""
+
+    def __init__(self, runner: RayRunner) -> None:
+        import ray
+        from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
-        info = _payload_info(model)
-        name = f"{_slug(label)}-{uuid.uuid4().hex[:8]}"
-        job = WorkerJob(to_payload(model, info), self.data, self.train_cfg, epochs, lr, label,
-                        self.sync_bn, os.environ.get(KILL_ENV, ""),
-                        storage.join(self.storage_path, name), self._parquet)
-        resources = {"CPU": self.cpus_per_worker}
-        if self.use_gpu:
-            resources["GPU"] = self.gpus_per_worker
+        self._ray = ray
+        name = f"group-{uuid.uuid4().hex[:8]}"
+        self.coordinator = ray.remote(num_cpus=0)(Coordinator).remote()
+        setup = GroupSetup(runner.data, runner.train_cfg,
+                           storage.join(runner.storage_path, name), runner.sync_bn,
+                           runner._parquet)
+        resources = {"CPU": runner.cpus_per_worker}
+        if runner.uses_cuda:
+            resources["GPU"] = runner.gpus_per_worker
         trainer = TorchTrainer(
             worker_loop,
-            train_loop_config={"job": job},
-            scaling_config=ScalingConfig(num_workers=self.num_workers, use_gpu=self.use_gpu,
+            train_loop_config={"setup": setup, "coordinator": self.coordinator},
+            scaling_config=ScalingConfig(num_workers=runner.num_workers,
+                                         use_gpu=runner.uses_cuda,
                                          resources_per_worker=resources),
             run_config=RunConfig(
-                name=name, storage_path=self.storage_path,
-                failure_config=FailureConfig(max_failures=self.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                name=name, storage_path=runner.storage_path,
+                failure_config=FailureConfig(max_failures=runner.max_failures),
                 logging_config=LoggingConfig(log_level="WARNING")),  # epochs: our own log
         )
-        start = time.perf_counter()
-        log.info("%s: %d epoch(s) on %d Ray Train worker(s)%s", label, epochs,
-                 self.num_workers, " with GPUs" if self.use_gpu else "")
-        result = trainer.fit()
-        self.last_result = result
-        with result.checkpoint.as_directory() as folder:
-            final = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu",
-                               weights_only=True)
-        log.info("%s: done in %.1fs, accuracy %.2f%%", label, time.perf_counter() - start,
-                 final["accuracy"])
-        return final["model"], float(final["accuracy"])
+        self._seq = 0
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._fit, args=(trainer,), daemon=True,
+                                        name=f"ccpcsa-{name}")
+        self._thread.start()
+        atexit.register(self.close)
+        log.info("started a group of %d Ray Train worker(s) (%s): it serves every call until "
+                 "the runner closes", runner.num_workers, name)
+
+    def _fit(self, trainer) -> None:
+        try:
+            trainer.fit()
+        except BaseException as exc:  # reported by the next call() that waits
+            self.error = exc
+
+    def _next(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def send_model(self, payload: dict[str, Any]) -> int:
+        version = self._next()
+        self._ray.get(self.coordinator.set_model.remote(version, [self._ray.put(payload)]))
+        return version
+
+    def call(self, command: Command) -> dict[str, Any]:
+        ray = self._ray
+        seq = self._next()
+        ray.get(self.coordinator.submit.remote(replace(command, seq=seq)))
+        pending = self.coordinator.result.remote(seq)
+        while not ray.wait([pending], timeout=1.0)[0]:
+            if not self._thread.is_alive():
+                error = str(self.error).strip().splitlines() if self.error else []
+                raise DistributedError("the Ray Train worker group stopped"
+                                       + (f": {error[-1]}" if error else ""))
+        result = ray.get(pending)
+        if "error" in result:
+            raise result["error"]
+        return result
+
+    def starts(self) -> int:
+        return self._ray.get(self.coordinator.starts.remote())
+
+    def close(self) -> None:
+        atexit.unregister(self.close)
+        ray = self._ray
+        if not ray.is_initialized():
+            return
+        if self._thread.is_alive():
+            ray.get(self.coordinator.submit.remote(Command(self._next(), "stop")))
+            self._thread.join(STOP_TIMEOUT_S)
+            if self._thread.is_alive():
+                log.warning("the Ray Train worker group did not stop within %.0fs",
+                            STOP_TIMEOUT_S)
+        ray.kill(self.coordinator)
+
+
+class Coordinator:
+    """A Ray actor between the driver and the worker group: the command in flight, the
+    results, the latest model. It lives as long as the group's driver, so a group restarted
+    after a failure finds the command it was running and the model it was running it on."""
+
+    def __init__(self) -> None:
+        self.command: Command | None = None
+        self.finished = -1  # the newest command whose result was posted
+        self.results: dict[int, dict[str, Any]] = {}
+        self.model: tuple[int, list] = (-1, [None])
+        self.group_starts = 0
+        self._changed: asyncio.Condition | None = None
+
+    def _condition(self) -> asyncio.Condition:
+        if self._changed is None:  # made on the actor's event loop
+            self._changed = asyncio.Condition()
+        return self._changed
+
+    async def submit(self, command: Command) -> None:
+        changed = self._condition()
+        async with changed:
+            self.command = command
+            changed.notify_all()
+
+    async def next_command(self, done: int) -> Command:
+        """The command in flight once it is newer than `done` (a restarted worker passes -1:
+        it gets the unfinished command, or waits for the next one)."""
+        changed = self._condition()
+        async with changed:
+            await changed.wait_for(lambda: self.command is not None
+                                   and self.command.seq > max(done, self.finished))
+            return self.command
+
+    async def set_model(self, version: int, ref: list) -> None:
+        self.model = (version, ref)
+
+    async def model_ref(self) -> tuple[int, list]:
+        return self.model
+
+    async def finish(self, seq: int, result: dict[str, Any]) -> None:
+        import ray
+
+        if result.get("payload") is not None:  # new weights: the version the workers hold
+            ref = ray.put(result.pop("payload"))
+            self.model = (seq, [ref])
+            result.update(payload=[ref], version=seq)
+        changed = self._condition()
+        async with changed:
+            self.results[seq] = result
+            self.finished = max(self.finished, seq)
+            changed.notify_all()
+
+    async def result(self, seq: int) -> dict[str, Any]:
+        changed = self._condition()
+        async with changed:
+            await changed.wait_for(lambda: seq in self.results)
+            return self.results.pop(seq)
+
+    async def group_started(self) -> None:
+        self.group_starts += 1
+
+    async def starts(self) -> int:
+        return self.group_starts
 
 
 def prefer_loopback() -> None:
@@ -266,195 +397,21 @@ def fingerprint(model: nn.Module) -> tuple:
                      for k, v in model.state_dict().items())
 
 
-# ------------------------------------------------------------------------------- the worker
-
-
-def worker_loop(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: train `epochs` (resuming from the latest checkpoint
-    after a restart), checkpoint each epoch, then evaluate; rank 0 reports the weights."""
-    import ray.train
-    import ray.train.torch
-
-    job: WorkerJob = config["job"]
-    cfg = job.train
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(cfg.seed * 1000 + rank)  # augmentation draws differ per worker
-    device = ray.train.torch.get_device()
-    model = model_from_payload(job.payload).train()
-    if job.sync_bn and world > 1:  # BatchNorm statistics of the global batch
-        model = (nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda"
-                 else convert_batchnorm(model))
-    to_device(model, device, cfg)
-    source = _TrainSource(job, rank, world, device)
-    opt, sched = make_optimizer(model, cfg, job.lr, max(job.epochs * source.steps_per_epoch, 1))
-    start_epoch = _restore(model, opt, sched, device, job.run_dir)
-    wrapped = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
-    metrics: dict[str, Any] = {}
-    for epoch in range(start_epoch, job.epochs):
-        started = time.perf_counter()
-        batches = _maybe_kill(source.epoch(epoch), job.kill, rank, epoch)
-        loss, seen = run_epoch(wrapped, batches, opt, sched, device, cfg)
-        loss, seen, checksum = _all_reduce([loss * seen, seen, source.checksum()], device)
-        loss /= max(seen, 1)
-        if rank == 0:
-            log_epoch(f"{job.label} ({world} workers)", epoch, job.epochs, loss, int(seen),
-                      time.perf_counter() - started)
-        metrics = {"epoch": epoch + 1, "loss": loss, "samples": int(seen),
-                   "seconds": time.perf_counter() - started,
-                   "sample_checksum": int(checksum) % _CHECKSUM_MOD, "start_epoch": start_epoch}
-        _report(metrics, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                          "scheduler": sched.state_dict(), "epoch": epoch + 1}, rank)
-    correct, total = _evaluate(model, job, rank, world, device)
-    accuracy = 100.0 * correct / max(total, 1)
-    last_epoch = {f"last_{k}": metrics[k] for k in ("samples", "sample_checksum", "seconds")
-                  if k in metrics}
-    _report({"epoch": job.epochs, "accuracy": accuracy, "evaluated": int(total),
-             "start_epoch": start_epoch, **last_epoch},
-            {"model": model.state_dict(), "accuracy": accuracy, "epoch": job.epochs}, rank)
-
-
-class _TrainSource:
-    """A worker's training batches for any epoch: its sampler shard of a map-style dataset, or
-    its part of the Parquet epoch plan (uint8 from Ray Data, normalised here on the device).
-    Keeps an order-free checksum of the samples of the last epoch."""
-
-    def __init__(self, job: WorkerJob, rank: int, world: int, device: torch.device) -> None:
-        self.job, self.rank, self.world = job, rank, world
-        self.batch_size = job.train.batch_size // world
-        self._checksum: int = 0
-        self.parquet = parquet_batches(job, device, world) if job.parquet else None
-        if self.parquet is not None:
-            self.steps_per_epoch = self.parquet.steps_per_epoch(world)
-        elif job.epochs > 0:
-            self.dataset = build_datasets(job.data)[0]
-            self.sampler = train_sampler(self.dataset, job.train, world, rank)
-            self.loader = loader(self.dataset, job.train, train=True, sampler=self.sampler,
-                                 batch_size=self.batch_size)
-            self.steps_per_epoch = len(self.loader)
-        else:
-            self.steps_per_epoch = 0
-
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.parquet is not None:
-            for images, labels in self.parquet.epoch(epoch, self.rank, self.world):
-                yield self.parquet.normalize(images), labels
-            return
-        self.sampler.set_epoch(epoch)
-        indices = list(self.sampler)
-        used = len(indices) // self.batch_size * self.batch_size  # the loader drops the rest
-        self._checksum = sum(i + 1 for i in indices[:used])
-        yield from self.loader
-
-    def checksum(self) -> int:
-        if self.parquet is not None:
-            return int(self.parquet.checksum)  # one host sync per epoch
-        return self._checksum
-
-
-def _evaluate(model: nn.Module, job: WorkerJob, rank: int, world: int, device: torch.device
-              ) -> tuple[int, int]:
-    """Top-1 over the whole test split, each sample on exactly one worker (an even split:
-    counts differ by at most one), summed."""
-    if job.parquet is not None:
-        source = parquet_batches(job, device, world)
-        batches = ((source.normalize(x), y) for x, y in source.evaluation(rank, world))
-    else:
-        test_set = build_datasets(job.data)[1]
-        subset = torch.utils.data.Subset(test_set, range(rank, len(test_set), world))
-        batches = loader(subset, job.train, train=False)
-    correct, seen = count_correct(model, batches, device, job.train)
-    correct, seen = _all_reduce([correct, seen], device)
-    return int(correct), int(seen)
-
-
-def _all_reduce(values: list[float], device: torch.device) -> list[float]:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return list(values)
-    reduce_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
-    tensor = torch.tensor(values, dtype=torch.float64, device=reduce_device)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
-def _report(metrics: dict[str, Any], state: dict[str, Any], rank: int) -> None:
-    """Every worker reports (it is a barrier); rank 0 attaches the checkpoint."""
-    import ray.train
-
-    if rank != 0:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as folder:
-        torch.save(state, os.path.join(folder, STATE_FILE))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-
-
-def _restore(model: nn.Module, opt, sched, device: torch.device, run_dir: str) -> int:
-    """After a worker failure: load the newest epoch checkpoint; returns the epoch to run."""
-    state = _latest_epoch_state(run_dir, device)
-    if state is None:
-        return 0
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    log.warning("resuming training from the checkpoint of epoch %d", state["epoch"])
-    return int(state["epoch"])
-
-
-def _latest_epoch_state(run_dir: str, device: torch.device) -> dict[str, Any] | None:
-    """The newest readable epoch checkpoint rank 0 persisted under the run folder. Read from
-    storage rather than ray.train.get_checkpoint(): rank 0 writes each checkpoint before it
-    goes on, but the controller may not have registered the last one when the group failed."""
-    import pyarrow.fs as pafs
-
-    fs, base = storage.resolve(run_dir)
-    try:
-        entries = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
-    except OSError:
-        return None
-    folders = sorted((e.path for e in entries if e.type == pafs.FileType.Directory
-                      and e.base_name.startswith("checkpoint_")), reverse=True)  # newest first
-    for folder in folders:
-        try:
-            with fs.open_input_stream(f"{folder}/{STATE_FILE}") as f:
-                state = torch.load(io.BytesIO(f.read()), map_location=device, weights_only=True)
-        except Exception:  # a checkpoint cut short by the failure: try an older one
-            continue
-        if "optimizer" in state:  # an epoch checkpoint, not the final evaluation's
-            return state
-    return None
-
-
-def _maybe_kill(batches, kill: str, rank: int, epoch: int):
-    """Test hook for fault tolerance: KILL_ENV="RANK:EPOCH:BATCH:MARKER" makes that worker
-    SIGKILL itself at that batch, once (the marker file records that it happened)."""
-    if not kill:
-        yield from batches
-        return
-    want_rank, want_epoch, want_batch, marker = kill.split(":", 3)
-    armed = (rank == int(want_rank) and epoch == int(want_epoch)
-             and not os.path.exists(marker))
-    for i, batch in enumerate(batches):
-        if armed and i == int(want_batch):
-            with open(marker, "w") as f:
-                f.write(f"killed rank {rank} in epoch {epoch} at batch {i}\n")
-            os.kill(os.getpid(), signal.SIGKILL)
-        yield batch
-
-
 # ------------------------------------------------------------------------------- driver side
 
 
-def _payload_info(model: nn.Module) -> CheckpointInfo:
+def _payload_info(model: nn.Module, input_shape: tuple[int, int, int]) -> CheckpointInfo:
+    """How the workers rebuild `model`: its name (registry, torchvision:NAME or module:callable,
+    which must import on every node), classes, BAM placements (to_payload records them) and
+    input shape (a model outside the registry finds its classifier by tracing on it)."""
     from ccpcsa.attention import has_bam
-    from ccpcsa.models import get_spec
 
     name = getattr(model, "ccpcsa_model", None)
-    if name is None:
+    num_classes = getattr(model, "ccpcsa_num_classes", None)
+    if name is None or num_classes is None:
         raise DistributedError("RayRunner needs a model made by ccpcsa (build_model or "
                                "load_checkpoint): it rebuilds the architecture by name")
-    num_classes = get_spec(name).classifier(model).out_features
-    return CheckpointInfo(name, num_classes, has_bam(model), (0, 0, 0))
+    return CheckpointInfo(name, num_classes, has_bam(model), input_shape)
 
 
 def _parquet_indexes(data: DataConfig, num_workers: int, cpus_per_worker: float
@@ -475,7 +432,3 @@ def _parquet_indexes(data: DataConfig, num_workers: int, cpus_per_worker: float
     train, val = shard_index(root, "train"), shard_index(root, "val")
     warn_if_class_sorted(train, parquet_split_dir(root, "train"))
     return train, val
-
-
-def _slug(label: str) -> str:
-    return re.sub(r"[^a-zA-Z0-9_-]+", "-", label).strip("-") or "fit"

@@ -66,3 +66,10 @@ def one_line(exc: BaseException) -> str:
     if not lines:
         return type(exc).__name__
     return lines[-1] if len(lines) > 1 else lines[0]
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (torch's and the exporters' errors put the
+    cause there and the details below), or its type when the message is empty."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__

@@ -65,8 +65,13 @@ NEEDS_BATCHES = (*OBSERVED, "taylor")
 # dedup the same as strength; relative to the layer, it always acts on its closest twins.
 DEDUP_FLOOR = 0.5
 DEDUP_QUANTILE = 0.75
-_CHUNK = 1 << 22  # elements per float64 block when accumulating (bounds transient memory)
+_CHUNK = 1 << 22  # elements per product block when accumulating (bounds transient memory)
+_BLOCK = 8192  # samples per float32 product block: keeps its rounding near 1e-6 relative
 _DEAD = 1e-12  # a channel whose standard deviation is below this is constant
+
+# Sums each tensor of the list over the data-parallel workers, in place (every worker calls it
+# with tensors of the same shapes, in the same order); None = one process.
+Reduce = Callable[[list[torch.Tensor]], None]
 
 
 class ImportanceError(ValueError):
@@ -76,31 +81,54 @@ class ImportanceError(ValueError):
 class CorrelationStats:
     """Streaming sums for the channel correlation of one group: n, sum(d), d d^T, sum|x|,
     with d = x - shift (the first batch's mean) so large means do not cancel precision.
-    Every update adds samples: reads of the same channels at several places pool."""
+    Every update adds samples: reads of the same channels at several places pool.
 
-    def __init__(self) -> None:
+    Each block of at most _BLOCK samples is multiplied in float32 (fast on a GPU; TF32 is off
+    while scoring, see _observe) and added to float64 totals: d is nearly centred and a block
+    short, so the float32 rounding stays near 1e-6 of the result. merge() sums the statistics
+    of data-parallel workers, each on its own share of the calibration images."""
+
+    def __init__(self, channels: int | None = None, device: torch.device | str = "cpu") -> None:
         self.n = 0
         self.shift: torch.Tensor | None = None
         self.sum_d: torch.Tensor | None = None
         self.outer: torch.Tensor | None = None
         self.abs_sum: torch.Tensor | None = None
+        if channels is not None:
+            self._allocate(channels, torch.device(device))
+
+    def _allocate(self, channels: int, device: torch.device) -> None:
+        zeros = dict(dtype=torch.float64, device=device)
+        self.shift = torch.zeros(channels, **zeros)
+        self.sum_d = torch.zeros(channels, **zeros)
+        self.outer = torch.zeros(channels, channels, **zeros)
+        self.abs_sum = torch.zeros(channels, **zeros)
 
     def update(self, x: torch.Tensor) -> None:
-        flat = channels_first(x)
+        flat = channels_first(x).float()
         channels = flat.shape[0]
-        if self.shift is None:
+        if self.shift is None or self.shift.device != flat.device:
+            self._allocate(channels, flat.device)
+        if self.n == 0:
             self.shift = flat.double().mean(1)
-            self.sum_d = torch.zeros(channels, dtype=torch.float64, device=flat.device)
-            self.outer = torch.zeros(channels, channels, dtype=torch.float64, device=flat.device)
-            self.abs_sum = torch.zeros(channels, dtype=torch.float64, device=flat.device)
-        step = max(1, _CHUNK // max(channels, 1))
+        shift = self.shift.float()[:, None]
+        step = min(_BLOCK, max(1, _CHUNK // max(channels, 1)))
         for start in range(0, flat.shape[1], step):
-            block = flat[:, start:start + step].double()
-            d = block - self.shift[:, None]
-            self.sum_d += d.sum(1)
-            self.outer += d @ d.T
-            self.abs_sum += block.abs().sum(1)
+            block = flat[:, start:start + step]
+            d = block - shift
+            self.sum_d += d.sum(1, dtype=torch.float64)
+            self.outer += (d @ d.T).double()
+            self.abs_sum += block.abs().sum(1, dtype=torch.float64)
         self.n += flat.shape[1]
+
+    def recentre(self, shift: torch.Tensor) -> None:
+        """Express the sums relative to another shift: d' = x - shift = d + (old - shift)."""
+        assert self.shift is not None and self.sum_d is not None and self.outer is not None
+        delta = self.shift - shift
+        self.outer += (torch.outer(self.sum_d, delta) + torch.outer(delta, self.sum_d)
+                       + self.n * torch.outer(delta, delta))
+        self.sum_d += self.n * delta
+        self.shift = shift
 
     def _std_and_cov(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.n < 2:
@@ -186,8 +214,10 @@ def correlation_scores(x: torch.Tensor, kind: str = "ccpcsa") -> torch.Tensor:
 class MeanStats:
     """Streaming per-channel mean of a non-negative map (BAM's attention)."""
 
-    def __init__(self) -> None:
+    def __init__(self, channels: int | None = None, device: torch.device | str = "cpu") -> None:
         self.total: torch.Tensor | None = None
+        if channels is not None:
+            self.total = torch.zeros(channels, dtype=torch.float64, device=device)
         self.n = 0
 
     def update(self, x: torch.Tensor) -> None:
@@ -199,23 +229,50 @@ class MeanStats:
         return self.total / max(self.n, 1)
 
 
+def merge_over_workers(stats: list[CorrelationStats], means: list[MeanStats], reduce: Reduce
+                       ) -> None:
+    """Sum every worker's statistics (each accumulated on its own share of the calibration
+    images) so that every worker holds the totals of all samples: two collective calls. The
+    correlation sums are first re-centred on a common shift (the sample-weighted mean of the
+    workers' shifts), since each worker's d = x - shift used its own first batch."""
+    if any(s.shift is None for s in stats) or any(m.total is None for m in means):
+        raise ImportanceError("merging statistics needs their channel counts up front")
+    counts = [torch.tensor([float(s.n)], dtype=torch.float64, device=s.shift.device)
+              for s in stats]
+    weighted = [s.shift * c for s, c in zip(stats, counts, strict=True)]
+    mean_counts = [torch.tensor([float(m.n)], dtype=torch.float64, device=m.total.device)
+                   for m in means]
+    reduce([*counts, *weighted, *(m.total for m in means), *mean_counts])
+    for s, c, w in zip(stats, counts, weighted, strict=True):
+        s.recentre(w / c.clamp_min(1.0))
+    reduce([t for s in stats for t in (s.sum_d, s.outer, s.abs_sum)])
+    for s, c in zip(stats, counts, strict=True):
+        s.n = int(round(float(c)))
+    for m, c in zip(means, mean_counts, strict=True):
+        m.n = int(round(float(c)))
+
+
 def compute_scores(
     kind: str,
     model: nn.Module,
     groups: list[ChannelGroup],
     batches: Iterable = (),
     seed: int = 0,
+    reduce: Reduce | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-group channel scores (higher = more important), one tensor of group.width each,
     normalised per group (see the module docstring). `batches` are (images, labels) pairs
-    (bare image tensors do for every criterion but taylor), unaugmented training data."""
+    (bare image tensors do for every criterion but taylor), unaugmented training data, on the
+    model's device. Data-parallel workers pass their own share of the batches and `reduce`
+    (a sum over the workers): the statistics, or taylor's gradients, are summed before any
+    score is computed, so every worker gets the scores of all the batches together."""
     if kind not in IMPORTANCES:
         raise ImportanceError(f"unknown importance {kind!r}; choose one of: "
                               f"{', '.join(IMPORTANCES)}")
     if kind in OBSERVED:
-        raw = _observe(kind, model, groups, batches)
+        raw = _observe(kind, model, groups, batches, reduce)
     else:
-        raw = _torch_pruning(kind, model, groups, batches, seed)
+        raw = _torch_pruning(kind, model, groups, batches, seed, reduce)
     if kind == "lamp":
         return raw
     return {key: s / (s.abs().mean() + 1e-12) for key, s in raw.items()}
@@ -225,14 +282,14 @@ def compute_scores(
 
 
 def _torch_pruning(kind: str, model: nn.Module, groups: list[ChannelGroup], batches: Iterable,
-                   seed: int) -> dict[str, torch.Tensor]:
+                   seed: int, reduce: Reduce | None) -> dict[str, torch.Tensor]:
     importance = TORCH_PRUNING[kind]()
     missing = [g.key for g in groups if g.pruning_group is None]
     if missing:
         raise ImportanceError(f"groups without a Torch-Pruning group: {', '.join(missing)} "
                               "(make them with prune.find_groups)")
     if kind == "taylor":
-        _accumulate_gradients(model, batches)
+        _accumulate_gradients(model, batches, reduce)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # RandomImportance draws from torch's global generator
@@ -246,25 +303,31 @@ def _torch_pruning(kind: str, model: nn.Module, groups: list[ChannelGroup], batc
     return {key: s.detach().float().cpu() for key, s in scores.items()}
 
 
-def _accumulate_gradients(model: nn.Module, batches: Iterable) -> None:
-    """dL/dw summed over the labelled calibration batches, in eval mode (BatchNorm running
-    statistics are used and left alone)."""
+def _accumulate_gradients(model: nn.Module, batches: Iterable, reduce: Reduce | None) -> None:
+    """dL/dw of the mean loss over every labelled calibration sample (all workers' together),
+    in eval mode (BatchNorm running statistics are used and left alone)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     model.zero_grad(set_to_none=True)
-    seen = 0
+    seen = torch.zeros(1, dtype=torch.float64, device=device)
     try:
         for batch in batches:
             if not isinstance(batch, (tuple, list)) or len(batch) < 2:
                 raise ImportanceError("taylor needs (images, labels) calibration batches")
             images, labels = batch[0].to(device), batch[1].to(device)
-            nn.functional.cross_entropy(model(images), labels).backward()
-            seen += 1
+            loss = nn.functional.cross_entropy(model(images), labels, reduction="sum")
+            loss.backward()
+            seen += len(labels)
     finally:
         model.train(was_training)
-    if seen == 0:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if reduce is not None:
+        reduce([*grads, seen])
+    if float(seen) == 0:
         raise ImportanceError("taylor needs at least one calibration batch")
+    for g in grads:
+        g /= float(seen)
 
 
 # ---------------------------------------------------------------- observed criteria
@@ -278,16 +341,22 @@ def observation_points(group: ChannelGroup) -> tuple[list[nn.Module], str]:
     return [m for _, m in (group.norms or group.producers)], "output"
 
 
-def _observe(kind: str, model: nn.Module, groups: list[ChannelGroup], batches: Iterable
-             ) -> dict[str, torch.Tensor]:
-    stats = {g.key: CorrelationStats() for g in groups}
-    attention = {g.key: MeanStats() for g in groups if kind == "attention" and g.bams}
+def _observe(kind: str, model: nn.Module, groups: list[ChannelGroup], batches: Iterable,
+             reduce: Reduce | None) -> dict[str, torch.Tensor]:
+    device = next(model.parameters()).device
+    stats = {g.key: CorrelationStats(g.width, device) for g in groups}
+    attention = {g.key: MeanStats(g.width, device) for g in groups
+                 if kind == "attention" and g.bams}
     seen_this_batch: list[torch.Tensor] = []  # kept alive so ids cannot be reused
+
+    widths = {g.key: g.width for g in groups}
 
     def record(key: str, x: torch.Tensor) -> None:
         if any(x is t for t in seen_this_batch):
             return  # two consumers of one tensor (a conv and a downsample): count it once
         seen_this_batch.append(x)
+        if x.dim() > 2 and x.shape[1] != widths[key] and x.shape[-1] == widths[key]:
+            x = x.movedim(-1, 1)  # a channels-last layer (ConvNeXt's Linear and LayerNorm)
         stats[key].update(x)
 
     hooks = []
@@ -305,11 +374,12 @@ def _observe(kind: str, model: nn.Module, groups: list[ChannelGroup], batches: I
                 hooks.append(bam.register_forward_hook(
                     lambda m, inputs, _out, key=g.key: attention[key].update(
                         m.attention(inputs[0]))))
-    device = next(model.parameters()).device
     was_training = model.training
+    precision = torch.get_float32_matmul_precision()
     seen = 0
     try:
         model.eval()
+        torch.set_float32_matmul_precision("highest")  # no TF32 in the d d^T products
         with torch.no_grad():
             for batch in batches:
                 images = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -317,12 +387,19 @@ def _observe(kind: str, model: nn.Module, groups: list[ChannelGroup], batches: I
                 model(images.to(device))
                 seen += 1
     finally:
+        torch.set_float32_matmul_precision(precision)
         seen_this_batch.clear()
         for h in hooks:
             h.remove()
         model.train(was_training)
+    if reduce is not None:
+        total = torch.tensor([float(seen)], dtype=torch.float64, device=device)
+        reduce([total])
+        seen = int(total)
     if seen == 0:
         raise ImportanceError("data-driven importance needs at least one calibration batch")
+    if reduce is not None:
+        merge_over_workers(list(stats.values()), list(attention.values()), reduce)
     scores = {}
     for key, s in stats.items():
         score = s.scores(kind).cpu()

@@ -9,17 +9,18 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from ccpcsa import storage
+from ccpcsa import storage, weights
 from ccpcsa.attention import insert_bam
 from ccpcsa.checkpoint import CheckpointInfo, load_checkpoint, read_payload, save_checkpoint
 from ccpcsa.flops import count_flops, count_params
-from ccpcsa.importance import IMPORTANCES, compute_scores
+from ccpcsa.importance import IMPORTANCES
+from ccpcsa.layout import output_channels
 from ccpcsa.models import build_model, get_spec
 from ccpcsa.prune import (
     ALLOCATIONS,
@@ -57,9 +58,12 @@ class PrepareConfig:
     workers: int = 1  # data-parallel workers: BatchNorm statistics and float sums depend on it
     sync_bn: bool = False
     train_subset: int = 0  # > 0: trained on a fixed random N images (DataConfig.train_subset)
+    # trained weights replacing step 1's training (ccpcsa.weights: a file or a torchvision
+    # weights name); the key holds their SHA-256 too (stage0_keys)
+    weights: str | None = None
 
     def validate(self) -> None:
-        get_spec(self.model)
+        get_spec(self.model, self.input_shape)
         for name in ("baseline_epochs", "attention_epochs"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -80,6 +84,9 @@ class LoopConfig:
     # ranks channels within a layer under "uniform"
     allocation: str = "uniform"
     bn_batches: int = 16  # BatchNorm re-estimated on this many batches after surgery; 0 = off
+    # every pruned width a multiple of this (tensor cores); None = 8 when the runner trains on
+    # CUDA, else 1
+    round_to: int | None = None
     limits: PruneLimits = field(default_factory=PruneLimits)
     # Algorithm 1 compares with Acc of step 1 (the model before BAM); "attention" uses M'.
     reference: str = "baseline"
@@ -116,6 +123,9 @@ class LoopConfig:
         if self.screen and self.bn_batches < 1:
             raise ValueError("screening evaluates after BatchNorm re-estimation: bn_batches "
                              f"must be >= 1, got {self.bn_batches}")
+        if self.round_to is not None and not (isinstance(self.round_to, int)
+                                              and self.round_to >= 1):
+            raise ValueError(f"round-to must be an integer >= 1, got {self.round_to!r}")
         if self.reference not in REFERENCES:
             raise ValueError(f"unknown reference {self.reference!r}; choose one of: "
                              f"{', '.join(REFERENCES)}")
@@ -131,6 +141,7 @@ class Prepared:
     baseline_params: int
     attention_accuracy: float
     attention_checkpoint: str  # path of M' (BAM inserted and trained)
+    baseline_checkpoint: str = ""  # path of M (step 1), for latency comparisons
 
     def reference_accuracy(self, reference: str) -> float:
         return self.baseline_accuracy if reference == "baseline" else self.attention_accuracy
@@ -166,6 +177,7 @@ class LoopResult:
 
 
 # PrepareConfig fields that name files: their content (a cheap fingerprint) is in the key too.
+# The weights' key is their SHA-256 (a name may stand for a file in the torch hub cache).
 FINGERPRINTED_FIELDS = ("data_root",)
 
 
@@ -180,6 +192,7 @@ def stage0_keys(cfg: PrepareConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         if path and not storage.is_uri(path):
             fields[name] = os.path.abspath(path)
         fields[f"{name}_fingerprint"] = storage.fingerprint(path)
+    fields["weights_sha256"] = weights.sha256(cfg.weights) if cfg.weights else ""
     baseline = {k: v for k, v in fields.items() if k != "attention_epochs"}
     return baseline, fields
 
@@ -198,39 +211,52 @@ def prepare(cfg: PrepareConfig, runner: Runner, cache_dir: str) -> Prepared:
         log.info("reusing prepared models from %s", cache_dir)
         return Prepared(**cached["prepared"])
 
-    model, baseline = _baseline_model(cfg, runner, cache_dir, baseline_key)
+    model, baseline, baseline_path = _baseline_model(cfg, runner, cache_dir, baseline_key)
     seed_everything(cfg.seed + 1)  # step 2 draws the same numbers whether step 1 ran or loaded
-    insert_bam(model.cpu(), get_spec(cfg.model).bam_placements)
+    # BAM's width is the channels there now: weights may come from an already pruned model
+    placements = list(get_spec(cfg.model, cfg.input_shape).bam_placements)
+    insert_bam(model.cpu(), output_channels(model, placements, cfg.input_shape))
     log.info("step 2: training with BAM for %d epochs", cfg.attention_epochs)
     model = runner.fit(model, cfg.attention_epochs, cfg.lr, label="attention")
     attention = _measure(model, runner, cfg.input_shape)
     log.info("with BAM: accuracy %.2f%%, %s", attention[0], _flops_text(attention))
     _save(model, cfg, True, attention, attention_path, {"round": 0})
-    prepared = Prepared(baseline[0], baseline[1], baseline[2], attention[0], attention_path)
+    prepared = Prepared(baseline[0], baseline[1], baseline[2], attention[0], attention_path,
+                        baseline_path)
     # written after the checkpoint: a prepare.json always describes a complete attention.pt
     storage.write_json(meta_path, {"key": attention_key, "prepared": asdict(prepared)})
     return prepared
 
 
 def _baseline_model(cfg: PrepareConfig, runner: Runner, cache_dir: str, key: dict[str, Any]
-                    ) -> tuple[nn.Module, tuple[float, int, int]]:
-    """Step 1: M and its (accuracy, FLOPs, params), from the cache or trained now."""
+                    ) -> tuple[nn.Module, tuple[float, int, int], str]:
+    """Step 1: M, its (accuracy, FLOPs, params) and its checkpoint's path, from the cache or
+    made now: trained, or with --weights loaded and evaluated (then trained only when
+    baseline_epochs asks for it)."""
     meta_path = storage.join(cache_dir, "baseline.json")
     path = storage.join(cache_dir, "baseline.pt")
     cached = _cached(meta_path, key, path)
     if cached is not None:
         log.info("step 1: reusing the baseline %s", path)
         accuracy, flops, params = cached["measured"]
-        return load_checkpoint(path).train(), (float(accuracy), int(flops), int(params))
+        return load_checkpoint(path).train(), (float(accuracy), int(flops), int(params)), path
     seed_everything(cfg.seed)
-    model = build_model(cfg.model, cfg.num_classes, with_bam=False)
-    log.info("step 1: training the baseline %s for %d epochs", cfg.model, cfg.baseline_epochs)
-    model = runner.fit(model, cfg.baseline_epochs, cfg.lr, label="baseline")
+    model = build_model(cfg.model, cfg.num_classes, with_bam=False, input_shape=cfg.input_shape)
+    if cfg.weights:  # step 1 is the user's training: evaluate it instead
+        classifier = get_spec(cfg.model, cfg.input_shape).classifier(model)
+        model = weights.load_weights(model, cfg.weights, classifier, cfg.dataset)
+        log.info("step 1: starting from the weights %s (sha256 %s)", cfg.weights,
+                 key["weights_sha256"][:12])
+    if cfg.baseline_epochs or not cfg.weights:
+        log.info("step 1: training the baseline %s for %d epochs", cfg.model,
+                 cfg.baseline_epochs)
+        model = runner.fit(model, cfg.baseline_epochs, cfg.lr, label="baseline")
     measured = _measure(model, runner, cfg.input_shape)
     log.info("baseline: accuracy %.2f%%, %s", measured[0], _flops_text(measured))
-    _save(model, cfg, False, measured, path, {"round": -1})
+    _save(model, cfg, False, measured, path,
+          {"round": -1, "weights": cfg.weights or "", "weights_sha256": key["weights_sha256"]})
     storage.write_json(meta_path, {"key": key, "measured": list(measured)})
-    return model, measured
+    return model, measured, path
 
 
 def _cached(meta_path: str, key: dict[str, Any], checkpoint: str) -> dict[str, Any] | None:
@@ -278,7 +304,12 @@ def prune_loop(
     of the unpruned model (`original_widths`, which the ratio caps refer to); the record of the
     starting round is then not passed to `on_round` again."""
     cfg.validate()
-    spec = get_spec(model_name)
+    spec = get_spec(model_name, input_shape)
+    round_to = cfg.round_to or default_round_to(runner)
+    if cfg.round_to is None:
+        cfg = replace(cfg, round_to=round_to)
+    log.info("pruned widths are multiples of %d%s", round_to,
+             "" if round_to > 1 else " (any width)")
     seed_everything(cfg.seed + start_round)
     device = next(model.parameters()).device
     widths_now = group_widths(_groups(model, spec, input_shape, device)[1])
@@ -359,12 +390,11 @@ def prune_step(model: nn.Module, spec, input_shape: tuple[int, int, int], runner
     returns (channels removed, seconds spent scoring), or None when nothing is prunable."""
     start = time.perf_counter()
     graph, groups = _groups(model, spec, input_shape, next(model.parameters()).device)
-    scores = compute_scores(cfg.importance, model, groups,
-                            runner.calibration_batches(cfg.calibration_batches), seed=seed)
+    scores = runner.score(cfg.importance, model, groups, cfg.calibration_batches, seed)
     seconds_score = time.perf_counter() - start
     costs = channel_macs(model, groups, input_shape) if cfg.allocation == "flops" else None
     chosen = select_channels(groups, scores, cfg.groups_per_round, cfg.limits, original_widths,
-                             cfg.allocation, costs)
+                             cfg.allocation, costs, cfg.round_to or 1)
     if not chosen:
         return None
     return remove_channels(graph, groups, chosen), seconds_score
@@ -372,6 +402,17 @@ def prune_step(model: nn.Module, spec, input_shape: tuple[int, int, int], runner
 
 def record_of(result: LoopResult, round_number: int) -> RoundRecord:
     return next(r for r in result.records if r.round == round_number)
+
+
+def default_round_to(runner: Runner) -> int:
+    """8 where the runner trains on CUDA (tensor cores work on multiples of 8), else 1."""
+    return 8 if getattr(runner, "uses_cuda", False) else 1
+
+
+def channel_groups(model: nn.Module, model_name: str, input_shape: tuple[int, int, int]):
+    """(dependency graph, prunable channel groups) of a model, traced on its device."""
+    spec = get_spec(model_name, input_shape)
+    return _groups(model, spec, input_shape, next(model.parameters()).device)
 
 
 def _groups(model: nn.Module, spec, input_shape, device):

@@ -1,7 +1,14 @@
-"""Model registry: architectures, where BAM goes in each, and how layers map to stages."""
+"""Model registry: architectures, where BAM goes in each, and how layers map to stages.
+
+Beyond the registry's names, `torchvision:NAME` builds any torchvision classification model
+and `package.module:callable` a user's own (callable(num_classes) -> nn.Module); their BAM
+placement and stages are traced (ccpcsa.layout).
+"""
 
 from __future__ import annotations
 
+import functools
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -10,6 +17,7 @@ import torchvision
 from torch import nn
 
 from ccpcsa.attention import insert_bam
+from ccpcsa.layout import resolve_module, trace_layout
 
 
 class ModelError(ValueError):
@@ -105,9 +113,13 @@ class ModelSpec:
     input_size: int  # the size it was designed for; the data decides the actual size
     stage_of: Callable[[str], str]  # module name -> stage name, for per-stage ratio caps
     stages: tuple[str, ...]
+    classifier_path: str | None = None  # traced models: the last Conv2d / Linear that ran
 
     def classifier(self, model: nn.Module) -> nn.Module:
-        """The last Linear: its output width is the number of classes, never pruned."""
+        """The layer whose outputs are the classes (never pruned): the registry's last Linear,
+        or the last Conv2d / Linear run by a traced model (SqueezeNet's is a Conv2d)."""
+        if self.classifier_path is not None:
+            return resolve_module(model, self.classifier_path)
         return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
 
 
@@ -152,19 +164,128 @@ MODELS: dict[str, ModelSpec] = {
     ),
 }
 
+TORCHVISION = "torchvision:"
+# torchvision builders' options that make a plain classifier: no auxiliary heads (their
+# training-mode tuple outputs would not train), and the weight init without a warning
+_TORCHVISION_OPTIONS = {"googlenet": {"aux_logits": False, "init_weights": True},
+                        "inception_v3": {"aux_logits": False, "init_weights": True}}
 
-def get_spec(name: str) -> ModelSpec:
-    if name not in MODELS:
-        raise ModelError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
-    return MODELS[name]
+
+def torchvision_names() -> list[str]:
+    """torchvision's classification models (not detection, segmentation, video...)."""
+    return torchvision.models.list_models(module=torchvision.models)
 
 
-def build_model(name: str, num_classes: int, with_bam: bool = False) -> nn.Module:
+def is_registered(name: str) -> bool:
+    return name in MODELS
+
+
+def model_builder(name: str) -> Callable[[int], nn.Module]:
+    """num_classes -> a fresh nn.Module, for a registry name, `torchvision:NAME` or
+    `package.module:callable`; a bad name raises ModelError saying what is accepted."""
+    if name in MODELS:
+        return MODELS[name].build
+    if name.startswith(TORCHVISION):
+        arch = name[len(TORCHVISION):]
+        if arch not in torchvision_names():
+            raise ModelError(f"{arch!r} is not a torchvision classification model; see "
+                             f"torchvision.models.list_models(module=torchvision.models)")
+        options = _TORCHVISION_OPTIONS.get(arch, {})
+        return lambda num_classes: torchvision.models.get_model(
+            arch, weights=None, num_classes=num_classes, **options)
+    module_name, sep, attr = name.partition(":")
+    if not sep or not module_name or not attr:
+        raise ModelError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}, or "
+                         f"torchvision:NAME (e.g. torchvision:resnet34), or MODULE:CALLABLE "
+                         f"(your own: a callable taking num_classes, returning an nn.Module)")
+    return _user_factory(name, module_name, attr)
+
+
+def _user_factory(name: str, module_name: str, attr: str) -> Callable[[int], nn.Module]:
+    try:
+        target = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError or anything the user's module raises on import
+        raise ModelError(f"cannot import {module_name!r} for --model {name}: "
+                         f"{type(exc).__name__}: {exc}; it must be importable on every node "
+                         f"(PYTHONPATH or the Ray runtime env's working_dir)") from None
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise ModelError(f"module {module_name!r} has no {attr!r} (--model {name})")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ModelError(f"{name} is not callable: --model MODULE:CALLABLE takes a function "
+                         f"(num_classes) -> nn.Module")
+
+    def build(num_classes: int) -> nn.Module:
+        try:
+            model = target(num_classes)
+        except Exception as exc:
+            raise ModelError(f"{name}({num_classes}) failed: {type(exc).__name__}: {exc}"
+                             ) from None
+        if not isinstance(model, nn.Module):
+            raise ModelError(f"{name}({num_classes}) returned {type(model).__name__}, "
+                             f"not an nn.Module")
+        return model
+
+    return build
+
+
+def check_model_name(name: str) -> None:
+    """Raise ModelError unless `name` can be built (imports a user's module; builds nothing)."""
+    model_builder(name)
+
+
+def get_spec(name: str, input_shape: tuple[int, ...] | None = None) -> ModelSpec:
+    """The registry's spec, or one traced from the model on `input_shape` (C, H, W), which
+    every model outside the registry needs: BAM placement depends on the resolutions."""
+    if name in MODELS:
+        return MODELS[name]
+    model_builder(name)
+    if input_shape is None:
+        raise ModelError(f"model {name} is placed by tracing: give its input shape")
+    return _traced_spec(name, tuple(input_shape))
+
+
+@functools.lru_cache(maxsize=64)
+def _traced_spec(name: str, input_shape: tuple[int, ...]) -> ModelSpec:
+    build = model_builder(name)
+    # the number of classes changes only the classifier's width, not the layout
+    layout = trace_layout(build(TRACE_CLASSES), input_shape, name)
+    if not layout.placements:
+        raise ModelError(f"found no place for BAM in {name} on a {_size(input_shape)} input: "
+                         f"no block ends before its feature map shrinks (ccpcsa needs a CNN "
+                         f"whose main path downsamples; stages seen: {', '.join(layout.stages)})")
+    model = insert_bam(build(TRACE_CLASSES), layout.placements).eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape))
+    except Exception as exc:
+        raise ModelError(f"{name} does not run with BAM after {', '.join(layout.placements)} "
+                         f"({type(exc).__name__}: {str(exc).strip().splitlines()[0]})") from None
+    return ModelSpec(name, build, layout.placements, input_shape[-1], layout.stage_of,
+                     layout.stages, layout.classifier)
+
+
+TRACE_CLASSES = 10
+
+
+def _size(input_shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, input_shape))
+
+
+def build_model(name: str, num_classes: int, with_bam: bool = False, *,
+                input_shape: tuple[int, ...] | None = None,
+                placements: dict[str, int] | None = None) -> nn.Module:
+    """A fresh model; with BAM where `placements` says, else where its spec puts it (traced
+    on `input_shape` for a model outside the registry)."""
     if num_classes < 2:
         raise ModelError(f"num_classes must be >= 2, got {num_classes}")
-    spec = get_spec(name)
-    model = spec.build(num_classes)
-    model.ccpcsa_model = name  # lets the model be rebuilt elsewhere (Ray workers, checkpoints)
+    model = model_builder(name)(num_classes)
+    # how to rebuild it elsewhere (Ray workers, checkpoints)
+    model.ccpcsa_model = name
+    model.ccpcsa_num_classes = num_classes
     if with_bam:
-        insert_bam(model, spec.bam_placements)
+        if placements is None:
+            placements = get_spec(name, input_shape).bam_placements
+        insert_bam(model, placements)
     return model

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch_pruning as tp
@@ -63,6 +63,9 @@ class ChannelGroup:
         """Channels summed from several layers (a residual stream), not one layer's output
         (a depthwise conv passing a layer's channels through does not count)."""
         return sum(not _is_depthwise(m) for _, m in self.producers) > 1
+    # > 1 when a grouped convolution (RegNet, ResNeXt) reads or writes these channels: they
+    # are removed `interleave` at a time, the same position in each of its conv groups
+    interleave: int = 1
 
 
 @dataclass(frozen=True)
@@ -119,8 +122,11 @@ def find_groups(
         root = group[0].dep.target.module
         width = graph.get_out_channels(root)
         producers, norms, bams, consumers = [], [], [], []
+        interleave = 1
         for dep, idxs in group:
             module = dep.target.module
+            if isinstance(module, nn.Conv2d) and 1 < module.groups < module.in_channels:
+                interleave = math.lcm(interleave, module.groups)
             if module not in names or len(idxs) != width:
                 continue
             entry = (names[module], module)
@@ -130,6 +136,8 @@ def find_groups(
                 consumers.append(entry)
             if not graph.is_out_channel_pruning_fn(dep.handler):
                 continue
+            if graph.get_out_channels(module) != width:
+                continue  # sees these channels as a slice of a concatenation (DenseNet)
             if isinstance(module, BAM):
                 bams.append(entry)
             elif isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -137,9 +145,11 @@ def find_groups(
             elif isinstance(module, (nn.Conv2d, nn.Linear)) and _prunes_outputs(dep, graph):
                 producers.append(entry)
         key = names[root]
+        if width % interleave:
+            continue  # cannot shrink evenly across its conv groups: left whole
         stage = _majority_stage([n for n, _ in producers] or [key], stage_of)
         groups.append(ChannelGroup(key, stage, width, root, producers, norms, bams, consumers,
-                                   group))
+                                   group, interleave))
     return groups
 
 
@@ -178,6 +188,7 @@ def select_channels(
     original_widths: dict[str, int],
     allocation: str = "uniform",
     costs: dict[str, float] | None = None,
+    round_to: int = 1,
 ) -> dict[str, list[int]]:
     """Which `count` channels to remove this round, as {group key: channel indices}.
 
@@ -193,23 +204,39 @@ def select_channels(
     - flops: global ranking of score / cost, where cost is the MACs one channel of the group
       costs relative to the mean group (`costs`, from channel_macs): the least importance
       per FLOP saved goes first.
+
+    round_to: every width a group is pruned to is a multiple of it (8 keeps tensor cores
+    busy), never below its floor (the floor rounds up to a multiple; a group that cannot
+    reach a smaller multiple is left alone). A group then gives channels in steps (its width
+    modulo round_to first, then round_to at a time; under the global policies a step is
+    ranked by its channels' mean score), so a round removes at least `count` channels (fewer
+    only when the limits allow no more) and at most one step more than `count` - 1.
     """
     if count < 1:
         raise PruneError(f"groups per round must be >= 1, got {count}")
     if allocation not in ALLOCATIONS:
         raise PruneError(f"unknown allocation {allocation!r}; choose one of: "
                          f"{', '.join(ALLOCATIONS)}")
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise PruneError(f"round-to must be an integer >= 1, got {round_to!r}")
+    if any(g.interleave > 1 for g in groups):
+        return _select_interleaved(groups, scores, count, limits, original_widths, allocation,
+                                   costs, round_to)
     budget: dict[str, int] = {}
+    first: dict[str, int] = {}  # the first step: down to the next multiple of round_to
     ranked: dict[str, torch.Tensor] = {}
     for g in groups:
         original = original_widths.get(g.key, g.width)
-        budget[g.key] = max(0, g.width - limits.min_width(g, original))
+        floor = -(-limits.min_width(g, original) // round_to) * round_to
+        budget[g.key] = max(0, g.width - floor)
+        first[g.key] = g.width % round_to or round_to
         s = scores[g.key].detach().double().cpu()
         if s.shape != (g.width,):
             raise PruneError(f"score of {g.key} has shape {tuple(s.shape)}, want ({g.width},)")
         ranked[g.key] = s
     if allocation == "uniform":
-        shares = _uniform_shares(groups, count, limits, original_widths, budget, ranked)
+        shares = _uniform_shares(groups, count, limits, original_widths, budget, ranked,
+                                 first, round_to)
         return {key: sorted(torch.argsort(ranked[key], stable=True)[:n].tolist())
                 for key, n in shares.items() if n > 0}
     if allocation == "flops":
@@ -217,25 +244,33 @@ def select_channels(
             raise PruneError("flops allocation needs every group's channel cost (channel_macs)")
         mean_cost = sum(costs[g.key] for g in groups) / max(len(groups), 1)
         ranked = {k: s / (costs[k] / mean_cost) for k, s in ranked.items()}
-    candidates = sorted((float(v), key, i) for key, s in ranked.items() if budget[key] > 0
-                        for i, v in enumerate(s))
+    steps = []  # (mean score of the step's channels, group, position, channel indices)
+    for key, s in ranked.items():
+        order = torch.argsort(s, stable=True).tolist()
+        pos, size, last = 0, first[key], float("-inf")
+        while pos + size <= budget[key]:
+            idxs = order[pos:pos + size]
+            last = max(last, float(s[idxs].mean()))  # a group's steps are taken in order
+            steps.append((last, key, pos, idxs))
+            pos, size = pos + size, round_to
     chosen: dict[str, list[int]] = {}
     taken = 0
-    for _score, key, idx in candidates:
-        if taken == count:
+    for _score, key, _pos, idxs in sorted(steps, key=lambda step: step[:3]):
+        if taken >= count:
             break
-        if len(chosen.get(key, [])) < budget[key]:
-            chosen.setdefault(key, []).append(idx)
-            taken += 1
+        chosen.setdefault(key, []).extend(idxs)
+        taken += len(idxs)
     return {key: sorted(idxs) for key, idxs in chosen.items()}
 
 
 def _uniform_shares(groups: list[ChannelGroup], count: int, limits: PruneLimits,
                     original_widths: dict[str, int], budget: dict[str, int],
-                    scores: dict[str, torch.Tensor]) -> dict[str, int]:
+                    scores: dict[str, torch.Tensor], first: dict[str, int], round_to: int
+                    ) -> dict[str, int]:
     """Channels per group so that after this round every group has lost about t times its
     cap of its original width, t chosen so that the shares add up to `count` (or to all that
-    the limits allow). Cumulative, so rounding errors of one round are repaid in the next."""
+    the limits allow), each share a whole number of the group's steps (see select_channels).
+    Cumulative, so rounding errors of one round are repaid in the next."""
     rate, removed = {}, {}
     for g in groups:
         original = original_widths.get(g.key, g.width)
@@ -255,15 +290,25 @@ def _uniform_shares(groups: list[ChannelGroup], count: int, limits: PruneLimits,
         mid = (low + high) / 2
         low, high = (mid, high) if sum(shares(mid).values()) < total else (low, mid)
     exact = shares(high)
-    whole = {k: min(int(v), budget[k]) for k, v in exact.items()}
-    # Largest remainders get the channels left over; ties go to the group whose weakest
-    # channel is the least important relative to its group (the criterion breaks them).
+
+    def round_down(k: str) -> int:  # the largest whole number of steps within the share
+        if exact[k] < first[k]:
+            return 0
+        return min(first[k] + int((exact[k] - first[k]) // round_to) * round_to, budget[k])
+
+    whole = {k: round_down(k) for k in exact}
+    # Channels left over go one step at a time to the group owed the largest fraction of its
+    # next step; ties go to the group whose weakest channel is the least important relative
+    # to its group (the criterion breaks them).
     weakest = {k: float(s.min() / (s.abs().mean() + 1e-12)) if len(s) else 0.0
                for k, s in scores.items()}
-    order = sorted((k for k in whole if whole[k] < budget[k]),
-                   key=lambda k: (-(exact[k] - whole[k]), weakest[k], k))
-    for k in order[:max(total - sum(whole.values()), 0)]:
-        whole[k] += 1
+    while sum(whole.values()) < total:
+        step = {k: first[k] if whole[k] == 0 else round_to for k in whole
+                if whole[k] + (first[k] if whole[k] == 0 else round_to) <= budget[k]}
+        if not step:
+            break
+        k = min(step, key=lambda k: (-(exact[k] - whole[k]) / step[k], weakest[k], k))
+        whole[k] += step[k]
     return whole
 
 
@@ -319,6 +364,28 @@ def _slice_macs(module: nn.Module, role: str, out_numel: int, width: int) -> flo
     if role == "out":
         return out_numel / module.out_features * module.in_features
     return out_numel * module.in_features / width
+
+
+def _select_interleaved(groups, scores, count, limits, original_widths, allocation, costs,
+                        round_to=1):
+    """select_channels on a view where an interleaved group's k-th channel of every conv
+    group is one unit (scored by their mean); each chosen unit removes all of them (so
+    round_to applies to the width of each conv group)."""
+    folded, folded_scores, folded_widths = [], {}, {}
+    for g in groups:
+        per = g.width // g.interleave
+        folded.append(replace(g, width=per, interleave=1))
+        folded_scores[g.key] = scores[g.key].reshape(g.interleave, per).mean(0)
+        folded_widths[g.key] = original_widths.get(g.key, g.width) // g.interleave
+    by_key = {g.key: g for g in groups}
+    unit_costs = None if costs is None else {
+        k: v * by_key[k].interleave for k, v in costs.items() if k in by_key}
+    chosen = select_channels(folded, folded_scores, count, limits, folded_widths, allocation,
+                             unit_costs, round_to)
+    by_key = {g.key: g for g in groups}
+    return {key: sorted(i + j * (by_key[key].width // by_key[key].interleave)
+                        for i in idxs for j in range(by_key[key].interleave))
+            for key, idxs in chosen.items()}
 
 
 def remove_channels(

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import replace
 from typing import Protocol
 
@@ -11,11 +10,18 @@ import torch
 from torch import nn
 
 from ccpcsa.data import DataConfig, build_datasets
+from ccpcsa.prune import ChannelGroup
 from ccpcsa.train import LocalRunner, TrainConfig
 
 
 class Runner(Protocol):
-    """Where training happens: train.LocalRunner (one process) or distributed.RayRunner."""
+    """Where training happens: train.LocalRunner (one process) or distributed.RayRunner (one
+    group of Ray Train workers, kept for the runner's life: close() it when done)."""
+
+    @property
+    def uses_cuda(self) -> bool:
+        """Whether the model trains on CUDA (the default --round-to depends on it)."""
+        ...
 
     def fit(self, model: nn.Module, epochs: int, lr: float, label: str = "train") -> nn.Module:
         ...
@@ -23,9 +29,11 @@ class Runner(Protocol):
     def evaluate(self, model: nn.Module) -> float:
         ...
 
-    def calibration_batches(self, count: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """`count` full batches of (images, labels), unaugmented, drawn at random (seeded)
-        across the whole training split: what channels are scored on."""
+    def score(self, kind: str, model: nn.Module, groups: list[ChannelGroup], batches: int,
+              seed: int) -> dict[str, torch.Tensor]:
+        """importance.compute_scores of `groups` on `batches` full batches of (images, labels),
+        unaugmented, drawn at random (seeded) across the whole training split, where the
+        model trains (the workers' devices for Ray Train)."""
         ...
 
     def recalibrate_bn(self, model: nn.Module, batches: int) -> nn.Module:
@@ -33,12 +41,17 @@ class Runner(Protocol):
         (no weight update; momentum and train/eval mode restored); returns the model."""
         ...
 
+    def close(self) -> None:
+        """Release what the runner holds (Ray Train workers); a later call starts again."""
+        ...
+
 
 def make_runner(data: DataConfig, cfg: TrainConfig, workers: int, storage_path: str, *,
                 gpus_per_worker: float | None = None, cpus_per_worker: float = 1.0,
                 sync_bn: bool = False) -> Runner:
-    """The loop's training backend: this process for one worker (no Ray), else Ray Train over
-    `workers` (runs under `storage_path`). Channels are scored and BatchNorm is re-estimated on
+    """The loop's training backend: this process for one worker (no Ray), else one group of
+    `workers` Ray Train workers (runs under `storage_path`) that trains, evaluates, scores
+    channels and re-estimates BatchNorm. Channels are scored and BatchNorm is re-estimated on
     unaugmented training data."""
     if workers == 1:
         train_set, test_set = build_datasets(data)

@@ -274,10 +274,25 @@ class LocalRunner:
     def evaluate(self, model: nn.Module) -> float:
         return evaluate(model, self.test_set, self.cfg)
 
+    @property
+    def uses_cuda(self) -> bool:
+        return pick_device(self.cfg.device).type == "cuda"
+
     def calibration_batches(self, count: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return calibration_batches(self.calibration_set, self.cfg, count)
+
+    def score(self, kind: str, model: nn.Module, groups, batches: int, seed: int
+              ) -> dict[str, torch.Tensor]:
+        """importance.compute_scores on `batches` calibration batches, on the model's device."""
+        from ccpcsa.importance import NEEDS_BATCHES, compute_scores
+
+        calibration = self.calibration_batches(batches) if kind in NEEDS_BATCHES else ()
+        return compute_scores(kind, model, groups, calibration, seed=seed)
 
     def recalibrate_bn(self, model: nn.Module, batches: int) -> nn.Module:
         """Re-estimate BatchNorm statistics on `batches` calibration batches (bn.py)."""
         device = pick_device(self.cfg.device)
         return recalibrate_bn(model, self.calibration_batches(batches), device)
+
+    def close(self) -> None:
+        """Nothing to release: one process."""

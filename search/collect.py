@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pandas as pd
@@ -19,6 +20,7 @@ from search.pareto import (
     write_frontier,
 )
 
+log = logging.getLogger("ccpcsa.search")
 POINT_COLUMNS = ["trial_id", "round", "accuracy", "flops", "params", "checkpoint"]
 PHASE_NAMES = {"full": "trials", "screen": "screen", "finetune": "finetune"}
 
@@ -93,15 +95,21 @@ def summary_counts(trials: list[TrialOnDisk], owed: dict[str, int]) -> str:
 
 def write_results(trials: list[TrialOnDisk], cfg: SearchConfig, prepared: Prepared,
                   run_dir: str, adopted: set[str] = frozenset(),
-                  owed: dict[str, int] | None = None) -> str:
+                  owed: dict[str, int] | None = None,
+                  input_shape: tuple[int, int, int] | None = None) -> str:
     """frontier.parquet, frontier.png and frontier/*.pt from every point on disk; returns the
-    summary to print. `owed`: trials each phase owes (default: the one-phase search's)."""
+    summary to print. `owed`: trials each phase owes (default: the one-phase search's). With
+    input_shape (the search ran to its end) and cfg.latency_batch, the frontier's latency is
+    measured too (add_latency); an interrupted search is not kept waiting for it."""
     owed = owed or {"full": cfg.num_samples}
     frame = pd.DataFrame([stage0_point(prepared), *trial_points(trials)])
     baseline = baseline_of(prepared)
     frame = mark_frontier(frame, baseline)
     frame = collect_checkpoints(frame, run_dir)
-    write_frontier(frame, run_dir, baseline)
+    write_frontier(frame, run_dir, baseline)  # first without latency: nothing is lost
+    if cfg.latency_batch and input_shape is not None:
+        frame, baseline = add_latency(frame, baseline, cfg, prepared, input_shape)
+        write_frontier(frame, run_dir, baseline)
     plot = plot_frontier(frame, storage.join(run_dir, "frontier.png"), baseline,
                          title=f"{cfg.model} on {cfg.dataset}: CCPCSA schedules")
     table = format_table(frame, baseline)
@@ -112,3 +120,49 @@ def write_results(trials: list[TrialOnDisk], cfg: SearchConfig, prepared: Prepar
     return (f"{summary_counts(trials, owed)}; {points}, "
             f"{int(frame['pareto'].sum())} on the frontier{per_trial}\n{table}\n"
             f"frontier: {storage.join(run_dir, 'frontier.parquet')}\nplot: {plot}")
+
+
+def add_latency(frame: pd.DataFrame, baseline: dict[str, Any], cfg: SearchConfig,
+                prepared: Prepared, input_shape: tuple[int, int, int]
+                ) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """latency_* columns for every frontier point (NaN elsewhere) and the baseline, measured
+    one after another in one Ray task holding one training worker's CPUs and GPUs: after the
+    trials, so no trial competes for the device, and on the kind of device the trials ran on.
+    A failed measurement is logged and leaves the columns empty."""
+    import ray
+
+    paths = [p for p in frame.loc[frame["pareto"].astype(bool), "frontier_checkpoint"] if p]
+    baseline_path = prepared.baseline_checkpoint
+    gpus = cfg.gpus_per_worker or 0.0
+    task = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=gpus)(measure_checkpoints)
+    try:
+        measured = ray.get(task.remote([baseline_path, *paths] if baseline_path else paths,
+                                       input_shape, cfg.latency_batch, cfg.cpus_per_worker))
+    except Exception as exc:  # a measurement must not cost the search its results
+        log.warning("latency not measured: %s", str(exc).strip().splitlines()[-1])
+        return frame, baseline
+    if baseline_path:
+        baseline = {**baseline, **measured.pop(baseline_path)}
+    frame = frame.copy()
+    for column in ("latency_ms", "latency_batch_ms", "latency_batch", "latency_repeats",
+                   "latency_device"):
+        frame[column] = [measured.get(p, {}).get(column) for p in frame["frontier_checkpoint"]]
+    log.info("latency measured on %s for %d frontier points",
+             next(iter(measured.values()), {}).get("latency_device", "?"), len(measured))
+    return frame, baseline
+
+
+def measure_checkpoints(paths: list[str], input_shape: tuple[int, int, int], batch: int,
+                        cpus: float) -> dict[str, dict[str, Any]]:
+    """Each checkpoint's latency_* columns, on this worker's GPU if it has one, else its CPUs
+    (as many torch threads as CPUs reserved)."""
+    import torch
+
+    from ccpcsa.checkpoint import load_checkpoint
+    from ccpcsa.latency import measure_latency
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cpus)))
+    return {path: measure_latency(load_checkpoint(path), input_shape, device, batch).columns()
+            for path in paths}

@@ -13,7 +13,7 @@ from ccpcsa.data import DATASETS, NEEDS_ROOT
 from ccpcsa.data.common import MIN_IMAGE_SIZE
 from ccpcsa.importance import IMPORTANCES
 from ccpcsa.loop import REFERENCES
-from ccpcsa.models import MODELS
+from ccpcsa.models import ModelError, check_model_name
 from ccpcsa.prune import ALLOCATIONS
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
@@ -28,7 +28,8 @@ class ConfigError(validation.SettingError):
 @dataclass
 class SearchConfig:
     # what to prune, on what data
-    model: str = "resnet20"
+    model: str = "resnet20"  # registry name, torchvision:NAME or module:callable
+    weights: str | None = None  # trained weights replacing step 1's training
     dataset: str = "digits"
     data_root: str | None = None
     image_size: int | None = None
@@ -66,7 +67,7 @@ class SearchConfig:
     name: str = "ccpcsa-search"
     resume: bool = False
     # stage 0 (Algorithm 1 steps 1-2), once per search
-    baseline_epochs: int = 10
+    baseline_epochs: int | None = None  # None: 10, or 0 with weights (evaluated only)
     attention_epochs: int = 5
     lr: float = 0.05
     batch_size: int = 64
@@ -80,14 +81,28 @@ class SearchConfig:
     calibration_batches: int = 4
     bn_batches: int = 16
     min_channels: int = 4
+    round_to: int | None = None  # None: 8 when the workers train on CUDA, else 1
     reference: str = "baseline"
+    # inference latency of each frontier point, batch 1 and this batch (0: not measured)
+    latency_batch: int = 8
+
+    def __post_init__(self) -> None:
+        if self.baseline_epochs is None:
+            self.baseline_epochs = 0 if self.weights else 10
 
     def validate(self) -> None:
         """Every setting, whatever it came from (flags, YAML, a saved run): types, finite
         numbers, ranges, names, the storage URI scheme, the batch split over workers. Nothing
-        is touched (the search checks its storage and data before Ray starts)."""
+        is touched (the search checks its storage, data and weights before Ray starts); a
+        user's model module is imported."""
         check = validation
-        check.choice("model", self.model, tuple(MODELS))
+        check.text("model", self.model)
+        try:
+            check_model_name(self.model)
+        except ModelError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.weights is not None:
+            check.location("weights", self.weights)
         check.choice("dataset", self.dataset, DATASETS)
         if self.data_root is not None:
             check.location("data_root", self.data_root)
@@ -104,7 +119,7 @@ class SearchConfig:
                      "calibration_batches", "min_channels"):
             check.whole(name, getattr(self, name), 1)
         for name in ("seed", "baseline_epochs", "attention_epochs", "epochs", "max_failures",
-                     "bn_batches", "train_subset", "screen"):
+                     "bn_batches", "train_subset", "screen", "latency_batch"):
             check.whole(name, getattr(self, name), 0)
         if self.finalists is not None:
             check.whole("finalists", self.finalists, 1)
@@ -131,6 +146,8 @@ class SearchConfig:
             check.flag(name, getattr(self, name))
         if self.loader_workers is not None:
             check.whole("loader_workers", self.loader_workers, 0)
+        if self.round_to is not None:
+            check.whole("round_to", self.round_to, 1)
         if self.m_range is not None:
             low, _ = check.pair("m_range", self.m_range, int)
             check.whole("m_range low", int(low), 1)

@@ -331,6 +331,48 @@ def _draw_baseline(ax: Any, baseline: dict | None) -> None:
         )
 
 
+def has_latency(df: pd.DataFrame) -> bool:
+    return "latency_ms" in df.columns and bool(df["latency_ms"].notna().any())
+
+
+def plot_latency(df: pd.DataFrame, path: str, baseline: dict | None = None, title: str = ""
+                 ) -> str:
+    """Two panels over the points whose latency was measured (the FLOPs frontier): accuracy
+    vs FLOPs, and accuracy vs measured batch-1 latency, with the points non-dominated in
+    (accuracy, latency) joined; the baseline as a star where it was measured."""
+    df = _ensure_marked(df, baseline)
+    if not has_latency(df):
+        raise ValueError("no latency_ms measured in these points")
+    pts = df[df["latency_ms"].notna()].copy()
+    fig = Figure(figsize=(11.0, 4.8), dpi=120)
+    for ax, column, label in ((fig.add_subplot(1, 2, 1), "flops", "FLOPs (multiply-accumulates)"),
+                              (fig.add_subplot(1, 2, 2), "latency_ms",
+                               "latency at batch 1 (ms, median)")):
+        front = pts[pareto_mask(pts["accuracy"].to_numpy(float), pts[column].to_numpy(float))]
+        front = front.sort_values(column)
+        ax.scatter(pts[column], pts["accuracy"], s=14, color="0.6", label="measured points")
+        ax.step(front[column], front["accuracy"], where="post", color="tab:blue")
+        ax.scatter(front[column], front["accuracy"], s=30, color="tab:blue", zorder=3,
+                   label=f"non-dominated ({len(front)})")
+        base_x, base_y = _baseline_value(baseline, column), _baseline_value(baseline, "accuracy")
+        if math.isfinite(base_x) and math.isfinite(base_y):
+            ax.scatter([base_x], [base_y], marker="*", s=220, color="tab:red",
+                       edgecolor="black", zorder=4, label="baseline (unpruned)")
+        if column == "flops":
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(_HumanLogFormatter())
+            ax.xaxis.set_minor_formatter(_HumanLogFormatter())
+        ax.set_xlabel(label)
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(loc="lower right", fontsize="small")
+    device = pts["latency_device"].dropna().iloc[0] if "latency_device" in pts else ""
+    fig.suptitle(f"{title}\n{device}" if title else str(device))
+    fig.tight_layout()
+    _save_figure(fig, path)
+    return path
+
+
 def _save_figure(fig: Figure, path: str) -> None:
     png = io.BytesIO()
     fig.savefig(png, format="png")
@@ -364,13 +406,17 @@ def format_table(df: pd.DataFrame, baseline: dict | None = None, only_pareto: bo
     df = df.sort_values(["flops", "accuracy"], ascending=[True, False], kind="stable")
     columns = list(_TABLE_COLUMNS)
     extra = {"phase": "phase" in df.columns, "compute": "compute_s" in df.columns,
-             "deployable": not only_pareto and "deployable" in df.columns}
+             "deployable": not only_pareto and "deployable" in df.columns,
+             "latency": has_latency(df)}
     if extra["phase"]:
         columns.insert(2, ("phase", "<"))
     if extra["compute"]:
         columns.insert(len(columns) - 1, ("compute", ">"))
     if extra["deployable"]:
         columns.insert(len(columns) - 1, ("deployable", "<"))
+    if extra["latency"]:  # measured on the frontier points: before the checkpoint column
+        batch = int(df["latency_batch"].dropna().iloc[0])
+        columns[-1:-1] = [("ms b1", ">"), (f"ms b{batch}", ">")]
     if not only_pareto:
         columns.insert(0, ("pareto", "<"))
     rows = []
@@ -382,6 +428,9 @@ def format_table(df: pd.DataFrame, baseline: dict | None = None, only_pareto: bo
             row.insert(len(row) - 1, compute_text(rec.get("compute_s"), rec.get("compute_unit")))
         if extra["deployable"]:
             row.insert(len(row) - 1, "yes" if rec.get("deployable") else "no")
+        if extra["latency"]:
+            row[-1:-1] = [_fmt(rec.get("latency_ms"), ".2f"),
+                          _fmt(rec.get("latency_batch_ms"), ".2f")]
         rows.append(row if only_pareto else ["*" if rec["pareto"] else "", *row])
     headers = [name for name, _ in columns]
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]

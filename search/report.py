@@ -1,7 +1,7 @@
 """Re-read a finished search's frontier.parquet, print its table and re-draw frontier.png.
 
-python search/report.py RUN_DIR [--all] [--plot PATH]
-python -m search.report RUN_DIR [--all] [--plot PATH]
+python search/report.py RUN_DIR [--all] [--x flops|latency] [--plot PATH]
+python -m search.report RUN_DIR [--all] [--x flops|latency] [--plot PATH]
 """
 
 from __future__ import annotations
@@ -40,10 +40,19 @@ def build_parser() -> argparse.ArgumentParser:
         "Pareto-optimal ones",
     )
     parser.add_argument(
+        "--x",
+        choices=("flops", "latency"),
+        default="flops",
+        help="flops (default): accuracy vs FLOPs of every point; latency: the frontier points "
+        "whose inference latency the search measured, accuracy vs FLOPs beside accuracy vs "
+        "measured batch-1 latency (written to RUN_DIR/frontier_latency.png)",
+    )
+    parser.add_argument(
         "--plot",
         metavar="PATH",
         default=None,
-        help="where to write the frontier PNG (local path or URI); default RUN_DIR/frontier.png",
+        help="where to write the PNG (local path or URI); default RUN_DIR/frontier.png, or "
+        "RUN_DIR/frontier_latency.png with --x latency",
     )
     return parser
 
@@ -66,11 +75,17 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_BAD_RUN_DIR
+    if args.x == "latency" and not pareto.has_latency(df):
+        print(f"report: error: no latency measured in {args.run_dir} (search with "
+              f"--latency-batch > 0)", file=sys.stderr)
+        return EXIT_BAD_RUN_DIR
     print(pareto.format_table(df, baseline, only_pareto=not args.all))
-    plot_path = args.plot or pareto.join_path(args.run_dir, "frontier.png")
+    default_name = "frontier_latency.png" if args.x == "latency" else "frontier.png"
+    plot_path = args.plot or pareto.join_path(args.run_dir, default_name)
     title = f"Pareto frontier: {args.run_dir}"
+    draw = pareto.plot_latency if args.x == "latency" else pareto.plot_frontier
     try:
-        pareto.plot_frontier(df, plot_path, baseline=baseline, title=title)
+        draw(df, plot_path, baseline=baseline, title=title)
     except (OSError, ValueError) as exc:
         print(f"report: error: cannot write plot {plot_path}: {_one_line(exc)}", file=sys.stderr)
         return 1

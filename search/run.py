@@ -95,8 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
     a("--config", metavar="YAML", help="YAML file with any of these settings (keys = flag "
       "names, dashes or underscores)")
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", help=f"architecture (default {d.model}); one of resnet20, "
-                   "resnet56, resnet18, resnet50, resnet101, vgg16_bn, mobilenet_v2")
+    g.add_argument("--model", help=f"architecture (default {d.model}): resnet20, resnet56, "
+                   "resnet18, resnet50, resnet101, vgg16_bn, mobilenet_v2; any torchvision "
+                   "classification CNN as torchvision:NAME (torchvision:resnet34, "
+                   "torchvision:regnet_y_800mf, ...); or your own as MODULE:CALLABLE, a "
+                   "function (num_classes) -> nn.Module importable on every node")
+    g.add_argument("--weights", help="start from trained weights instead of training step 1: "
+                   "a file or URI (a state_dict, a training checkpoint with a 'state_dict' or "
+                   "'model' key, or a ccpcsa checkpoint without BAM) or a torchvision weights "
+                   "name such as ResNet50_Weights.IMAGENET1K_V2 from the local torch hub cache "
+                   "($TORCH_HOME; never downloaded), on the node that runs stage 0. Evaluated "
+                   "once: its accuracy is the reference")
     g.add_argument("--dataset", help=f"digits (embedded, no download), fashion-mnist, cifar10, "
                    f"cifar100, imagefolder, parquet (default {d.dataset})")
     g.add_argument("--data-root", help="dataset folder or URI (cifar/imagefolder/parquet; "
@@ -168,11 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the interrupted search <storage>/<name>: finished trials are "
                         "kept, unfinished ones continue; the saved configuration is used (and "
                         "checked like flags)")
+    g.add_argument("--latency-batch", type=int,
+                   help=f"measure each frontier point's inference latency at batch 1 and this "
+                        f"batch, at the end, in one Ray task with one training worker's CPUs/GPUs "
+                        f"(0 = skip; default {d.latency_batch})")
     g.add_argument("--dry-run", action="store_true", default=False,
                    help="validate the configuration, print it, and exit")
     g = p.add_argument_group("stage 0 (once per search) and each trial's loop")
     g.add_argument("--baseline-epochs", type=int,
-                   help=f"step 1 epochs, model without BAM (default {d.baseline_epochs})")
+                   help="step 1 epochs, model without BAM (default 10; 0 with --weights)")
     g.add_argument("--attention-epochs", type=int,
                    help=f"step 2 epochs, model with BAM (default {d.attention_epochs})")
     g.add_argument("--lr", type=float, help=f"stage 0 learning rate (default {d.lr})")
@@ -197,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"0 = off (default {d.bn_batches})")
     g.add_argument("--min-channels", type=int,
                    help=f"channel floor per layer (default {d.min_channels})")
+    g.add_argument("--round-to", type=int, metavar="N",
+                   help="every pruned width a multiple of N, within caps and floor (default: 8 "
+                        "when the trials train on CUDA, else 1)")
     g.add_argument("--reference", help=f"tolerance measured from: baseline or attention "
                    f"(default {d.reference})")
     a("-v", "--verbose", action="store_true", default=False, help="debug logging")
@@ -280,7 +296,10 @@ def run_stage0(ray, cfg: SearchConfig, prep_cfg: PrepareConfig, run_dir: str) ->
     def stage0() -> Prepared:
         logging.basicConfig(level=logging.INFO)
         runner = make_runner(cfg, storage.join(run_dir, "train", "stage0"))
-        return prepare(prep_cfg, runner, storage.join(run_dir, "stage0"))
+        try:
+            return prepare(prep_cfg, runner, storage.join(run_dir, "stage0"))
+        finally:
+            runner.close()
 
     if cfg.workers_per_trial > 1:  # Ray Train places its own workers
         return stage0()
@@ -423,27 +442,32 @@ def run_search(cfg: SearchConfig, termination) -> int:
 
 def _run_locked(cfg: SearchConfig, fail: frozenset[int], termination) -> int:
     cfg = check_run_folder(cfg)
+    if cfg.weights and not storage.is_uri(cfg.weights) and os.path.exists(cfg.weights):
+        cfg.weights = os.path.abspath(cfg.weights)  # stage 0 runs in a Ray worker's folder
     run_dir = run_dir_of(cfg)
     try:
         storage.check_writable(run_dir)
     except OSError as exc:
         raise ConfigError(str(exc)) from None
+    # before Ray: the data, the model and the weights
     info = check_dataset(DataConfig(cfg.dataset, cfg.data_root, cfg.image_size,
-                                    train_subset=cfg.train_subset))  # before Ray
+                                    train_subset=cfg.train_subset))
+    input_shape = (info.channels, info.image_size, info.image_size)
+    prep_cfg = PrepareConfig(cfg.model, info.num_classes, input_shape, cfg.dataset,
+                             cfg.baseline_epochs, cfg.attention_epochs, cfg.lr, cfg.seed,
+                             data_root=cfg.data_root, batch_size=cfg.batch_size,
+                             workers=cfg.workers_per_trial, train_subset=cfg.train_subset,
+                             weights=cfg.weights)
+    check_model_and_weights(prep_cfg)
 
     from search import collect
     from search.space import build_space, describe_model
 
-    input_shape = (info.channels, info.image_size, info.image_size)
     ray = connect_ray(cfg)
     if not cfg.resume:
         storage.write_json(storage.join(run_dir, CONFIG_FILE),
                            {"config": cfg.to_dict(), "versions": versions()})
     started = time.time()
-    prep_cfg = PrepareConfig(cfg.model, info.num_classes, input_shape, cfg.dataset,
-                             cfg.baseline_epochs, cfg.attention_epochs, cfg.lr, cfg.seed,
-                             data_root=cfg.data_root, batch_size=cfg.batch_size,
-                             workers=cfg.workers_per_trial, train_subset=cfg.train_subset)
     print(f"stage 0: baseline and BAM training for {cfg.model} on {cfg.dataset} "
           f"(cached in {storage.join(run_dir, 'stage0')})", flush=True)
     prepared = run_stage0(ray, cfg, prep_cfg, run_dir)
@@ -459,8 +483,10 @@ def _run_locked(cfg: SearchConfig, fail: frozenset[int], termination) -> int:
     trials = [t for outcome in outcomes for t in outcome.trials]
     owed = {o.phase.name: o.phase.num_samples for o in outcomes}
     adopted = {t for outcome in outcomes for t in outcome.adopted}
-    print(collect.write_results(trials, cfg, prepared, run_dir, adopted, owed), flush=True)
-    if not outcomes[-1].complete or len(outcomes) < len(phases_of(cfg)):
+    interrupted = not outcomes[-1].complete or len(outcomes) < len(phases_of(cfg))
+    print(collect.write_results(trials, cfg, prepared, run_dir, adopted, owed,
+                                input_shape=None if interrupted else input_shape), flush=True)
+    if interrupted:
         print(f"search interrupted after {time.time() - started:.0f}s; what finished is in "
               f"{run_dir}; continue with: python search/run.py --storage {cfg.storage} "
               f"--name {cfg.name} --resume", flush=True)
@@ -560,6 +586,17 @@ def run_phase(ctx: PhaseContext, phase: Phase, finalists=None) -> PhaseOutcome:
                    phase.num_samples - len(plan.adopted))
     complete = not (found["interrupted"] or found["not started"])
     return PhaseOutcome(phase, trials, plan.adopted, complete)
+
+
+def check_model_and_weights(prep_cfg: PrepareConfig) -> None:
+    """On the driver, before Ray starts: a model outside the registry prunes consistently and
+    the weights exist and fit it; else ConfigError, one line."""
+    from ccpcsa.prunable import check_before_training
+
+    try:
+        check_before_training(prep_cfg)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,8 +39,8 @@ class ModelLayout:
 
 def describe_model(model_name: str, num_classes: int, input_shape: tuple[int, ...]
                    ) -> ModelLayout:
-    spec = get_spec(model_name)
-    model = build_model(model_name, num_classes, with_bam=True)
+    spec = get_spec(model_name, input_shape)
+    model = build_model(model_name, num_classes, with_bam=True, input_shape=input_shape)
     graph = build_graph(model, torch.zeros(1, *input_shape))
     groups = find_groups(model, graph, spec.classifier(model), spec.stage_of)
     stages = tuple(s for s in spec.stages if any(g.stage == s for g in groups))

@@ -75,7 +75,7 @@ def run_trial(params: dict[str, Any], settings: TrialSettings) -> None:
         max_rounds=cfg.max_rounds, finetune_epochs=schedule.finetune_epochs,
         finetune_lr=schedule.finetune_lr, importance=cfg.importance,
         calibration_batches=cfg.calibration_batches, allocation=cfg.allocation,
-        bn_batches=cfg.bn_batches,
+        bn_batches=cfg.bn_batches, round_to=cfg.round_to,
         limits=PruneLimits(max(cfg.cap_range), schedule.stage_caps, schedule.layer_caps,
                            cfg.min_channels, schedule.residual_cap),
         reference=cfg.reference, seed=cfg.seed, screen=screen)
@@ -103,9 +103,12 @@ def run_trial(params: dict[str, Any], settings: TrialSettings) -> None:
             tune.report({**reported, "is_final": False},
                         checkpoint=tune.Checkpoint.from_directory(tmp))
 
-    result = prune_loop(model, cfg.model, settings.input_shape, reference, runner, loop_cfg,
-                        on_round, initial_accuracy=accuracy, start_round=start_round,
-                        original_widths=settings.layout.widths)
+    try:  # one Ray Train worker group for the whole loop (workers_per_trial > 1)
+        result = prune_loop(model, cfg.model, settings.input_shape, reference, runner,
+                            loop_cfg, on_round, initial_accuracy=accuracy,
+                            start_round=start_round, original_widths=settings.layout.widths)
+    finally:
+        runner.close()
     final = record_of(result, result.final_round)
     tune.report({**metrics(final), "is_final": True,
                  "final_round": result.final_round, "stop_reason": result.stop_reason})

@@ -38,8 +38,9 @@ from ccpcsa.data import (
     steps_per_epoch,
     train_pieces,
 )
-from ccpcsa.distributed import RayRunner, WorkerJob, _parquet_indexes, _TrainSource
+from ccpcsa.distributed import RayRunner, _parquet_indexes
 from ccpcsa.train import TrainConfig, loader, loader_workers_for, train_sampler
+from ccpcsa.worker import GroupSetup, TrainSource, Worker
 from search.config import ConfigError, build_config
 from search.trial import train_config
 
@@ -161,20 +162,20 @@ def test_one_process_parquet_batches_are_shuffled_per_epoch(parquet_root):
 # ---------------------------------------------------------------- Ray Train workers
 
 
-def _job(root: Path, seed: int, world: int) -> WorkerJob:
-    data = DataConfig("parquet", str(root), SIZE, augment=True)
-    return WorkerJob({}, data, TrainConfig(batch_size=BATCH, seed=seed), 1, 0.1, "test",
-                     parquet=_parquet_indexes(data, world, 0.5))
+def _job(root: Path, seed: int, world: int, augment: bool = True) -> GroupSetup:
+    data = DataConfig("parquet", str(root), SIZE, augment=augment)
+    return GroupSetup(data, TrainConfig(batch_size=BATCH, seed=seed), "",
+                      parquet=_parquet_indexes(data, world, 0.5))
 
 
-def _worker_epoch(job: WorkerJob, epoch: int, world: int = 2
+def _worker_epoch(job: GroupSetup, epoch: int, world: int = 2
                   ) -> tuple[list[list[int]], list[torch.Tensor], int]:
     """What the model sees on each of `world` workers in one epoch: the labels of every step
     (global batch = the workers' batches together), the first step's images, the checksum."""
     steps: list[list[int]] = []
     images, checksum = [], 0
     for rank in range(world):
-        source = _TrainSource(job, rank, world, torch.device("cpu"))
+        source = TrainSource(job, rank, world, torch.device("cpu"))
         for step, (x, y) in enumerate(source.epoch(epoch)):
             assert x.dtype == torch.float32 and x.shape == (BATCH // world, 3, SIZE, SIZE)
             if rank == 0:
@@ -205,18 +206,34 @@ def test_ray_train_parquet_batches_are_shuffled_per_epoch(ray_cluster, parquet_r
     assert _worker_epoch(_job(parquet_root, 1, 2), 0)[0] != epoch0
 
 
-def test_calibration_batches_cover_the_classes(ray_cluster, parquet_root, tmp_path):
-    data = DataConfig("parquet", str(parquet_root), SIZE)
-    runner = RayRunner(data, TrainConfig(batch_size=BATCH), 2, str(tmp_path / "ray"),
-                       cpus_per_worker=0.5)
-    pairs = list(runner.parquet_calibration(2))
-    assert [tuple(x.shape) for x, _ in pairs] == [(BATCH, 3, SIZE, SIZE)] * 2
-    assert _classes(pairs[0][1]) >= HALF
-    labels = [y.tolist() for _, y in pairs]
-    assert labels == [y.tolist() for _, y in runner.parquet_calibration(2)]  # the same draw
-    through_runner = list(runner.calibration_batches(2))  # the Runner interface: the same pairs
-    assert all(torch.equal(a, b) and torch.equal(ya, yb)
-               for (a, ya), (b, yb) in zip(through_runner, pairs, strict=True))
+def test_calibration_batches_cover_the_classes(ray_cluster, parquet_root):
+    """What the Ray Train workers score channels and re-estimate BatchNorm on: each of 2
+    workers takes its half of 2 global batches of rows drawn at random across the split; the
+    first global batch covers the classes, the draw is the same every call, and the workers'
+    halves together are exactly the rows one worker would draw."""
+    setup = _job(parquet_root, 0, 2, augment=False)
+    cpu = torch.device("cpu")
+
+    def draw(world: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        return [list(Worker(setup, rank, world, cpu).calibration(2)) for rank in range(world)]
+
+    halves = draw(2)
+    for pairs in halves:
+        assert [tuple(x.shape) for x, _ in pairs] == [(BATCH // 2, 3, SIZE, SIZE)] * 2
+    first_batch = torch.cat([halves[0][0][1], halves[1][0][1]])
+    assert _classes(first_batch) >= HALF
+    again = draw(2)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+               for mine, other in zip(halves, again, strict=True)
+               for a, b in zip(mine, other, strict=True))
+
+    def rows(batches) -> list[tuple[int, float]]:
+        return sorted((int(y), round(float(x.sum()), 3)) for images, labels in batches
+                      for x, y in zip(images, labels, strict=True))
+
+    (whole,) = draw(1)
+    assert [tuple(x.shape) for x, _ in whole] == [(BATCH, 3, SIZE, SIZE)] * 2
+    assert rows(halves[0] + halves[1]) == rows(whole)
     # drawn across the split: 4 random row groups of 8 rows, from more than one shard
     pieces = calibration_pieces(shard_index(str(parquet_root), "train"), 2 * BATCH, 0)
     assert sum(p.rows for p in pieces) == 2 * BATCH and len({p.path for p in pieces}) > 1
@@ -268,5 +285,5 @@ def test_loader_workers_default_and_flags(parquet_root, monkeypatch):
     assert loader_workers_for(parquet, TrainConfig(loader_workers=2)) == 2
     assert train_config(build_config({}, {"loader_workers": 5})).loader_workers == 5
     assert train_config(build_config({}, {})).loader_workers is None
-    with pytest.raises(ConfigError, match="loader_workers must be an integer >= 0, got -1"):
+    with pytest.raises(ConfigError, match="loader_workers must be >= 0, got -1"):
         build_config({"loader_workers": -1}, {})

@@ -1,18 +1,23 @@
-"""Ray Train data-parallel training on a real local Ray cluster (CPU, gloo)."""
+"""Ray Train data-parallel training on a real local Ray cluster (CPU, gloo): one worker group
+per runner that trains, evaluates, scores channels and re-estimates BatchNorm."""
 
+import copy
 import re
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
 import pytest
 import ray
+import torch
 from PIL import Image
 
+from ccpcsa.bn import batch_norms
 from ccpcsa.data import DataConfig, build_datasets, dataset_info, imagefolder_to_parquet
 from ccpcsa.distributed import KILL_ENV, DistributedError, RayRunner, fingerprint
-from ccpcsa.loop import LoopConfig, PrepareConfig, prepare, prune_loop
+from ccpcsa.loop import LoopConfig, PrepareConfig, channel_groups, prepare, prune_loop
 from ccpcsa.models import build_model
 from ccpcsa.prune import PruneLimits
 from ccpcsa.train import LocalRunner, TrainConfig
@@ -40,26 +45,83 @@ def prepared_model(tmp_path_factory):
     return cfg, prepare(cfg, LocalRunner(train, test, TRAIN), str(tmp_path_factory.mktemp("p")))
 
 
-def _loop(runner, cfg, prepared):
-    loop_cfg = LoopConfig(groups_per_round=12, tolerance=100.0, max_rounds=2,
+@pytest.fixture(scope="module")
+def two_workers(ray_cluster, tmp_path_factory):
+    """One runner (one worker group) for the comparisons with one process below."""
+    runner = RayRunner(DIGITS, TRAIN, 2, str(tmp_path_factory.mktemp("ray")), sync_bn=True)
+    yield runner
+    runner.close()
+
+
+def _local_runner():
+    return LocalRunner(*build_datasets(DIGITS), TRAIN)  # DIGITS: unaugmented, as calibration
+
+
+def _loop(runner, cfg, prepared, on_round=None):
+    loop_cfg = LoopConfig(groups_per_round=12, tolerance=100.0, max_rounds=3,
                           finetune_epochs=1, finetune_lr=0.01, calibration_batches=2,
                           limits=PruneLimits(max_ratio=0.8))
     return prune_loop(prepared.load_attention_model(), cfg.model, cfg.input_shape,
-                      prepared.baseline_accuracy, runner, loop_cfg,
+                      prepared.baseline_accuracy, runner, loop_cfg, on_round,
                       initial_accuracy=prepared.attention_accuracy)
 
 
-def test_two_workers_match_one_process(ray_cluster, prepared_model, tmp_path):
+SCORE_TOLERANCE = 1e-4  # mean-normalised scores, worker-side vs one process (seen: ~1e-6)
+
+
+def test_worker_scores_match_one_process(two_workers, prepared_model):
+    """Each of the 2 workers scores its half of every calibration batch (on its own device),
+    the statistics (n, sum d, d d^T, sum |x|; taylor's gradients) are summed over gloo, and the
+    scores equal those of one process that sees the whole batches, within SCORE_TOLERANCE.
+    BatchNorm re-estimated on the workers (over the global batch with --sync-bn) equals one
+    process's; the test accuracy of the same model is the same."""
+    cfg, prepared = prepared_model
+    model = prepared.load_attention_model()
+    _graph, groups = channel_groups(model, cfg.model, cfg.input_shape)
+    local = _local_runner()
+    for kind in ("ccpcsa", "maxcorr", "dedup", "attention", "taylor", "l1", "random"):
+        ours = two_workers.score(kind, model, groups, 3, seed=5)
+        theirs = local.score(kind, model, groups, 3, seed=5)
+        assert ours.keys() == theirs.keys() == {g.key for g in groups}
+        worst = max(float((ours[k] - theirs[k]).abs().max()) for k in ours)
+        assert worst <= SCORE_TOLERANCE, (kind, worst)
+    assert two_workers.evaluate(model) == local.evaluate(copy.deepcopy(model))
+    ours = two_workers.recalibrate_bn(copy.deepcopy(model), 4)
+    theirs = local.recalibrate_bn(copy.deepcopy(model), 4).cpu()
+    for a, b in zip(batch_norms(ours), batch_norms(theirs), strict=True):
+        torch.testing.assert_close(a.running_mean, b.running_mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.running_var, b.running_var, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(batch_norms(ours)[0].running_mean,
+                           batch_norms(model)[0].running_mean)  # re-estimated, not kept
+    assert two_workers.group_starts == 1
+    assert {t.op for t in two_workers.timings} >= {"score", "evaluate", "recalibrate"}
+
+
+def test_two_workers_match_one_process(two_workers, prepared_model):
     """Same seed, same global batch (64 = 2 x 32), BatchNorm over the global batch: the same
     samples in the same steps. fp32 training amplifies reduction-order rounding (one process
     on 1 vs 2 torch threads already ends an epoch ~1e-2 apart in its weights), so later rounds
-    may swap near-tied channels between layers; the first round is decided on the same model."""
+    may swap near-tied channels between layers; the first round is decided on the same model.
+    The 3 rounds run on one worker group (scoring, BatchNorm, fine-tune, evaluation); each
+    round's fixed cost (the driver's wall time of its commands minus the workers' time in
+    them) is printed."""
     cfg, prepared = prepared_model
-    train, test = build_datasets(DIGITS)
-    local = _loop(LocalRunner(train, test, TRAIN), cfg, prepared)
-    runner = RayRunner(DIGITS, TRAIN, 2, str(tmp_path / "ray"), sync_bn=True)
-    ray_run = _loop(runner, cfg, prepared)
-    assert len(ray_run.records) == len(local.records) == 3
+    local = _loop(_local_runner(), cfg, prepared)
+    runner = two_workers
+    marks = []
+
+    def on_round(record, _model):
+        marks.append((time.perf_counter(), len(runner.timings)))
+
+    ray_run = _loop(runner, cfg, prepared, on_round)
+    assert runner.group_starts == 1  # one worker group for the whole loop
+    for rnd in range(1, len(marks)):
+        (t0, c0), (t1, c1) = marks[rnd - 1], marks[rnd]
+        commands = runner.timings[c0:c1]
+        overhead = sum(c.wall_s - c.worker_s for c in commands)
+        print(f"round {rnd}: {t1 - t0:.1f}s wall, {len(commands)} commands "
+              f"({', '.join(c.op for c in commands)}), Ray overhead {overhead:.2f}s")
+    assert len(ray_run.records) == len(local.records) == 4
     assert ray_run.records[1].widths == local.records[1].widths  # exactly the same pruning
     for ours, theirs in zip(ray_run.records, local.records, strict=True):
         assert ours.widths.keys() == theirs.widths.keys()
@@ -100,7 +162,7 @@ def test_parquet_shards_stream_through_ray_data(ray_cluster, parquet_root, tmp_p
     model = build_model("resnet20", 2, with_bam=True)
     before = fingerprint(model)
     runner.fit(model, 1, 0.05, "parquet")
-    metrics = runner.last_result.metrics
+    metrics = runner.last_metrics
     files = sorted((src / "train").rglob("*.png"))
     expected = sum(zlib.crc32(f.read_bytes()) for f in files) % ((1 << 61) - 1)
     assert metrics["last_samples"] == len(files) == 24  # every sample once in the epoch
@@ -108,9 +170,12 @@ def test_parquet_shards_stream_through_ray_data(ray_cluster, parquet_root, tmp_p
     assert metrics["evaluated"] == 7  # the whole val split, each image on one worker
     assert fingerprint(model) != before  # the trained weights came back
     assert runner.evaluate(model) == metrics["accuracy"]
-    images, labels = next(iter(runner.calibration_batches(1)))
-    assert tuple(images.shape) == (8, 3, 16, 16) and tuple(labels.shape) == (8,)
-    assert set(labels.tolist()) <= {0, 1}  # the two class folders
+    _graph, groups = channel_groups(model, "resnet20", (3, 16, 16))
+    scores = runner.score("ccpcsa", model, groups, 2, seed=0)  # on Parquet calibration rows
+    assert all(torch.isfinite(scores[g.key]).all() and scores[g.key].shape == (g.width,)
+               for g in groups)
+    assert runner.group_starts == 1
+    runner.close()
 
 
 def test_killed_worker_is_replaced_and_resumes_from_checkpoint(ray_cluster, tmp_path,
@@ -120,11 +185,16 @@ def test_killed_worker_is_replaced_and_resumes_from_checkpoint(ray_cluster, tmp_
     runner = RayRunner(DIGITS, TRAIN, 2, str(tmp_path / "ray"), max_failures=1)
     model = build_model("resnet20", 10, with_bam=False)
     runner.fit(model, 3, 0.05, "fault")
-    metrics = runner.last_result.metrics
+    metrics = runner.last_metrics
     assert "killed rank 1 in epoch 1" in marker.read_text()
     assert metrics["start_epoch"] == 1  # resumed after epoch 1's checkpoint: lost < 1 epoch
     assert metrics["epoch"] == 3
     assert metrics["accuracy"] > 50.0
+    assert runner.group_starts == 2  # the group was restarted once ...
+    assert runner.evaluate(build_model("resnet20", 10)) < 50.0  # ... and still serves calls
+    assert runner.group_starts == 2
+    runner.close()
+    assert not list((tmp_path / "ray").glob("group-*/*fault*"))  # epoch checkpoints removed
 
 
 def test_bad_input_fails_before_work(ray_cluster, tmp_path):

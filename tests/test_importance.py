@@ -1,3 +1,5 @@
+import threading
+
 import pytest
 import torch
 
@@ -5,8 +7,10 @@ from ccpcsa.importance import (
     IMPORTANCES,
     CorrelationStats,
     ImportanceError,
+    MeanStats,
     compute_scores,
     correlation_scores,
+    merge_over_workers,
 )
 from ccpcsa.models import build_model, get_spec
 from ccpcsa.prune import build_graph, find_groups
@@ -33,6 +37,58 @@ def test_streaming_equals_one_shot():
     torch.testing.assert_close(stats.correlation().float(),
                                torch.corrcoef(x.transpose(0, 1).reshape(16, -1)),
                                atol=1e-5, rtol=1e-5)
+
+
+class ThreadSum:
+    """all_reduce(sum) among threads standing in for data-parallel workers (the real one, over
+    Ray Train workers and gloo, is in test_distributed.py)."""
+
+    def __init__(self, world: int) -> None:
+        self.barrier = threading.Barrier(world)
+        self.parts: dict[int, list[torch.Tensor]] = {}
+
+    def reducer(self, rank: int):
+        def reduce(tensors: list[torch.Tensor]) -> None:
+            self.parts[rank] = [t.clone() for t in tensors]
+            self.barrier.wait()
+            totals = [sum(ts) for ts in zip(*self.parts.values(), strict=True)]
+            self.barrier.wait()
+            for t, total in zip(tensors, totals, strict=True):
+                t.copy_(total)
+
+        return reduce
+
+
+def test_statistics_summed_over_workers_equal_one_stream():
+    """Two workers, each streaming its own samples with its own shift (very different means),
+    merged: the correlation and scores of all the samples, and the pooled attention mean."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(48, 10, 3, 3, generator=gen) * 2
+    x[:, 3] = 0.8 * x[:, 7] + 0.05 * x[:, 1]
+    x[:24] += 40.0  # worker 0's first batch (its shift) is far from worker 1's
+    shares = [x[:24], x[24:]]
+    stats = [CorrelationStats(10) for _ in shares]
+    means = [MeanStats(10) for _ in shares]
+    summed = ThreadSum(2)
+
+    def work(rank: int) -> None:
+        for chunk in shares[rank].split(5):
+            stats[rank].update(chunk)
+            means[rank].update(chunk.abs())
+        merge_over_workers([stats[rank]], [means[rank]], summed.reducer(rank))
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for rank in range(2):
+        assert stats[rank].n == 48 * 9 and means[rank].n == 48 * 9
+        for kind in ("ccpcsa", "maxcorr", "dedup"):
+            torch.testing.assert_close(stats[rank].scores(kind), correlation_scores(x, kind),
+                                       atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(means[rank].mean(),
+                                   x.abs().transpose(0, 1).reshape(10, -1).double().mean(1))
 
 
 def test_constant_channel_is_least_important():

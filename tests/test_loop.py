@@ -11,7 +11,7 @@ from ccpcsa import load_checkpoint
 from ccpcsa.__main__ import main
 from ccpcsa.data import DataConfig, build_datasets, dataset_info
 from ccpcsa.flops import count_flops, count_params
-from ccpcsa.loop import LoopConfig, PrepareConfig, prepare, prune_loop
+from ccpcsa.loop import LoopConfig, PrepareConfig, default_round_to, prepare, prune_loop
 from ccpcsa.prune import PruneLimits
 from ccpcsa.train import LocalRunner, TrainConfig, evaluate
 
@@ -157,6 +157,17 @@ def test_screening_loop_reports_adaptive_bn_accuracy_and_never_fine_tunes(prepar
         run_loop(prepared, digits, reference=0.0, screen=True, bn_batches=0)
 
 
+def test_loop_widths_are_multiples_of_round_to(prepared, digits):
+    result, runner = run_loop(prepared, digits, reference=0.0, round_to=8, bn_batches=0,
+                              finetune_epochs=0)
+    original = result.records[0].widths
+    for record in result.records[1:]:
+        changed = {k: w for k, w in record.widths.items() if w != original[k]}
+        assert changed and all(w % 8 == 0 for w in changed.values()), record.widths
+        assert 6 <= record.removed < 6 + 8
+    assert not runner.uses_cuda and default_round_to(runner) == 1  # the default on a CPU
+
+
 def test_loop_stops_when_nothing_is_prunable(prepared, digits):
     result, _ = run_loop(prepared, digits, reference=0.0, groups_per_round=10_000,
                          max_rounds=3, limits=PruneLimits(max_ratio=0.5))
@@ -203,6 +214,7 @@ def test_cli_prune_writes_rounds_checkpoints_config(tmp_path, capsys):
     (["--bn-batches", "-1"], "BN recalibration batches"),
     (["--residual-cap", "1.0"], "residual_cap=1.0"),
     (["--workers", "0"], "--workers"),
+    (["--round-to", "0"], "--round-to must be >= 1, got 0"),
     (["--max-rounds", "0"], "max rounds"),
     (["-m", "abc"], "invalid int value"),
 ])

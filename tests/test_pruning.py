@@ -13,6 +13,7 @@ from ccpcsa.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
 from ccpcsa.flops import count_flops, count_params
 from ccpcsa.models import MODELS, ModelError, build_model, get_spec
 from ccpcsa.prune import (
+    ALLOCATIONS,
     PruneError,
     PruneLimits,
     build_graph,
@@ -233,3 +234,45 @@ def test_flops_allocation_removes_the_costliest_channels_first():
         select_channels(groups, scores, 3, PruneLimits(), group_widths(groups), "flops")
     with pytest.raises(PruneError, match="unknown allocation"):
         select_channels(groups, scores, 3, PruneLimits(), group_widths(groups), "magic")
+
+
+@pytest.mark.parametrize("allocation, round_to", [*((a, 8) for a in ALLOCATIONS),
+                                                  ("uniform", 5), ("global", 5)])
+def test_pruned_widths_are_multiples_of_round_to(allocation, round_to):
+    """Round after round until nothing is prunable: every width a group was pruned to is a
+    multiple of round_to, never below its cap or floor; each round removes at least m channels
+    (while the limits allow) and less than one step more. resnet20's widths are 16/32/64: with
+    5, the first step of a group is its width modulo 5; layer1's cap (0.4: keep >= 10 of 16)
+    rounds up to 16 with 8, so layer1 is never pruned then."""
+    model = build_model("resnet20", 10, with_bam=True)
+    limits = PruneLimits(max_ratio=0.8, stage_caps={"layer1": 0.4}, min_channels=5)
+    _, groups = groups_of(model, "resnet20")
+    original = group_widths(groups)
+    floors = {g.key: limits.min_width(g, original[g.key]) for g in groups}
+    gen = torch.Generator().manual_seed(round_to)
+    m, rounds = 48, 0
+    while True:
+        graph, groups = groups_of(model, "resnet20")
+        room = sum(max(0, g.width - -(-floors[g.key] // round_to) * round_to) for g in groups)
+        scores = {g.key: torch.rand(g.width, generator=gen) for g in groups}
+        costs = channel_macs(model, groups, SHAPE) if allocation == "flops" else None
+        chosen = select_channels(groups, scores, m, limits, original, allocation, costs,
+                                 round_to)
+        if not chosen:
+            assert room == 0
+            break
+        removed = remove_channels(graph, groups, chosen)
+        rounds += 1
+        assert m <= removed < m + round_to if room >= m else removed == room, (removed, room)
+        widths = group_widths(groups_of(model, "resnet20")[1])
+        for key, width in widths.items():
+            assert width == original[key] or width % round_to == 0, (key, width)
+            assert width >= floors[key], (key, width, floors[key])
+    assert rounds >= 3
+    pruned = {k for k, w in widths.items() if w != original[k]}
+    layer1 = {g.key for g in groups if g.stage == "layer1"}
+    assert pruned and (pruned.isdisjoint(layer1) if round_to == 8 else layer1 & pruned)
+    x = torch.randn(2, *SHAPE)
+    assert model(x).shape == (2, 10) and count_flops(model, SHAPE) == independent_macs(model)
+    with pytest.raises(PruneError, match="round-to must be an integer >= 1, got 0"):
+        select_channels(groups, scores, m, limits, original, allocation, costs, 0)

@@ -503,7 +503,9 @@ def test_ray_job_submit_end_to_end(ray_head, tmp_path):
 
 def test_trials_fine_tune_on_ray_train_workers(tmp_path):
     """--workers-per-trial 2: stage 0 and every round's fine-tune run data-parallel under Ray
-    Train (their runs land in <run>/train/), and the frontier is built as usual."""
+    Train, stage 0 on one worker group and all the trial's rounds on another (scoring and
+    BatchNorm on the workers too; each group's Ray Train run leaves its folder in
+    <run>/train/), and the frontier is built as usual."""
     storage = tmp_path / "runs"
     run_dir = storage / "ddp"
     with _ray_processes("ddp") as (marker, ray_tmp):
@@ -513,9 +515,10 @@ def test_trials_fine_tune_on_ray_train_workers(tmp_path):
     out = done.stdout
     assert done.returncode == 0, _tail(out)
     assert "1 trials finished, 0 failed" in out, _tail(out)
-    assert "(2 workers) epoch 1/1" in out, _tail(out)
-    runs = {p.name.rsplit("-", 1)[0] for p in (run_dir / "train").glob("*/*") if p.is_dir()}
-    assert {"baseline", "attention", "round-1"} <= runs, runs
+    for fit in ("baseline", "attention", "round 1"):
+        assert f"{fit} (2 workers) epoch 1/1" in out, _tail(out)
+    groups = [p.parent.name for p in (run_dir / "train").glob("*/group-*")]
+    assert len(groups) == 2 and "stage0" in groups, groups  # stage 0's group, the trial's
     frame = pd.read_parquet(run_dir / "frontier.parquet")
     assert (frame["round"] >= 1).any()
     for path in frame.loc[frame["round"] >= 1, "checkpoint"]:

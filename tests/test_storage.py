@@ -38,6 +38,16 @@ def test_prune_search_and_report_on_a_file_uri(tmp_path):
     assert (tmp_path / "runs" / "uri" / "frontier.png").is_file()
     report = _run(["search/report.py", storage.join(runs, "uri")])
     assert "plot:" in report.stdout
+    # every frontier point and the baseline have their inference latency, measured after
+    # the trials on a worker with one training worker's resources (here: a CPU)
+    front = frame[frame["pareto"]]
+    assert (front["latency_ms"] > 0).all() and (front["latency_batch_ms"] > 0).all()
+    assert front["latency_device"].str.startswith("cpu: ").all()
+    assert frame.loc[~frame["pareto"], "latency_ms"].isna().all()
+    assert baseline["latency_ms"] > 0
+    report = _run(["search/report.py", storage.join(runs, "uri"), "--x", "latency"])
+    assert "ms b1" in report.stdout
+    assert (tmp_path / "runs" / "uri" / "frontier_latency.png").is_file()
 
 
 # --------------------------------------------------------------------------- writes and locks
