@@ -45,9 +45,10 @@ def prepared_model(tmp_path_factory):
     return cfg, prepare(cfg, LocalRunner(train, test, TRAIN), str(tmp_path_factory.mktemp("p")))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def two_workers(ray_cluster, tmp_path_factory):
-    """One runner (one worker group) for the comparisons with one process below."""
+    """One runner (one worker group) for the comparisons with one process below; closed after
+    them (class scope), so its workers do not hold the 2 CPUs the later tests need."""
     runner = RayRunner(DIGITS, TRAIN, 2, str(tmp_path_factory.mktemp("ray")), sync_bn=True)
     yield runner
     runner.close()
@@ -69,68 +70,71 @@ def _loop(runner, cfg, prepared, on_round=None):
 SCORE_TOLERANCE = 1e-4  # mean-normalised scores, worker-side vs one process (seen: ~1e-6)
 
 
-def test_worker_scores_match_one_process(two_workers, prepared_model):
-    """Each of the 2 workers scores its half of every calibration batch (on its own device),
-    the statistics (n, sum d, d d^T, sum |x|; taylor's gradients) are summed over gloo, and the
-    scores equal those of one process that sees the whole batches, within SCORE_TOLERANCE.
-    BatchNorm re-estimated on the workers (over the global batch with --sync-bn) equals one
-    process's; the test accuracy of the same model is the same."""
-    cfg, prepared = prepared_model
-    model = prepared.load_attention_model()
-    _graph, groups = channel_groups(model, cfg.model, cfg.input_shape)
-    local = _local_runner()
-    for kind in ("ccpcsa", "maxcorr", "dedup", "attention", "taylor", "l1", "random"):
-        ours = two_workers.score(kind, model, groups, 3, seed=5)
-        theirs = local.score(kind, model, groups, 3, seed=5)
-        assert ours.keys() == theirs.keys() == {g.key for g in groups}
-        worst = max(float((ours[k] - theirs[k]).abs().max()) for k in ours)
-        assert worst <= SCORE_TOLERANCE, (kind, worst)
-    assert two_workers.evaluate(model) == local.evaluate(copy.deepcopy(model))
-    ours = two_workers.recalibrate_bn(copy.deepcopy(model), 4)
-    theirs = local.recalibrate_bn(copy.deepcopy(model), 4).cpu()
-    for a, b in zip(batch_norms(ours), batch_norms(theirs), strict=True):
-        torch.testing.assert_close(a.running_mean, b.running_mean, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(a.running_var, b.running_var, rtol=1e-4, atol=1e-5)
-    assert not torch.equal(batch_norms(ours)[0].running_mean,
-                           batch_norms(model)[0].running_mean)  # re-estimated, not kept
-    assert two_workers.group_starts == 1
-    assert {t.op for t in two_workers.timings} >= {"score", "evaluate", "recalibrate"}
+class TestTwoWorkersAgainstOneProcess:
+    """Scores, BatchNorm statistics and a 3-round loop on one worker group vs one process."""
+
+    def test_worker_scores_match_one_process(self, two_workers, prepared_model):
+        """Each of the 2 workers scores its half of every calibration batch (on its own device),
+        the statistics (n, sum d, d d^T, sum |x|; taylor's gradients) are summed over gloo, and the
+        scores equal those of one process that sees the whole batches, within SCORE_TOLERANCE.
+        BatchNorm re-estimated on the workers (over the global batch with --sync-bn) equals one
+        process's; the test accuracy of the same model is the same."""
+        cfg, prepared = prepared_model
+        model = prepared.load_attention_model()
+        _graph, groups = channel_groups(model, cfg.model, cfg.input_shape)
+        local = _local_runner()
+        for kind in ("ccpcsa", "maxcorr", "dedup", "attention", "taylor", "l1", "random"):
+            ours = two_workers.score(kind, model, groups, 3, seed=5)
+            theirs = local.score(kind, model, groups, 3, seed=5)
+            assert ours.keys() == theirs.keys() == {g.key for g in groups}
+            worst = max(float((ours[k] - theirs[k]).abs().max()) for k in ours)
+            assert worst <= SCORE_TOLERANCE, (kind, worst)
+        assert two_workers.evaluate(model) == local.evaluate(copy.deepcopy(model))
+        ours = two_workers.recalibrate_bn(copy.deepcopy(model), 4)
+        theirs = local.recalibrate_bn(copy.deepcopy(model), 4).cpu()
+        for a, b in zip(batch_norms(ours), batch_norms(theirs), strict=True):
+            torch.testing.assert_close(a.running_mean, b.running_mean, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(a.running_var, b.running_var, rtol=1e-4, atol=1e-5)
+        assert not torch.equal(batch_norms(ours)[0].running_mean,
+                               batch_norms(model)[0].running_mean)  # re-estimated, not kept
+        assert two_workers.group_starts == 1
+        assert {t.op for t in two_workers.timings} >= {"score", "evaluate", "recalibrate"}
 
 
-def test_two_workers_match_one_process(two_workers, prepared_model):
-    """Same seed, same global batch (64 = 2 x 32), BatchNorm over the global batch: the same
-    samples in the same steps. fp32 training amplifies reduction-order rounding (one process
-    on 1 vs 2 torch threads already ends an epoch ~1e-2 apart in its weights), so later rounds
-    may swap near-tied channels between layers; the first round is decided on the same model.
-    The 3 rounds run on one worker group (scoring, BatchNorm, fine-tune, evaluation); each
-    round's fixed cost (the driver's wall time of its commands minus the workers' time in
-    them) is printed."""
-    cfg, prepared = prepared_model
-    local = _loop(_local_runner(), cfg, prepared)
-    runner = two_workers
-    marks = []
+    def test_two_workers_match_one_process(self, two_workers, prepared_model):
+        """Same seed, same global batch (64 = 2 x 32), BatchNorm over the global batch: the same
+        samples in the same steps. fp32 training amplifies reduction-order rounding (one process
+        on 1 vs 2 torch threads already ends an epoch ~1e-2 apart in its weights), so later rounds
+        may swap near-tied channels between layers; the first round is decided on the same model.
+        The 3 rounds run on one worker group (scoring, BatchNorm, fine-tune, evaluation); each
+        round's fixed cost (the driver's wall time of its commands minus the workers' time in
+        them) is printed."""
+        cfg, prepared = prepared_model
+        local = _loop(_local_runner(), cfg, prepared)
+        runner = two_workers
+        marks = []
 
-    def on_round(record, _model):
-        marks.append((time.perf_counter(), len(runner.timings)))
+        def on_round(record, _model):
+            marks.append((time.perf_counter(), len(runner.timings)))
 
-    ray_run = _loop(runner, cfg, prepared, on_round)
-    assert runner.group_starts == 1  # one worker group for the whole loop
-    for rnd in range(1, len(marks)):
-        (t0, c0), (t1, c1) = marks[rnd - 1], marks[rnd]
-        commands = runner.timings[c0:c1]
-        overhead = sum(c.wall_s - c.worker_s for c in commands)
-        print(f"round {rnd}: {t1 - t0:.1f}s wall, {len(commands)} commands "
-              f"({', '.join(c.op for c in commands)}), Ray overhead {overhead:.2f}s")
-    assert len(ray_run.records) == len(local.records) == 4
-    assert ray_run.records[1].widths == local.records[1].widths  # exactly the same pruning
-    for ours, theirs in zip(ray_run.records, local.records, strict=True):
-        assert ours.widths.keys() == theirs.widths.keys()
-        assert sum(ours.widths.values()) == sum(theirs.widths.values())
-        moved = sum(abs(ours.widths[k] - theirs.widths[k]) for k in ours.widths)
-        assert moved <= 2 * ours.round, (ours.round, ours.widths, theirs.widths)
-        assert abs(ours.flops - theirs.flops) <= 0.02 * theirs.flops
-    assert abs(ray_run.records[-1].accuracy - local.records[-1].accuracy) <= 1.5
-    assert local.records[-1].widths != local.records[0].widths  # something was pruned
+        ray_run = _loop(runner, cfg, prepared, on_round)
+        assert runner.group_starts == 1  # one worker group for the whole loop
+        for rnd in range(1, len(marks)):
+            (t0, c0), (t1, c1) = marks[rnd - 1], marks[rnd]
+            commands = runner.timings[c0:c1]
+            overhead = sum(c.wall_s - c.worker_s for c in commands)
+            print(f"round {rnd}: {t1 - t0:.1f}s wall, {len(commands)} commands "
+                  f"({', '.join(c.op for c in commands)}), Ray overhead {overhead:.2f}s")
+        assert len(ray_run.records) == len(local.records) == 4
+        assert ray_run.records[1].widths == local.records[1].widths  # exactly the same pruning
+        for ours, theirs in zip(ray_run.records, local.records, strict=True):
+            assert ours.widths.keys() == theirs.widths.keys()
+            assert sum(ours.widths.values()) == sum(theirs.widths.values())
+            moved = sum(abs(ours.widths[k] - theirs.widths[k]) for k in ours.widths)
+            assert moved <= 2 * ours.round, (ours.round, ours.widths, theirs.widths)
+            assert abs(ours.flops - theirs.flops) <= 0.02 * theirs.flops
+        assert abs(ray_run.records[-1].accuracy - local.records[-1].accuracy) <= 1.5
+        assert local.records[-1].widths != local.records[0].widths  # something was pruned
 
 
 def _write_images(root: Path, per_class: dict[str, int]) -> None:
