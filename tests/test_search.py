@@ -597,7 +597,7 @@ def test_ctrl_c_exits_130_and_resume_survives_a_lost_tune_state(tmp_path):
 
 # --------------------------------------------------------------------------- two phases
 
-TWO_PHASE = ["--screen", "3", "--finalists", "2", "--bn-batches", "2",
+TWO_PHASE = ["--screen", "4", "--finalists", "3", "--bn-batches", "2",
              "--max-concurrent-trials", "1"]
 
 
@@ -636,13 +636,15 @@ def test_two_phase_search_killed_in_each_phase_resumes_and_finishes_as_a_ray_job
     args = ["--storage", str(storage), "--name", "two", *TINY, *TWO_PHASE]
     screened = _kill_once_a_trial_finished(args, run_dir / "screen", tmp_path / "a.log",
                                            "two-a")
-    assert 0 < len(screened) < 3 and not (run_dir / "finalists.json").exists()
+    assert 0 < len(screened) < 4 and not (run_dir / "finalists.json").exists()
     assert not (run_dir / "finetune").exists()
 
     resume = ["--storage", str(storage), "--name", "two", "--resume"]
     tuned = _kill_once_a_trial_finished(resume, run_dir / "finetune", tmp_path / "b.log",
                                         "two-b")
-    assert len(tuned) == 1  # one finalist at a time: the other is still owed
+    # one finalist at a time, killed once one had finished (Tune's state file, which says so,
+    # can lag on a loaded machine: a second may have finished too, the third is still owed)
+    assert 1 <= len(tuned) < 3
     finalists_file = (run_dir / "finalists.json").read_bytes()
 
     job = f"ccpcsa-two-{uuid.uuid4().hex[:8]}"
@@ -653,8 +655,8 @@ def test_two_phase_search_killed_in_each_phase_resumes_and_finishes_as_a_ray_job
         timeout=SEARCH_TIMEOUT_S + 120, check=False)
     out = done.stdout + done.stderr
     assert done.returncode == 0 and f"Job '{job}' succeeded" in out, _tail(out)
-    assert ("screen: 3 trials finished, 0 failed, 0 interrupted, 0 not started (of 3); "
-            "finetune: 2 trials finished, 0 failed, 0 interrupted, 0 not started (of 2)"
+    assert ("screen: 4 trials finished, 0 failed, 0 interrupted, 0 not started (of 4); "
+            "finetune: 3 trials finished, 0 failed, 0 interrupted, 0 not started (of 3)"
             ) in out, _tail(out)
 
     # nothing that had finished ran again; the finalists were chosen once
@@ -665,10 +667,10 @@ def test_two_phase_search_killed_in_each_phase_resumes_and_finishes_as_a_ray_job
         by_id = {t.trial_id: t for t in trials}
         for trial_id, result in before.items():
             assert (Path(by_id[trial_id].folder) / "result.json").read_bytes() == result
-    assert [t.status for t in screen] == ["finished"] * 3
-    assert [t.status for t in finetune] == ["finished"] * 2
+    assert [t.status for t in screen] == ["finished"] * 4
+    assert [t.status for t in finetune] == ["finished"] * 3
     finalists = load_finalists(str(run_dir))
-    assert len(finalists) == 2 and {f.screened_trial for f in finalists} <= {
+    assert len(finalists) == 3 and {f.screened_trial for f in finalists} <= {
         t.trial_id for t in screen}
     schedules = {f.screened_trial: f.params for f in finalists}
     for trial in finetune:  # each finalist fine-tuned once, with its screened schedule
