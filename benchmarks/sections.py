@@ -6,14 +6,17 @@ from __future__ import annotations
 import os
 
 
-def write_section(path: str, heading: str, text: str) -> None:
-    """Write `text` (starting with `heading`) into `path`, replacing only that section."""
+def write_section(path: str, heading: str, text: str, replaces: str | None = None) -> None:
+    """Write `text` (starting with `heading`) into `path`, replacing only that section (or,
+    where there is none yet, the section headed `replaces`: a script's former heading)."""
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             old = f.read().splitlines()
     else:
         old = ["# Benchmarks", ""]
     start = next((i for i, line in enumerate(old) if line.strip() == heading), None)
+    if start is None and replaces:
+        start = next((i for i, line in enumerate(old) if line.strip() == replaces), None)
     if start is None:
         while old and not old[-1].strip():
             old.pop()

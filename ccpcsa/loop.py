@@ -57,6 +57,7 @@ class PrepareConfig:
     batch_size: int = 64  # global batch
     workers: int = 1  # data-parallel workers: BatchNorm statistics and float sums depend on it
     sync_bn: bool = False
+    train_subset: int = 0  # > 0: trained on a fixed random N images (DataConfig.train_subset)
     # trained weights replacing step 1's training (ccpcsa.weights: a file or a torchvision
     # weights name); the key holds their SHA-256 too (stage0_keys)
     weights: str | None = None
@@ -90,6 +91,11 @@ class LoopConfig:
     # Algorithm 1 compares with Acc of step 1 (the model before BAM); "attention" uses M'.
     reference: str = "baseline"
     seed: int = 0
+    # Adaptive-BN screening (EagleEye, MetaPruning): no fine-tune; each round's accuracy is
+    # the one after BatchNorm re-estimation, and the loop runs to max_rounds (or until nothing
+    # is prunable) whatever that accuracy: screened accuracies rank schedules against each
+    # other, they are far below the reference and not held to the tolerance.
+    screen: bool = False
 
     def validate(self) -> None:
         # `not x >= low` also refuses NaN, which every comparison calls False
@@ -114,6 +120,9 @@ class LoopConfig:
                              f"{', '.join(ALLOCATIONS)}")
         if self.bn_batches < 0:
             raise ValueError(f"BN recalibration batches must be >= 0, got {self.bn_batches}")
+        if self.screen and self.bn_batches < 1:
+            raise ValueError("screening evaluates after BatchNorm re-estimation: bn_batches "
+                             f"must be >= 1, got {self.bn_batches}")
         if self.round_to is not None and not (isinstance(self.round_to, int)
                                               and self.round_to >= 1):
             raise ValueError(f"round-to must be an integer >= 1, got {self.round_to!r}")
@@ -144,7 +153,7 @@ class Prepared:
 @dataclass
 class RoundRecord:
     round: int
-    accuracy: float  # top-1 % after this round's fine-tune
+    accuracy: float  # top-1 % after this round's fine-tune (screening: = accuracy_pruned)
     flops: int
     params: int
     removed: int
@@ -176,6 +185,8 @@ def stage0_keys(cfg: PrepareConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Cache keys of step 1 (the baseline) and step 2 (the BAM model): every setting that
     changes what they train to, and a fingerprint of each file or folder a setting names."""
     fields = asdict(cfg)
+    if not fields["train_subset"]:  # keys made before the setting existed stay valid
+        del fields["train_subset"]
     for name in FINGERPRINTED_FIELDS:
         path = fields.get(name)
         if path and not storage.is_uri(path):
@@ -284,9 +295,10 @@ def prune_loop(
     original_widths: dict[str, int] | None = None,
 ) -> LoopResult:
     """Each round: score channels -> remove m of them (allocation, then the lowest scores)
-    -> re-estimate BatchNorm and evaluate (accuracy_pruned) -> fine-tune -> evaluate, until the
-    accuracy falls more than `tolerance` below the reference, max_rounds pass, or nothing is
-    prunable.
+    -> adaptive-BN evaluation (BatchNorm re-estimated, then top-1: accuracy_pruned) ->
+    fine-tune -> evaluate, until the accuracy falls more than `tolerance` below the reference,
+    max_rounds pass, or nothing is prunable. With cfg.screen there is no fine-tune: a round's
+    accuracy is its adaptive-BN accuracy and only max_rounds or nothing prunable stop it.
 
     To continue an interrupted loop, pass the model of round `start_round` and the group widths
     of the unpruned model (`original_widths`, which the ratio caps refer to); the record of the
@@ -307,7 +319,7 @@ def prune_loop(
                         count_params(model), 0, reference_accuracy - accuracy <= cfg.tolerance,
                         widths_now, accuracy_pruned=accuracy)
     records = [first]
-    if not first.within_tolerance:
+    if not first.within_tolerance and not cfg.screen:
         log.warning("the starting model (%.2f%%) is already more than %.2f points below the "
                     "reference (%.2f%%): if no round gets back within the tolerance, the "
                     "unpruned model is returned (train stage 0 longer, or --reference "
@@ -324,13 +336,15 @@ def prune_loop(
             break
         removed, seconds_score = surgery
         t1 = time.perf_counter()
-        if cfg.bn_batches:
-            model = runner.recalibrate_bn(model, cfg.bn_batches)
-        accuracy_pruned = runner.evaluate(model)
+        model, accuracy_pruned = adaptive_bn_accuracy(model, runner, cfg.bn_batches)
         t2 = time.perf_counter()
-        model = runner.fit(model, cfg.finetune_epochs, cfg.finetune_lr, label=f"round {rnd}")
-        accuracy = runner.evaluate(model)
-        t3 = time.perf_counter()
+        if cfg.screen:
+            accuracy, t3 = accuracy_pruned, t2
+        else:
+            model = runner.fit(model, cfg.finetune_epochs, cfg.finetune_lr,
+                               label=f"round {rnd}")
+            accuracy = runner.evaluate(model)
+            t3 = time.perf_counter()
         widths = group_widths(_groups(model, spec, input_shape,
                                       next(model.parameters()).device)[1])
         within = reference_accuracy - accuracy <= cfg.tolerance
@@ -338,19 +352,35 @@ def prune_loop(
                              removed, within, widths, seconds_score,
                              t1 - t0 - seconds_score, t3 - t2, accuracy_pruned, t2 - t1)
         records.append(record)
-        log.info("round %d: removed %d channels; accuracy %.2f%% right after pruning%s, "
-                 "%.2f%% after fine-tuning (reference %.2f%%), %s", rnd, removed,
-                 accuracy_pruned, " (BN re-estimated)" if cfg.bn_batches else "", accuracy,
-                 reference_accuracy, _flops_text((accuracy, record.flops, record.params)))
+        if cfg.screen:
+            log.info("round %d: removed %d channels; accuracy %.2f%% after BN re-estimation "
+                     "(screening, no fine-tune), %s", rnd, removed, accuracy,
+                     _flops_text((accuracy, record.flops, record.params)))
+        else:
+            log.info("round %d: removed %d channels; accuracy %.2f%% right after pruning%s, "
+                     "%.2f%% after fine-tuning (reference %.2f%%), %s", rnd, removed,
+                     accuracy_pruned, " (BN re-estimated)" if cfg.bn_batches else "", accuracy,
+                     reference_accuracy, _flops_text((accuracy, record.flops, record.params)))
         if on_round:
             on_round(record, model)
-        if not within:
+        if not within and not cfg.screen:
             reason = "tolerance"
             log.info("round %d dropped %.2f points (> %.2f): returning round %d", rnd,
                      reference_accuracy - accuracy, cfg.tolerance, best_round)
             break
         best, best_round = copy.deepcopy(model).cpu(), rnd
     return LoopResult(best, best_round, records, reason)
+
+
+def adaptive_bn_accuracy(model: nn.Module, runner: Runner, bn_batches: int
+                         ) -> tuple[nn.Module, float]:
+    """Adaptive-BN evaluation (EagleEye): re-estimate every BatchNorm's running statistics on
+    `bn_batches` seeded training batches (train mode, no gradients, no weight update), then
+    top-1 % on the test split. The cheap proxy for what a pruned model is worth once
+    fine-tuned; bn_batches = 0 evaluates the model as it is. Returns (model, accuracy)."""
+    if bn_batches:
+        model = runner.recalibrate_bn(model, bn_batches)
+    return model, runner.evaluate(model)
 
 
 def prune_step(model: nn.Module, spec, input_shape: tuple[int, int, int], runner: Runner,
@@ -409,4 +439,4 @@ def _save(model, cfg: PrepareConfig, with_bam: bool, measured, path: str, extra:
 
 
 __all__ = ["LoopConfig", "PrepareConfig", "Prepared", "RoundRecord", "LoopResult", "prepare",
-           "prune_loop", "read_payload"]
+           "prune_loop", "adaptive_bn_accuracy", "read_payload"]

@@ -10,6 +10,7 @@ import pandas as pd
 from ccpcsa import storage
 from ccpcsa.loop import Prepared
 from search.config import SearchConfig
+from search.finalists import SCREENED_TRIAL
 from search.ondisk import TrialOnDisk, counts
 from search.pareto import (
     collect_checkpoints,
@@ -21,6 +22,7 @@ from search.pareto import (
 
 log = logging.getLogger("ccpcsa.search")
 POINT_COLUMNS = ["trial_id", "round", "accuracy", "flops", "params", "checkpoint"]
+PHASE_NAMES = {"full": "trials", "screen": "screen", "finetune": "finetune"}
 
 
 def baseline_of(prepared: Prepared) -> dict[str, Any]:
@@ -33,20 +35,28 @@ def stage0_point(prepared: Prepared) -> dict[str, Any]:
     from ccpcsa.checkpoint import read_payload
 
     metrics = read_payload(prepared.attention_checkpoint)["metrics"]
+    # its compute is stage 0's, shared by every trial and counted in none
     return {"trial_id": "stage0", "round": 0, "accuracy": prepared.attention_accuracy,
             "flops": int(metrics["flops"]), "params": int(metrics["params"]),
-            "checkpoint": prepared.attention_checkpoint, "status": "stage0"}
+            "accuracy_pruned": prepared.attention_accuracy, "compute_s": None,
+            "compute_unit": None, "checkpoint": prepared.attention_checkpoint,
+            "status": "stage0", "phase": "stage0", "deployable": True, "screened_trial": ""}
 
 
 def trial_points(trials: list[TrialOnDisk]) -> list[dict[str, Any]]:
-    """Every reported round of every trial (finished, failed or interrupted), with its
-    checkpoint file and the trial's parameters."""
+    """Every reported round of every trial (finished, stopped early, failed or interrupted),
+    with its checkpoint file, phase, the compute its trial had used by then, and the trial's
+    parameters. Screened rounds (no fine-tune) are not deployable."""
     points = []
     for trial in trials:
-        params = {f"param_{k}": v for k, v in trial.params.items()}
+        params = dict(trial.params)
+        screened_trial = str(params.pop(SCREENED_TRIAL, "") or "")
+        columns = {f"param_{k}": v for k, v in params.items()}
         for rnd, point in sorted(trial.rounds.items()):
             points.append({"trial_id": trial.trial_id, "round": rnd, **point,
-                           "status": trial.status, **params})
+                           "status": trial.status, "phase": trial.phase,
+                           "deployable": trial.phase != "screen",
+                           "screened_trial": screened_trial, **columns})
     return points
 
 
@@ -64,24 +74,34 @@ def trial_lines(trials: list[TrialOnDisk], adopted: set[str]) -> list[str]:
                                if trial.trial_id in adopted else "; --resume continues it")
         else:
             detail = rounds
-        lines.append(f"{trial.status}: {trial.name}: {detail}")
+        where = "" if trial.phase == "full" else f"{trial.phase} "
+        lines.append(f"{trial.status}: {where}{trial.name}: {detail}")
     return lines
 
 
-def summary_counts(trials: list[TrialOnDisk], num_samples: int) -> str:
-    found = counts(trials, num_samples)
-    return (f"{found['finished']} trials finished, {found['failed']} failed, "
-            f"{found['interrupted']} interrupted, {found['not started']} not started "
-            f"(of {num_samples})")
+def summary_counts(trials: list[TrialOnDisk], owed: dict[str, int]) -> str:
+    """Trials per status, per phase for a two-phase search (`owed`: phase -> trials owed)."""
+    parts = []
+    for phase, num_samples in owed.items():
+        found = counts([t for t in trials if t.phase == phase], num_samples)
+        text = (f"{found['finished']} trials finished, {found['failed']} failed, "
+                f"{found['interrupted']} interrupted, {found['not started']} not started "
+                f"(of {num_samples})")
+        if found["stopped early"]:
+            text += f", {found['stopped early']} stopped early"
+        parts.append(text if phase == "full" else f"{phase}: {text}")
+    return "; ".join(parts)
 
 
 def write_results(trials: list[TrialOnDisk], cfg: SearchConfig, prepared: Prepared,
                   run_dir: str, adopted: set[str] = frozenset(),
+                  owed: dict[str, int] | None = None,
                   input_shape: tuple[int, int, int] | None = None) -> str:
     """frontier.parquet, frontier.png and frontier/*.pt from every point on disk; returns the
-    summary to print. With input_shape (the search ran to its end) and cfg.latency_batch, the
-    frontier's latency is measured too (add_latency); an interrupted search is not kept
-    waiting for it."""
+    summary to print. `owed`: trials each phase owes (default: the one-phase search's). With
+    input_shape (the search ran to its end) and cfg.latency_batch, the frontier's latency is
+    measured too (add_latency); an interrupted search is not kept waiting for it."""
+    owed = owed or {"full": cfg.num_samples}
     frame = pd.DataFrame([stage0_point(prepared), *trial_points(trials)])
     baseline = baseline_of(prepared)
     frame = mark_frontier(frame, baseline)
@@ -94,7 +114,10 @@ def write_results(trials: list[TrialOnDisk], cfg: SearchConfig, prepared: Prepar
                          title=f"{cfg.model} on {cfg.dataset}: CCPCSA schedules")
     table = format_table(frame, baseline)
     per_trial = "".join(f"\n{line}" for line in trial_lines(trials, set(adopted)))
-    return (f"{summary_counts(trials, cfg.num_samples)}; {len(frame)} points, "
+    screened = int((frame["phase"] == "screen").sum())
+    points = (f"{len(frame)} points ({screened} screened, not deployable)" if screened
+              else f"{len(frame)} points")
+    return (f"{summary_counts(trials, owed)}; {points}, "
             f"{int(frame['pareto'].sum())} on the frontier{per_trial}\n{table}\n"
             f"frontier: {storage.join(run_dir, 'frontier.parquet')}\nplot: {plot}")
 

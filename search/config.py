@@ -16,7 +16,9 @@ from ccpcsa.loop import REFERENCES
 from ccpcsa.models import ModelError, check_model_name
 from ccpcsa.prune import ALLOCATIONS
 
-SAMPLERS = ("nsga2", "tpe", "random")
+SAMPLERS = ("tpe", "nsga2", "gp", "random")
+EARLY_STOPS = ("off", "asha", "median")
+DEFAULT_FINALISTS = 8
 
 
 class ConfigError(validation.SettingError):
@@ -31,10 +33,19 @@ class SearchConfig:
     dataset: str = "digits"
     data_root: str | None = None
     image_size: int | None = None
+    train_subset: int = 0  # > 0: train on a fixed random N images of the training split
     # the search
     num_samples: int = 8
     max_concurrent_trials: int = 2
-    sampler: str = "nsga2"
+    # provisional: benchmarks/search_hypervolume.py decides between tpe, nsga2 and gp
+    sampler: str = "tpe"
+    # two-phase search: > 0 screens this many schedules with adaptive-BN evaluation only (no
+    # fine-tune), then fine-tunes the `finalists` closest to the screened frontier
+    # (search/finalists.py); 0 = every trial fine-tunes every round (num_samples trials)
+    screen: int = 0
+    finalists: int | None = None  # None: DEFAULT_FINALISTS, at most `screen`
+    # stop fine-tuning trials that fall behind the frontier (search/early_stop.py)
+    early_stop: str = "off"
     seed: int = 0
     per_layer: bool = False
     # per-stage mode: residual-stream groups get their own searched ratio (they cost the most
@@ -100,6 +111,7 @@ class SearchConfig:
         if self.image_size is not None:
             check.whole("image_size", self.image_size, MIN_IMAGE_SIZE)
         check.choice("sampler", self.sampler, SAMPLERS)
+        check.choice("early_stop", self.early_stop, EARLY_STOPS)
         check.choice("importance", self.importance, IMPORTANCES)
         check.choice("allocation", self.allocation, ALLOCATIONS)
         check.choice("reference", self.reference, REFERENCES)
@@ -107,8 +119,23 @@ class SearchConfig:
                      "calibration_batches", "min_channels"):
             check.whole(name, getattr(self, name), 1)
         for name in ("seed", "baseline_epochs", "attention_epochs", "epochs", "max_failures",
-                     "bn_batches", "latency_batch"):
+                     "bn_batches", "train_subset", "screen", "latency_batch"):
             check.whole(name, getattr(self, name), 0)
+        if self.finalists is not None:
+            check.whole("finalists", self.finalists, 1)
+            if not self.screen:
+                raise ConfigError(f"finalists {self.finalists} needs screen N: finalists are "
+                                  "the screened schedules that phase 2 fine-tunes")
+            if self.finalists > self.screen:
+                raise ConfigError(f"finalists {self.finalists} must be <= screen "
+                                  f"{self.screen}: the finalists are picked from the screened "
+                                  "schedules")
+        if self.screen and self.bn_batches == 0:
+            raise ConfigError("screen needs bn_batches >= 1: screened schedules are ranked by "
+                              "their accuracy after BatchNorm re-estimation")
+        if self.train_subset and self.dataset == "parquet":
+            raise ConfigError("train_subset is not supported for dataset 'parquet' (Ray Data "
+                              "streams the shards)")
         check.whole("batch_size", self.batch_size, 2)
         check.per_worker_batch(self.batch_size, self.workers_per_trial)
         check.number("tolerance", self.tolerance, low=0)
@@ -132,6 +159,13 @@ class SearchConfig:
                     0)
         check.location("storage", self.storage)
         check.run_name("name", self.name)
+
+    @property
+    def finalist_count(self) -> int:
+        """K: the schedules phase 2 fine-tunes (0 without --screen)."""
+        if self.finalists is not None:
+            return self.finalists
+        return min(DEFAULT_FINALISTS, self.screen)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -6,7 +6,8 @@ A trial folder (<run>/<trainable>_<id>_<number>_<params>_<date>/) holds Tune's r
 (one JSON report per line; a per-round report names its checkpoint_NNNNNN/ folder), params.json,
 error.txt when the trial raised, and the checkpoint folders with our model.pt. A checkpoint
 whose report did not reach result.json (the driver died before syncing it) is read from the
-checkpoint itself, which carries the round and its metrics.
+checkpoint itself, which carries the round and its metrics. A trial that the early-stopping
+scheduler stopped is listed in <experiment>/early_stopped.json (search/early_stop.py).
 """
 
 from __future__ import annotations
@@ -25,8 +26,12 @@ RESULT_FILE = "result.json"
 PARAMS_FILE = "params.json"
 ERROR_FILE = "error.txt"
 CHECKPOINT_FILE = "model.pt"  # what search.trial writes into each reported checkpoint
-TRIAL_FOLDER = re.compile(r"^(?P<name>.+?_(?P<id>[0-9a-f]{5,})_(?P<number>\d+))(?:_|$)")
-STATUSES = ("finished", "failed", "interrupted", "not started")
+# trial ids: a searcher's (Optuna: 8 hex digits) or Tune's own variants' (<5 hex>_<5 digits>,
+# a two-phase search's fine-tuned finalists)
+TRIAL_FOLDER = re.compile(
+    r"^(?P<name>.+?_(?P<id>[0-9a-f]{5}_\d{5}|[0-9a-f]{5,})_(?P<number>\d+))(?:_|$)")
+EARLY_STOPPED_FILE = "early_stopped.json"  # written by search/early_stop.py
+STATUSES = ("finished", "stopped early", "failed", "interrupted", "not started")
 
 
 @dataclass
@@ -39,6 +44,8 @@ class TrialOnDisk:
     rounds: dict[int, dict[str, Any]] = field(default_factory=dict)  # round -> metrics + ckpt
     final: dict[str, Any] | None = None  # the last report: the trial's returned model
     error: str = ""  # last line of error.txt
+    phase: str = "full"  # search.trial.PHASES
+    stopped_early: bool = False  # stopped by the early-stopping scheduler
 
     @property
     def status(self) -> str:
@@ -46,22 +53,40 @@ class TrialOnDisk:
             return "finished"
         if self.error:
             return "failed"
+        if self.stopped_early:
+            return "stopped early"
         return "interrupted" if self.rounds else "not started"
 
 
-def scan_trials(run_dir: str) -> list[TrialOnDisk]:
-    """Every trial folder under run_dir, in Tune's creation order within each session."""
+def scan_trials(run_dir: str, phase: str = "full") -> list[TrialOnDisk]:
+    """Every trial folder under run_dir (one Tune experiment: the whole search, or one phase
+    of a two-phase search), in Tune's creation order within each session."""
+    stopped = read_early_stopped(run_dir)
     trials = []
     for info in storage.list_dir(run_dir):
         found = TRIAL_FOLDER.match(info.base_name)
         if info.is_file or not found:
             continue
         trial = TrialOnDisk(found["id"], found["name"], int(found["number"]),
-                            storage.join(run_dir, info.base_name))
+                            storage.join(run_dir, info.base_name), phase=phase,
+                            stopped_early=found["id"] in stopped)
         _read_trial(trial)
         trials.append(trial)
     # folder names end in the trial's creation time: sessions in order, then Tune's numbers
     return sorted(trials, key=lambda t: (t.folder.rsplit("_", 2)[-2:], t.number))
+
+
+def read_early_stopped(run_dir: str) -> dict[str, Any]:
+    """trial id -> what the early-stopping scheduler recorded when it stopped the trial."""
+    path = storage.join(run_dir, EARLY_STOPPED_FILE)
+    if not storage.exists(path):
+        return {}
+    try:
+        found = storage.read_json(path)
+    except (OSError, ValueError) as exc:
+        log.warning("%s", exc)
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 def _read_trial(trial: TrialOnDisk) -> None:
@@ -113,8 +138,15 @@ def _reports(path: str, files: set[str]) -> list[dict[str, Any]]:
 
 
 def _point(report: dict[str, Any], checkpoint: str) -> dict[str, Any]:
+    """A reported round: its measurements, the compute its trial had used by then (reports
+    written before compute was measured have none) and its checkpoint."""
+    pruned = report.get("accuracy_pruned")
+    compute = report.get("compute_s")
     return {"accuracy": float(report["accuracy"]), "flops": int(report["flops"]),
-            "params": int(report["params"]), "checkpoint": checkpoint}
+            "params": int(report["params"]),
+            "accuracy_pruned": None if pruned is None else float(pruned),
+            "compute_s": None if compute is None else float(compute),
+            "compute_unit": report.get("compute_unit"), "checkpoint": checkpoint}
 
 
 def _add_unreported_checkpoint(trial: TrialOnDisk, path: str) -> None:
@@ -123,7 +155,8 @@ def _add_unreported_checkpoint(trial: TrialOnDisk, path: str) -> None:
     try:
         payload = read_payload(path)
         rnd = int(payload["extra"]["round"])
-        metrics = payload["metrics"]
+        metrics = {**payload["metrics"],
+                   "compute_unit": payload["extra"].get("compute_unit")}
     except (CheckpointError, KeyError, TypeError, ValueError) as exc:
         log.warning("skipping %s: %s", path, exc)
         return

@@ -1,8 +1,11 @@
 """Accuracy-vs-FLOPs Pareto frontier of the search's candidate points.
 
 Every reported round of every trial is a candidate; the frontier maximises top-1 accuracy and
-minimises FLOPs. Storage goes through pyarrow.fs so a run dir may be a local path or a URI
-(s3://, gs://, file://).
+minimises FLOPs over the deployable points (those whose model was fine-tuned: a two-phase
+search's screened points are candidates for phase 2, not models to ship). Points with the same
+(accuracy, FLOPs) appear on it once: the one that cost the least compute to reproduce.
+Storage goes through pyarrow.fs so a run dir may be a local path or a URI (s3://, gs://,
+file://).
 """
 
 from __future__ import annotations
@@ -93,13 +96,52 @@ def hypervolume(
 
 
 def mark_frontier(points: pd.DataFrame, baseline: dict | None = None) -> pd.DataFrame:
-    """Copy of `points` with bool `pareto` and `flops_reduction` (% fewer FLOPs than baseline;
-    NaN when no baseline is given)."""
+    """Copy of `points` with bool `pareto`, `duplicate_of` and `flops_reduction` (% fewer FLOPs
+    than baseline; NaN when no baseline is given).
+
+    `pareto`: non-dominated among the deployable rows (all rows when there is no `deployable`
+    column); of several frontier rows with identical accuracy and FLOPs only the one with the
+    least `compute_s` (the first on a tie) is marked, and the others name it in
+    `duplicate_of` ("<trial_id> round <k>"; "" elsewhere)."""
     out = points.copy()
-    out["pareto"] = pareto_mask(out["accuracy"].to_numpy(float), out["flops"].to_numpy(float))
+    deployable = (out["deployable"].astype(bool).to_numpy() if "deployable" in out.columns
+                  else np.ones(len(out), dtype=bool))
+    accuracy = out["accuracy"].to_numpy(float)
+    flops = out["flops"].to_numpy(float)
+    mask = np.zeros(len(out), dtype=bool)
+    rows = np.flatnonzero(deployable)
+    mask[rows] = pareto_mask(accuracy[rows], flops[rows])
+    out["duplicate_of"] = _mark_duplicates(out, mask)
+    out["pareto"] = mask
     base_flops = _baseline_value(baseline, "flops")
-    out["flops_reduction"] = _reduction(out["flops"].to_numpy(float), base_flops)
+    out["flops_reduction"] = _reduction(flops, base_flops)
     return out
+
+
+def _mark_duplicates(points: pd.DataFrame, mask: np.ndarray) -> list[str]:
+    """Clears `mask` on all but the cheapest of each set of frontier rows with identical
+    (accuracy, FLOPs); returns, per row, the kept row's name for the cleared ones."""
+    names = [""] * len(points)
+    cost = (points["compute_s"].to_numpy(float) if "compute_s" in points.columns
+            else np.zeros(len(points)))
+    cost = np.where(np.isnan(cost), np.inf, cost)
+    same: dict[tuple[float, float], list[int]] = {}
+    for i in np.flatnonzero(mask):
+        key = (float(points["accuracy"].iloc[i]), float(points["flops"].iloc[i]))
+        same.setdefault(key, []).append(int(i))
+    for rows in same.values():
+        if len(rows) < 2:
+            continue
+        keep = min(rows, key=lambda i: (cost[i], i))
+        rec = points.iloc[keep]
+        rnd = rec.get("round")
+        name = f"{rec.get('trial_id', keep)}" + ("" if rnd is None or pd.isna(rnd)
+                                                 else f" round {int(rnd)}")
+        for i in rows:
+            if i != keep:
+                mask[i] = False
+                names[i] = name
+    return names
 
 
 def _baseline_value(baseline: dict | None, key: str) -> float:
@@ -248,7 +290,16 @@ def _draw_points(ax: Any, df: pd.DataFrame) -> None:
     pts = _plottable(df)
     if pts.empty:
         return
-    ax.scatter(pts["flops"], pts["accuracy"], s=14, color="0.6", alpha=0.6, label="all points")
+    deployable = (pts["deployable"].astype(bool) if "deployable" in pts.columns
+                  else pd.Series(True, index=pts.index))
+    screened = pts[~deployable]
+    if not screened.empty:
+        ax.scatter(screened["flops"], screened["accuracy"], s=16, marker="x",
+                   color="tab:orange", alpha=0.5,
+                   label="screened: BN re-estimated, not fine-tuned (not deployable)")
+    fine = pts[deployable]
+    ax.scatter(fine["flops"], fine["accuracy"], s=14, color="0.6", alpha=0.6,
+               label="all points" if screened.empty else "fine-tuned points (deployable)")
     front = pts[pts["pareto"].astype(bool)].drop_duplicates(["flops", "accuracy"])
     front = front.sort_values("flops")
     if front.empty:
@@ -346,20 +397,38 @@ _TABLE_COLUMNS = (
 
 def format_table(df: pd.DataFrame, baseline: dict | None = None, only_pareto: bool = True) -> str:
     """Aligned plain-text table sorted by FLOPs (pareto rows only unless only_pareto=False, in
-    which case a leading `pareto` column marks frontier rows with "*")."""
+    which case a leading `pareto` column marks frontier rows with "*"). A `phase` column and
+    the compute each point cost appear when the points carry them; with every row listed, so
+    does `deployable`."""
     df = _ensure_marked(df, baseline)
     if only_pareto:
         df = df[df["pareto"].astype(bool)]
     df = df.sort_values(["flops", "accuracy"], ascending=[True, False], kind="stable")
-    columns = list(_TABLE_COLUMNS) if only_pareto else [("pareto", "<"), *_TABLE_COLUMNS]
-    latency = has_latency(df)
-    if latency:  # measured on the frontier points: before the checkpoint column
+    columns = list(_TABLE_COLUMNS)
+    extra = {"phase": "phase" in df.columns, "compute": "compute_s" in df.columns,
+             "deployable": not only_pareto and "deployable" in df.columns,
+             "latency": has_latency(df)}
+    if extra["phase"]:
+        columns.insert(2, ("phase", "<"))
+    if extra["compute"]:
+        columns.insert(len(columns) - 1, ("compute", ">"))
+    if extra["deployable"]:
+        columns.insert(len(columns) - 1, ("deployable", "<"))
+    if extra["latency"]:  # measured on the frontier points: before the checkpoint column
         batch = int(df["latency_batch"].dropna().iloc[0])
         columns[-1:-1] = [("ms b1", ">"), (f"ms b{batch}", ">")]
+    if not only_pareto:
+        columns.insert(0, ("pareto", "<"))
     rows = []
     for rec in df.to_dict("records"):
         row = _table_row(rec, baseline)
-        if latency:
+        if extra["phase"]:
+            row.insert(2, str(rec.get("phase") or "-"))
+        if extra["compute"]:
+            row.insert(len(row) - 1, compute_text(rec.get("compute_s"), rec.get("compute_unit")))
+        if extra["deployable"]:
+            row.insert(len(row) - 1, "yes" if rec.get("deployable") else "no")
+        if extra["latency"]:
             row[-1:-1] = [_fmt(rec.get("latency_ms"), ".2f"),
                           _fmt(rec.get("latency_batch_ms"), ".2f")]
         rows.append(row if only_pareto else ["*" if rec["pareto"] else "", *row])
@@ -369,6 +438,17 @@ def format_table(df: pd.DataFrame, baseline: dict | None = None, only_pareto: bo
     lines = [_align(headers, widths, sides), "  ".join("-" * w for w in widths)]
     lines += [_align(r, widths, sides) for r in rows]
     return "\n".join(line.rstrip() for line in lines)
+
+
+def compute_text(seconds: Any, unit: Any) -> str:
+    """Compute seconds as "12.3 cpu-s" / "4.1K gpu-s"; "-" when not measured."""
+    try:
+        value = float(seconds)
+    except (TypeError, ValueError):
+        return "-"
+    if math.isnan(value):
+        return "-"
+    return f"{human(value)} {unit if isinstance(unit, str) and unit else 'cpu'}-s"
 
 
 def _align(cells: list[str], widths: list[int], sides: list[str]) -> str:

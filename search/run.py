@@ -8,6 +8,12 @@ every trial then runs the CCPCSA loop with its own m and ratio caps; every round
 trial is a candidate point, and the accuracy-FLOPs Pareto frontier of all of them is written
 to <storage>/<name>/ (frontier.parquet, frontier.png, frontier/*.pt).
 
+With --screen N --finalists K the search has two phases, each its own Tune experiment:
+<name>/screen/ runs N schedules sampled by Optuna through the pruning rounds with adaptive-BN
+evaluation only (no fine-tune), then <name>/finetune/ runs the K schedules nearest the
+screened frontier (search/finalists.py, saved in <name>/finalists.json) through the full loop.
+Only fine-tuned points are deployable and on the frontier.
+
 One search per run folder at a time (a lock file); every setting is checked before Ray
 starts; Ctrl-C or SIGTERM saves Tune's state, writes the frontier of what finished and exits
 130 or 143 (exit codes: ccpcsa/exits.py); --resume checks Tune's state before restoring it
@@ -24,6 +30,7 @@ import re
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 if __package__ in (None, ""):  # `python search/run.py`: make the repo importable
@@ -38,6 +45,8 @@ from ccpcsa.prune import ALLOCATIONS  # noqa: E402
 from ccpcsa.results import versions  # noqa: E402
 from ccpcsa.runlock import RunInUseError, RunLock  # noqa: E402
 from search.config import (  # noqa: E402
+    DEFAULT_FINALISTS,
+    EARLY_STOPS,
     SAMPLERS,
     ConfigError,
     SearchConfig,
@@ -102,13 +111,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-root", help="dataset folder or URI (cifar/imagefolder/parquet; "
                    "fashion-mnist: default /usr/share/datasets/fashion-mnist)")
     g.add_argument("--image-size", type=int, help="input side in pixels (default: dataset's)")
+    g.add_argument("--train-subset", type=int, metavar="N",
+                   help="train, score channels and re-estimate BatchNorm on a fixed random N "
+                        "images of the training split (the test split stays whole; not for "
+                        f"parquet); 0 = all (default {d.train_subset})")
     g = p.add_argument_group("search")
-    g.add_argument("--num-samples", type=int, help=f"trials to run (default {d.num_samples})")
+    g.add_argument("--num-samples", type=int, help=f"trials to run without --screen "
+                   f"(default {d.num_samples})")
+    g.add_argument("--screen", type=int, metavar="N",
+                   help="two-phase search: phase 1 runs N sampled schedules through the pruning "
+                        "rounds with adaptive-BN evaluation only (BatchNorm re-estimated on "
+                        "--bn-batches batches, no fine-tune), phase 2 fine-tunes the "
+                        "--finalists nearest the screened frontier through the full loop; "
+                        f"--num-samples is then unused; 0 = one phase (default {d.screen})")
+    g.add_argument("--finalists", type=int, metavar="K",
+                   help="with --screen: schedules fine-tuned in phase 2, taken from the Pareto "
+                        "layers of the screened points (layer 1 = the screened frontier) "
+                        f"(default {DEFAULT_FINALISTS}, at most N)")
+    g.add_argument("--early-stop", help=f"stop fine-tuning trials whose rounds fall behind "
+                   f"the frontier (accuracy minus the best other trial's at the same or fewer "
+                   f"FLOPs): {', '.join(EARLY_STOPS)}; asha = Tune's ASHA, median = Tune's "
+                   f"median stopping rule; never applied to screening (default {d.early_stop})")
     g.add_argument("--max-concurrent-trials", type=int,
                    help=f"trials running at once (default {d.max_concurrent_trials})")
-    g.add_argument("--sampler", help=f"Optuna sampler: {', '.join(SAMPLERS)} (random = the "
-                   "baseline that ignores results) "
-                   f"(default {d.sampler})")
+    g.add_argument("--sampler", help=f"Optuna multi-objective sampler: {', '.join(SAMPLERS)} "
+                   "(gp = Gaussian process with expected hypervolume improvement; random = "
+                   f"the baseline that ignores results) (default {d.sampler})")
     g.add_argument("--seed", type=int, help=f"seed of training and sampler (default {d.seed})")
     g.add_argument("--per-layer", action="store_true", default=None,
                    help="search one ratio cap per layer group instead of one per stage")
@@ -279,39 +307,85 @@ def run_stage0(ray, cfg: SearchConfig, prep_cfg: PrepareConfig, run_dir: str) ->
     return ray.get(task.remote())
 
 
-def make_tuner(cfg: SearchConfig, trainable, space: dict[str, Any], plan):
-    """Tune's restored run (plan.restore) or a new one of plan.num_samples trials."""
+@dataclass(frozen=True)
+class Phase:
+    """One Tune experiment of the search: the whole one-phase search in the run folder, or
+    one phase of a two-phase search in its own subfolder."""
+
+    name: str  # search.trial.PHASES
+    folder: str  # the experiment folder (Tune's storage_path/name)
+    num_samples: int  # trials this phase owes
+
+
+def phases_of(cfg: SearchConfig) -> tuple[Phase, ...]:
+    run_dir = run_dir_of(cfg)
+    if not cfg.screen:
+        return (Phase("full", run_dir, cfg.num_samples),)
+    return (Phase("screen", storage.join(run_dir, "screen"), cfg.screen),
+            Phase("finetune", storage.join(run_dir, "finetune"), cfg.finalist_count))
+
+
+def make_sampler(cfg: SearchConfig, num_samples: int):
     import optuna
+
+    # NSGA-II's default population (50) would leave a small search in its random first
+    # generation; scale it so a search sees a few generations.
+    population = max(4, min(50, num_samples // 4))
+    return {
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(population_size=population, seed=cfg.seed),
+        "tpe": lambda: optuna.samplers.TPESampler(seed=cfg.seed),
+        # log expected hypervolume improvement on a Gaussian process per objective
+        "gp": lambda: optuna.samplers.GPSampler(seed=cfg.seed),
+        "random": lambda: optuna.samplers.RandomSampler(seed=cfg.seed),  # a baseline
+    }[cfg.sampler]()
+
+
+def make_tuner(cfg: SearchConfig, trainable, space: dict[str, Any], plan,
+               phase: Phase | None = None, configs: list[dict[str, Any]] | None = None,
+               points: list[tuple[str, float, int]] | None = None):
+    """Tune's restored run (plan.restore) or a new one of plan.num_samples trials: sampled by
+    Optuna over `space`, or (phase 2) the given `configs`, one trial each. `points` (trial id,
+    accuracy, FLOPs) already on disk seed the early-stopping scheduler."""
     from ray import tune
 
+    from search.early_stop import make_scheduler
     from search.searcher import ResumableOptunaSearch
 
-    run_dir = run_dir_of(cfg)
+    phase = phase or phases_of(cfg)[0]
     if plan.restore:
         # finished and failed trials are kept as they are; interrupted ones continue from
         # their last checkpoint; the searcher suggests the trials not started yet
-        return tune.Tuner.restore(run_dir, trainable, resume_unfinished=True,
+        return tune.Tuner.restore(phase.folder, trainable, resume_unfinished=True,
                                   resume_errored=False)
-    # NSGA-II's default population (50) would leave a small search in its random first
-    # generation; scale it so a search sees a few generations.
-    population = max(4, min(50, cfg.num_samples // 4))
-    sampler = {
-        "nsga2": lambda: optuna.samplers.NSGAIISampler(population_size=population, seed=cfg.seed),
-        "tpe": lambda: optuna.samplers.TPESampler(seed=cfg.seed),
-        "random": lambda: optuna.samplers.RandomSampler(seed=cfg.seed),  # a baseline
-    }[cfg.sampler]()
-    search = ResumableOptunaSearch(space=space, metric=["accuracy", "flops"],
-                                   mode=["max", "min"], sampler=sampler, seed=cfg.seed)
-    told = sum(search.tell_finished(t.params, t.final) for t in plan.told)
-    if plan.told:
-        log.info("told Optuna the results of %d of the %d finished trials on disk", told,
-                 len(plan.told))
+    param_space: dict[str, Any] = {}
+    if configs is not None:  # phase 2: exactly these schedules
+        from ray.tune.search import BasicVariantGenerator
+
+        search = BasicVariantGenerator(points_to_evaluate=[dict(c) for c in configs])
+        keys = sorted({k for c in configs for k in c})
+        param_space = {k: tune.choice(sorted({c[k] for c in configs if k in c}, key=str))
+                       for k in keys}
+    else:
+        search = ResumableOptunaSearch(space=space, metric=["accuracy", "flops"],
+                                       mode=["max", "min"],
+                                       sampler=make_sampler(cfg, phase.num_samples),
+                                       seed=cfg.seed)
+        told = sum(search.tell_finished(t.params, t.final) for t in plan.told)
+        if plan.told:
+            log.info("told Optuna the results of %d of the %d finished trials on disk", told,
+                     len(plan.told))
+    early_stop = "off" if phase.name == "screen" else cfg.early_stop
+    storage_path, name = phase.folder.rstrip("/").rsplit("/", 1) if storage.is_uri(
+        phase.folder) else os.path.split(phase.folder.rstrip(os.sep))
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=search, num_samples=plan.num_samples,
-                                    max_concurrent_trials=cfg.max_concurrent_trials),
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            search_alg=search, num_samples=plan.num_samples,
+            scheduler=make_scheduler(early_stop, phase.folder, cfg.max_rounds, points or ()),
+            max_concurrent_trials=cfg.max_concurrent_trials),
         run_config=tune.RunConfig(
-            name=cfg.name, storage_path=cfg.storage,
+            name=name, storage_path=storage_path,
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
             verbose=1),
@@ -376,21 +450,18 @@ def _run_locked(cfg: SearchConfig, fail: frozenset[int], termination) -> int:
     except OSError as exc:
         raise ConfigError(str(exc)) from None
     # before Ray: the data, the model and the weights
-    info = check_dataset(DataConfig(cfg.dataset, cfg.data_root, cfg.image_size))
+    info = check_dataset(DataConfig(cfg.dataset, cfg.data_root, cfg.image_size,
+                                    train_subset=cfg.train_subset))
     input_shape = (info.channels, info.image_size, info.image_size)
     prep_cfg = PrepareConfig(cfg.model, info.num_classes, input_shape, cfg.dataset,
                              cfg.baseline_epochs, cfg.attention_epochs, cfg.lr, cfg.seed,
                              data_root=cfg.data_root, batch_size=cfg.batch_size,
-                             workers=cfg.workers_per_trial, weights=cfg.weights)
+                             workers=cfg.workers_per_trial, train_subset=cfg.train_subset,
+                             weights=cfg.weights)
     check_model_and_weights(prep_cfg)
 
-    from ray import tune
-
     from search import collect
-    from search.ondisk import counts, scan_trials
-    from search.resume import Plan, plan_resume
     from search.space import build_space, describe_model
-    from search.trial import TrialSettings
 
     ray = connect_ray(cfg)
     if not cfg.resume:
@@ -404,25 +475,16 @@ def _run_locked(cfg: SearchConfig, fail: frozenset[int], termination) -> int:
           f"with BAM {prepared.attention_accuracy:.2f}%", flush=True)
     layout = describe_model(cfg.model, info.num_classes, input_shape)
     space = build_space(cfg, layout)
-    settings = TrialSettings(cfg, layout, prepared, info.num_classes, input_shape, run_dir)
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, settings=settings, fail_numbers=fail),
-        trial_resources(cfg))
-    plan = (plan_resume(run_dir, cfg.num_samples, scan_trials(run_dir)) if cfg.resume
-            else Plan(False, cfg.num_samples))
-    print(f"search: {cfg.num_samples} trials, {cfg.max_concurrent_trials} at once, "
-          f"params {', '.join(space)}", flush=True)
-    if plan.restore or plan.num_samples > 0:
-        termination.forward_to_sigint = True  # SIGTERM: Tune saves its state and stops
-        try:
-            make_tuner(cfg, trainable, space, plan).fit()
-        finally:
-            termination.forward_to_sigint = False
-    trials = scan_trials(run_dir)
-    found = counts([t for t in trials if t.trial_id not in plan.adopted],
-                   cfg.num_samples - len(plan.adopted))
-    interrupted = found["interrupted"] or found["not started"]
-    print(collect.write_results(trials, cfg, prepared, run_dir, set(plan.adopted),
+    context = PhaseContext(cfg, fail, termination, space, layout, prepared,
+                           info.num_classes, input_shape)
+    print(f"search: params {', '.join(space)}; {cfg.max_concurrent_trials} trials at once",
+          flush=True)
+    outcomes = run_phases(context)
+    trials = [t for outcome in outcomes for t in outcome.trials]
+    owed = {o.phase.name: o.phase.num_samples for o in outcomes}
+    adopted = {t for outcome in outcomes for t in outcome.adopted}
+    interrupted = not outcomes[-1].complete or len(outcomes) < len(phases_of(cfg))
+    print(collect.write_results(trials, cfg, prepared, run_dir, adopted, owed,
                                 input_shape=None if interrupted else input_shape), flush=True)
     if interrupted:
         print(f"search interrupted after {time.time() - started:.0f}s; what finished is in "
@@ -431,6 +493,99 @@ def _run_locked(cfg: SearchConfig, fail: frozenset[int], termination) -> int:
         return 128 + (termination.signum or signal.SIGINT)
     print(f"done in {time.time() - started:.0f}s; results in {run_dir}", flush=True)
     return exits.OK
+
+
+@dataclass
+class PhaseContext:
+    """What every phase of one search shares."""
+
+    cfg: SearchConfig
+    fail: frozenset[int]
+    termination: Any
+    space: dict[str, Any]
+    layout: Any
+    prepared: Prepared
+    num_classes: int
+    input_shape: tuple[int, int, int]
+
+
+@dataclass
+class PhaseOutcome:
+    phase: Phase
+    trials: list  # search.ondisk.TrialOnDisk, this phase's folders
+    adopted: dict[str, str]  # trials taken over from disk after a lost Tune state
+    complete: bool  # no trial interrupted, none still owed
+
+
+def run_phases(ctx: PhaseContext) -> list[PhaseOutcome]:
+    """One phase; or screening, then (once it completed) the finalists' fine-tuning. The
+    finalists are chosen once and saved: a resumed search fine-tunes the same ones."""
+    from search.finalists import load_finalists, save_finalists, select_finalists
+    from search.ondisk import scan_trials
+    from search.resume import read_adopted
+
+    phases = phases_of(ctx.cfg)
+    if len(phases) == 1:
+        return [run_phase(ctx, phases[0])]
+    screen, finetune = phases
+    run_dir = run_dir_of(ctx.cfg)
+    finalists = load_finalists(run_dir)
+    if finalists is None:
+        first = run_phase(ctx, screen)
+        if not first.complete:
+            return [first]
+        finalists = select_finalists(first.trials, ctx.cfg.finalist_count,
+                                     ctx.prepared.baseline_flops)
+        save_finalists(run_dir, finalists)
+        print(f"screening done: {len(finalists)} finalist(s) to fine-tune, by Pareto layer of "
+              "their screened points: " + ", ".join(
+                  f"{f.screened_trial} (layer {f.layer})" for f in finalists), flush=True)
+    else:  # screening completed in an earlier session
+        first = PhaseOutcome(screen, scan_trials(screen.folder, screen.name),
+                             read_adopted(screen.folder), True)
+    finetune = Phase(finetune.name, finetune.folder, len(finalists))
+    return [first, run_phase(ctx, finetune, finalists)]
+
+
+def run_phase(ctx: PhaseContext, phase: Phase, finalists=None) -> PhaseOutcome:
+    """Run (or, with --resume, continue) one phase's Tune experiment; its trials on disk."""
+    from ray import tune
+
+    from search.finalists import SCREENED_TRIAL, finalist_config
+    from search.ondisk import counts, scan_trials
+    from search.resume import Plan, plan_resume
+    from search.trial import TrialSettings
+
+    cfg = ctx.cfg
+    trials = scan_trials(phase.folder, phase.name)
+    plan = (plan_resume(phase.folder, phase.num_samples, trials) if cfg.resume
+            else Plan(False, phase.num_samples))
+    configs = None
+    if finalists is not None:  # each finalist once, also after a lost Tune state
+        started = {t.params.get(SCREENED_TRIAL) for t in trials if t.status != "not started"}
+        configs = [finalist_config(f) for f in finalists if f.screened_trial not in started]
+        plan.num_samples = len(configs)
+    what = {"full": "trials", "screen": "screened schedules (adaptive-BN evaluation, no "
+            "fine-tune)", "finetune": "finalists fine-tuned"}[phase.name]
+    print(f"{phase.name}: {phase.num_samples} {what}", flush=True)
+    settings = TrialSettings(cfg, ctx.layout, ctx.prepared, ctx.num_classes, ctx.input_shape,
+                             run_dir_of(cfg), phase=phase.name)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, settings=settings, fail_numbers=ctx.fail),
+        trial_resources(cfg))
+    if plan.restore or plan.num_samples > 0:
+        points = [(t.trial_id, p["accuracy"], p["flops"]) for t in trials
+                  for p in t.rounds.values()]
+        ctx.termination.forward_to_sigint = True  # SIGTERM: Tune saves its state and stops
+        try:
+            make_tuner(cfg, trainable, ctx.space, plan, phase, configs, points).fit()
+        finally:
+            ctx.termination.forward_to_sigint = False
+    trials = scan_trials(phase.folder, phase.name)
+    found = counts([t for t in trials if t.trial_id not in plan.adopted],
+                   phase.num_samples - len(plan.adopted))
+    complete = not (found["interrupted"] or found["not started"])
+    return PhaseOutcome(phase, trials, plan.adopted, complete)
 
 
 def check_model_and_weights(prep_cfg: PrepareConfig) -> None:

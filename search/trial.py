@@ -1,7 +1,9 @@
 """One Tune trial: the CCPCSA loop (Algorithm 1 steps 3-11) with one pruning schedule.
 
-Every round is reported to Tune with its checkpoint; the last report is the trial's returned
-model (the last round within tolerance), which is what Optuna's objectives see.
+Every round is reported to Tune with its checkpoint and the compute the trial has used so far;
+the last report is the trial's returned model (the last round within tolerance), which is what
+Optuna's objectives see. A screening trial (phase "screen" of a two-phase search) runs the
+rounds with adaptive-BN evaluation only, no fine-tune, and returns its last round.
 """
 
 from __future__ import annotations
@@ -20,10 +22,13 @@ from ccpcsa.data import DataConfig
 from ccpcsa.loop import LoopConfig, Prepared, RoundRecord, prune_loop, record_of
 from ccpcsa.prune import PruneLimits
 from ccpcsa.train import TrainConfig
+from search.compute import ComputeMeter
 from search.config import SearchConfig
 from search.space import ModelLayout, decode
 
 CHECKPOINT_FILE = "model.pt"
+# full: the one-phase search; screen / finetune: the two phases of --screen N --finalists K
+PHASES = ("full", "screen", "finetune")
 
 
 @dataclass
@@ -36,10 +41,12 @@ class TrialSettings:
     num_classes: int
     input_shape: tuple[int, int, int]
     run_dir: str
+    phase: str = "full"
 
 
 def data_config(cfg: SearchConfig) -> DataConfig:
-    return DataConfig(cfg.dataset, cfg.data_root, cfg.image_size)
+    return DataConfig(cfg.dataset, cfg.data_root, cfg.image_size,
+                      train_subset=cfg.train_subset)
 
 
 def train_config(cfg: SearchConfig) -> TrainConfig:
@@ -56,10 +63,13 @@ def make_runner(cfg: SearchConfig, storage_path: str):
 
 def run_trial(params: dict[str, Any], settings: TrialSettings) -> None:
     cfg, prepared = settings.cfg, settings.prepared
+    meter = ComputeMeter(cfg.workers_per_trial, cfg.gpus_per_worker or 0.0,
+                         cfg.cpus_per_worker).start()  # the trial's whole cost, data included
     trial_id = tune.get_context().get_trial_id() or "trial"
     if not cfg.gpus_per_worker:
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     schedule = decode(params, cfg, settings.layout)
+    screen = settings.phase == "screen"
     loop_cfg = LoopConfig(
         groups_per_round=schedule.groups_per_round, tolerance=cfg.tolerance,
         max_rounds=cfg.max_rounds, finetune_epochs=schedule.finetune_epochs,
@@ -68,22 +78,29 @@ def run_trial(params: dict[str, Any], settings: TrialSettings) -> None:
         bn_batches=cfg.bn_batches, round_to=cfg.round_to,
         limits=PruneLimits(max(cfg.cap_range), schedule.stage_caps, schedule.layer_caps,
                            cfg.min_channels, schedule.residual_cap),
-        reference=cfg.reference, seed=cfg.seed)
+        reference=cfg.reference, seed=cfg.seed, screen=screen)
     reference = prepared.reference_accuracy(cfg.reference)
     runner = make_runner(cfg, storage.join(settings.run_dir, "train", trial_id))
 
-    model, start_round, accuracy = _starting_point(prepared)
+    model, start_round, accuracy, meter.offset = _starting_point(prepared, screen)
+
+    def metrics(record: RoundRecord) -> dict[str, Any]:
+        return {**_metrics(record, prepared), "phase": settings.phase,
+                "compute_s": meter.seconds(), "compute_unit": meter.unit}
 
     def on_round(record: RoundRecord, pruned: torch.nn.Module) -> None:
         if record.round == 0:
             return  # the unpruned M' is one shared point; the driver adds it once
+        reported = metrics(record)
+        numbers = {k: v for k, v in reported.items() if not isinstance(v, str)}
         info = CheckpointInfo(cfg.model, settings.num_classes, True, settings.input_shape,
-                              cfg.dataset, _metrics(record, prepared),
+                              cfg.dataset, numbers,
                               {"round": record.round, "widths": record.widths,
-                               "within_tolerance": record.within_tolerance})
+                               "within_tolerance": record.within_tolerance,
+                               "phase": settings.phase, "compute_unit": meter.unit})
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(pruned, info, os.path.join(tmp, CHECKPOINT_FILE))
-            tune.report({**_metrics(record, prepared), "is_final": False},
+            tune.report({**reported, "is_final": False},
                         checkpoint=tune.Checkpoint.from_directory(tmp))
 
     try:  # one Ray Train worker group for the whole loop (workers_per_trial > 1)
@@ -93,21 +110,25 @@ def run_trial(params: dict[str, Any], settings: TrialSettings) -> None:
     finally:
         runner.close()
     final = record_of(result, result.final_round)
-    tune.report({**_metrics(final, prepared), "is_final": True,
+    tune.report({**metrics(final), "is_final": True,
                  "final_round": result.final_round, "stop_reason": result.stop_reason})
 
 
-def _starting_point(prepared: Prepared) -> tuple[torch.nn.Module, int, float]:
-    """M' for a new trial; the last reported round when Tune retries a failed trial (or M'
-    again if that round had already broken the tolerance: its predecessor was not kept)."""
+def _starting_point(prepared: Prepared, screen: bool
+                    ) -> tuple[torch.nn.Module, int, float, float]:
+    """(model, round, accuracy, compute seconds spent): M' for a new trial; the last reported
+    round when Tune retries a failed trial (or M' again if that round had already broken the
+    tolerance: its predecessor was not kept; a screening trial goes on from any round)."""
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             payload = read_payload(os.path.join(folder, CHECKPOINT_FILE))
-        if payload["extra"].get("within_tolerance", False):
+        if screen or payload["extra"].get("within_tolerance", False):
             model = model_from_payload(payload).train()
-            return model, int(payload["extra"]["round"]), float(payload["metrics"]["accuracy"])
-    return prepared.load_attention_model(), 0, prepared.attention_accuracy
+            metrics = payload["metrics"]
+            return (model, int(payload["extra"]["round"]), float(metrics["accuracy"]),
+                    float(metrics.get("compute_s", 0.0)))
+    return prepared.load_attention_model(), 0, prepared.attention_accuracy, 0.0
 
 
 def _metrics(record: RoundRecord, prepared: Prepared) -> dict[str, Any]:

@@ -1,9 +1,14 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from ccpcsa.bn import RecalibrationError, recalibrate_bn
+from ccpcsa.data import DataConfig, build_datasets
+from ccpcsa.loop import adaptive_bn_accuracy
 from ccpcsa.models import build_model
+from ccpcsa.train import LocalRunner, TrainConfig
 
 
 def batches(count=3, seed=0, size=16):
@@ -63,3 +68,33 @@ def test_no_batches_is_an_error_and_leaves_the_model_alone():
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert model.bn1.momentum == 0.1
+
+
+def test_adaptive_bn_evaluation_changes_only_bn_buffers_and_is_seeded():
+    """The screening proxy: BN re-estimated on seeded training batches, then top-1 on the
+    test split. The weights are untouched; the same seed gives the same statistics and the
+    same accuracy, another seed other statistics."""
+    train, test = build_datasets(DataConfig("digits", image_size=8))
+    calibration = build_datasets(DataConfig("digits", image_size=8, augment=False))[0]
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10, with_bam=True)
+
+    def proxy(seed):
+        runner = LocalRunner(train, test, TrainConfig(batch_size=32, seed=seed), calibration)
+        copied = copy.deepcopy(model)
+        weights = {n: p.clone() for n, p in copied.named_parameters()}
+        copied, accuracy = adaptive_bn_accuracy(copied, runner, 3)
+        for name, p in copied.named_parameters():
+            assert torch.equal(p, weights[name]), name
+        return state(copied), accuracy
+
+    first, accuracy = proxy(seed=1)
+    again, accuracy_again = proxy(seed=1)
+    other, _ = proxy(seed=2)
+    assert accuracy == accuracy_again and 0.0 <= accuracy <= 100.0
+    assert all(torch.equal(v, again[k]) for k, v in first.items())
+    before = state(model)
+    changed = {k for k, v in first.items() if not torch.equal(v, before[k])}
+    assert changed and all(k.rsplit(".", 1)[1] in ("running_mean", "running_var",
+                                                   "num_batches_tracked") for k in changed)
+    assert not torch.equal(first["bn1.running_mean"], other["bn1.running_mean"])

@@ -137,6 +137,26 @@ def test_bn_recalibration_gives_back_what_stale_statistics_cost(prepared, digits
     assert fresh.records[1].accuracy_pruned > stale.records[1].accuracy_pruned + 5.0
 
 
+def test_screening_loop_reports_adaptive_bn_accuracy_and_never_fine_tunes(prepared, digits):
+    """Screening (adaptive-BN evaluation only): no fit, one evaluation per round after BN is
+    re-estimated, and a reference nothing reaches does not stop it: it runs every round. The
+    widths are the full loop's (uniform allocation does not depend on the scores), so the
+    screened round and the fine-tuned round of one schedule are at the same FLOPs."""
+    screened, runner = run_loop(prepared, digits, reference=100.0, screen=True, max_rounds=3)
+    assert runner.calls == ["calibration 4", "recalibrate 16", "calibration 16",
+                            "evaluate"] * 3
+    assert screened.stop_reason == "max_rounds" and screened.final_round == 3
+    assert [r.round for r in screened.records] == [0, 1, 2, 3]
+    for record in screened.records[1:]:
+        assert record.accuracy == record.accuracy_pruned and record.seconds_finetune == 0.0
+        assert not record.within_tolerance
+    full, _ = run_loop(prepared, digits, reference=0.0, max_rounds=2)
+    assert [r.flops for r in full.records] == [r.flops for r in screened.records[:3]]
+    assert full.records[1].accuracy_pruned == pytest.approx(screened.records[1].accuracy)
+    with pytest.raises(ValueError, match="bn_batches must be >= 1"):
+        run_loop(prepared, digits, reference=0.0, screen=True, bn_batches=0)
+
+
 def test_loop_widths_are_multiples_of_round_to(prepared, digits):
     result, runner = run_loop(prepared, digits, reference=0.0, round_to=8, bn_batches=0,
                               finetune_epochs=0)

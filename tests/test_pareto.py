@@ -189,7 +189,8 @@ def make_points(ckpt_dir: Path | None = None) -> pd.DataFrame:
     return df
 
 
-EXPECTED_PARETO = [True, True, True, True, False, True, False]
+# t1 round 0 is identical to t0 round 0 (76.0 %, 4.1 G): on the frontier once, as t0 round 0
+EXPECTED_PARETO = [True, True, True, False, False, True, False]
 
 
 def test_mark_frontier_adds_columns_without_mutating():
@@ -197,9 +198,47 @@ def test_mark_frontier_adds_columns_without_mutating():
     marked = mark_frontier(df, BASELINE)
     assert "pareto" not in df.columns
     assert as_list(marked["pareto"]) == EXPECTED_PARETO
+    assert list(marked["duplicate_of"]) == ["", "", "", "t0 round 0", "", "", ""]
     assert marked["flops_reduction"].iloc[0] == pytest.approx(0.0)
     assert marked["flops_reduction"].iloc[5] == pytest.approx(100 * (1 - 0.9 / 4.1))
     assert mark_frontier(df)["flops_reduction"].isna().all()
+
+
+def test_identical_points_appear_once_as_the_cheapest_to_reproduce():
+    df = make_points()
+    df["compute_s"] = [50.0, 60.0, 70.0, 20.0, 30.0, 40.0, 10.0]
+    marked = mark_frontier(df, BASELINE)
+    # t1 round 0 cost 20 s against t0 round 0's 50 s: t1 round 0 is the one kept
+    assert as_list(marked["pareto"]) == [False, True, True, True, False, True, False]
+    assert marked["duplicate_of"].iloc[0] == "t1 round 0"
+    # a point that was not measured counts as the most expensive
+    df["compute_s"] = [math.nan, 60.0, 70.0, 20.0, 30.0, 40.0, 10.0]
+    assert mark_frontier(df)["duplicate_of"].iloc[0] == "t1 round 0"
+
+
+def test_only_deployable_points_make_the_frontier():
+    df = make_points()
+    df["deployable"] = [True, True, True, True, True, False, True]  # t1 round 2 was screened
+    marked = mark_frontier(df, BASELINE)
+    # without t1 round 2, t0 round 2 (74 %, 2 G) is the cheapest frontier point
+    assert as_list(marked["pareto"]) == [True, True, True, False, False, False, False]
+    table = format_table(marked, BASELINE, only_pareto=False)
+    assert table.splitlines()[0].split()[-2] == "deployable"
+    screened = [line for line in table.splitlines() if "900M" in line]
+    assert len(screened) == 1 and " no " in screened[0] and not screened[0].startswith("*")
+
+
+def test_table_states_phase_and_compute(tmp_path):
+    df = make_points()
+    df["phase"] = ["finetune"] * 7
+    df["compute_s"] = [1.0, 2.0, 3.0, 1500.0, 5.0, 6.0, 7.0]
+    df["compute_unit"] = ["gpu"] * 7
+    lines = format_table(df, BASELINE).splitlines()
+    assert lines[0].split()[:3] == ["trial", "round", "phase"]
+    assert lines[0].split()[-2:] == ["compute", "checkpoint"]
+    assert "1.5K gpu-s" in lines[-1] or "1 gpu-s" in lines[-1]
+    assert lines[2].split()[2] == "finetune" and "6 gpu-s" in lines[2]
+    plot_frontier(mark_frontier(df, BASELINE), str(tmp_path / "f.png"), BASELINE)
 
 
 # --------------------------------------------------------------------------- parquet
@@ -330,8 +369,7 @@ def test_collect_checkpoints_copies_only_pareto(tmp_path):
         "t0_round0.pt",
         "t0_round1.pt",
         "t0_round2.pt",
-        "t1_round0.pt",
-        "t1_round2.pt",
+        "t1_round2.pt",  # t1 round 0 is t0 round 0 again: one copy
     ]
     for rec in out.to_dict("records"):
         if rec["pareto"]:

@@ -10,7 +10,12 @@
   runs the trials still owed and puts every round on disk on the frontier.
 - `ray job submit` to a real Ray head: every point of frontier.parquet re-measures (FLOPs,
   params, top-1 on the digits test split) to its stored values from its checkpoint, `pareto` is
-  exactly the brute-force non-dominated set, frontier.png is a PNG.
+  exactly the brute-force non-dominated set (each identical point once), frontier.png is a PNG.
+- The two-phase search (--screen N --finalists K), killed (SIGKILL) during screening and again
+  during fine-tuning, resumed each time and finished as a `ray job submit`: N schedules
+  screened without fine-tuning, the K chosen once and fine-tuned, nothing finished run again
+  or lost, the frontier says which phase each point comes from and only fine-tuned points
+  are deployable and on it.
 
 Every Ray process a test starts carries a unique marker in its environment
 (CCPCSA_TEST_RUN, inherited by the Ray head's or the driver's whole process tree, Ray workers
@@ -244,6 +249,26 @@ def _brute_force_pareto(accuracy: list[float], flops: list[int]) -> list[bool]:
             for i in range(n)]
 
 
+def _expected_frontier(frame: pd.DataFrame) -> list[bool]:
+    """The brute-force frontier of the deployable rows, each (accuracy, FLOPs) once: the row
+    whose trial had used the least compute by then (stage 0's: not counted, last)."""
+    rows = [i for i, d in enumerate(frame["deployable"]) if d]
+    front = _brute_force_pareto([frame["accuracy"].iloc[i] for i in rows],
+                                [frame["flops"].iloc[i] for i in rows])
+    expected = [False] * len(frame)
+    kept: dict[tuple, int] = {}
+    cost = frame["compute_s"].fillna(float("inf")).tolist()
+    for i, on in zip(rows, front, strict=True):
+        if not on:
+            continue
+        key = (frame["accuracy"].iloc[i], frame["flops"].iloc[i])
+        if key not in kept or cost[i] < cost[kept[key]]:
+            kept[key] = i
+    for i in kept.values():
+        expected[i] = True
+    return expected
+
+
 # --------------------------------------------------------------------------- 4. bad config
 
 
@@ -458,8 +483,9 @@ def test_ray_job_submit_end_to_end(ray_head, tmp_path):
             checked += 1
     assert checked >= len(frame)
 
-    # `pareto` is exactly the non-dominated set (maximise accuracy, minimise FLOPs).
-    expected = _brute_force_pareto(frame["accuracy"].tolist(), frame["flops"].tolist())
+    # `pareto` is exactly the non-dominated set (maximise accuracy, minimise FLOPs), each
+    # identical point once.
+    expected = _expected_frontier(frame)
     assert frame["pareto"].tolist() == expected
     assert sum(expected) >= 1
     for row in frame.to_dict("records"):
@@ -567,3 +593,113 @@ def test_ctrl_c_exits_130_and_resume_survives_a_lost_tune_state(tmp_path):
     for trial in trials:  # never fewer rounds than are on disk
         on_frontier = set(frame.loc[frame["trial_id"] == trial.trial_id, "round"])
         assert on_frontier == set(trial.rounds), trial.name
+
+
+# --------------------------------------------------------------------------- two phases
+
+TWO_PHASE = ["--screen", "4", "--finalists", "3", "--bn-batches", "2",
+             "--max-concurrent-trials", "1"]
+
+
+def _kill_once_a_trial_finished(args: list[str], experiment: Path, log: Path, prefix: str
+                                ) -> dict[str, bytes]:
+    """Run the search, SIGKILL it (and its Ray) once a trial of `experiment` finished while
+    another is still owed; returns the finished trials' result.json bytes."""
+    with _ray_processes(prefix) as (marker, ray_tmp):
+        with log.open("w") as out:
+            driver = subprocess.Popen([sys.executable, RUN_PY, *args], cwd=REPO,
+                                      env=_env(marker, ray_tmp), stdout=out,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + SEARCH_TIMEOUT_S
+            while True:
+                assert driver.poll() is None, _tail(log.read_text())
+                assert time.monotonic() < deadline, _tail(log.read_text())
+                trials = _experiment_state(experiment) or {}
+                done = {t: v for t, v in trials.items() if v["status"] == "TERMINATED"}
+                if done:
+                    break
+                time.sleep(0.2)
+        finally:
+            _stop(marker, driver)
+    assert driver.returncode == -signal.SIGKILL
+    return {t: (v["dir"] / "result.json").read_bytes() for t, v in done.items()}
+
+
+def test_two_phase_search_killed_in_each_phase_resumes_and_finishes_as_a_ray_job(
+        ray_head, tmp_path):
+    from search.finalists import load_finalists
+    from search.ondisk import scan_trials
+
+    storage = (tmp_path / "runs").resolve()
+    run_dir = storage / "two"
+    args = ["--storage", str(storage), "--name", "two", *TINY, *TWO_PHASE]
+    screened = _kill_once_a_trial_finished(args, run_dir / "screen", tmp_path / "a.log",
+                                           "two-a")
+    assert 0 < len(screened) < 4 and not (run_dir / "finalists.json").exists()
+    assert not (run_dir / "finetune").exists()
+
+    resume = ["--storage", str(storage), "--name", "two", "--resume"]
+    tuned = _kill_once_a_trial_finished(resume, run_dir / "finetune", tmp_path / "b.log",
+                                        "two-b")
+    # one finalist at a time, killed once one had finished (Tune's state file, which says so,
+    # can lag on a loaded machine: a second may have finished too, the third is still owed)
+    assert 1 <= len(tuned) < 3
+    finalists_file = (run_dir / "finalists.json").read_bytes()
+
+    job = f"ccpcsa-two-{uuid.uuid4().hex[:8]}"
+    done = subprocess.run(
+        [RAY, "job", "submit", "--address", ray_head["address"], "--working-dir", str(REPO),
+         "--submission-id", job, "--", "python", RUN_PY, *resume],
+        cwd=tmp_path, env=ray_head["env"], capture_output=True, text=True,
+        timeout=SEARCH_TIMEOUT_S + 120, check=False)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0 and f"Job '{job}' succeeded" in out, _tail(out)
+    assert ("screen: 4 trials finished, 0 failed, 0 interrupted, 0 not started (of 4); "
+            "finetune: 3 trials finished, 0 failed, 0 interrupted, 0 not started (of 3)"
+            ) in out, _tail(out)
+
+    # nothing that had finished ran again; the finalists were chosen once
+    assert (run_dir / "finalists.json").read_bytes() == finalists_file
+    screen = scan_trials(str(run_dir / "screen"), "screen")
+    finetune = scan_trials(str(run_dir / "finetune"), "finetune")
+    for trials, before in ((screen, screened), (finetune, tuned)):
+        by_id = {t.trial_id: t for t in trials}
+        for trial_id, result in before.items():
+            assert (Path(by_id[trial_id].folder) / "result.json").read_bytes() == result
+    assert [t.status for t in screen] == ["finished"] * 4
+    assert [t.status for t in finetune] == ["finished"] * 3
+    finalists = load_finalists(str(run_dir))
+    assert len(finalists) == 3 and {f.screened_trial for f in finalists} <= {
+        t.trial_id for t in screen}
+    schedules = {f.screened_trial: f.params for f in finalists}
+    for trial in finetune:  # each finalist fine-tuned once, with its screened schedule
+        params = dict(trial.params)
+        assert params.pop("screened_trial") in schedules
+        assert params == schedules[trial.params["screened_trial"]]
+    assert {t.params["screened_trial"] for t in finetune} == set(schedules)
+
+    frame = pd.read_parquet(run_dir / "frontier.parquet")
+    for trial in [*screen, *finetune]:  # every round on disk is a point, as reported
+        rows = frame[frame["trial_id"] == trial.trial_id]
+        assert set(rows["phase"]) == {trial.phase}, trial.name
+        assert _frontier_rounds(frame, trial.trial_id) == _round_reports(Path(trial.folder))
+        assert (rows["compute_s"] > 0).all() and set(rows["compute_unit"]) == {"cpu"}
+    screen_rows = frame[frame["phase"] == "screen"]
+    assert len(screen_rows) == sum(len(t.rounds) for t in screen) > 0
+    assert not screen_rows["deployable"].any() and not screen_rows["pareto"].any()
+    assert (screen_rows["accuracy"] == screen_rows["accuracy_pruned"]).all()  # no fine-tune
+    tuned_rows = frame[frame["phase"] == "finetune"]
+    assert tuned_rows["deployable"].all() and tuned_rows["accuracy_pruned"].notna().all()
+    assert frame["pareto"].tolist() == _expected_frontier(frame)
+    assert frame["pareto"].sum() >= 1
+    for row in frame.to_dict("records"):
+        assert bool(row["frontier_checkpoint"]) == bool(row["pareto"]), row
+    saved = json.loads((run_dir / "search_config.json").read_text())["config"]
+    _, test_set = build_datasets(DataConfig("digits", image_size=saved["image_size"]))
+    eval_cfg = TrainConfig(batch_size=saved["batch_size"], lr=saved["lr"], seed=saved["seed"])
+    for row in frame[frame["pareto"]].to_dict("records"):  # what a user deploys re-measures
+        model = load_checkpoint(row["frontier_checkpoint"])
+        assert count_flops(model, (3, IMAGE_SIZE, IMAGE_SIZE)) == row["flops"]
+        with _torch_threads(1):
+            assert abs(evaluate(model, test_set, eval_cfg) - row["accuracy"]) <= 1e-6

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from ccpcsa.data.cifar import check_cifar_layout, cifar_datasets
 from ccpcsa.data.cli import main
@@ -35,6 +35,7 @@ from ccpcsa.data.common import (
     DataError,
     DatasetInfo,
     Uint8Normalizer,
+    subset_indices,
     validate_config,
 )
 from ccpcsa.data.digits import digits_datasets
@@ -98,7 +99,15 @@ def check_dataset(cfg: DataConfig) -> DatasetInfo:
 
 
 def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
-    """(train, test) map-style datasets of (float32 3xSxS normalised tensor, int label)."""
+    """(train, test) map-style datasets of (float32 3xSxS normalised tensor, int label); the
+    training split cut to cfg.train_subset images when that is set."""
+    train, test = _full_datasets(cfg)
+    if cfg.train_subset and cfg.train_subset < len(train):
+        train = Subset(train, subset_indices(len(train), cfg.train_subset))
+    return train, test
+
+
+def _full_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
     size = validate_config(cfg)
     if cfg.name == "digits":
         return digits_datasets(size, cfg.augment)
