@@ -8,8 +8,10 @@ search's default ranges) and each runs the CCPCSA loop twice from the same BAM m
   no gradients, no weight update) and evaluates (LoopConfig.screen, what phase 1 does);
 - fine-tuned: the full loop, fine-tuning --finetune-epochs after every round (tolerance off,
   so every schedule runs every round).
-Under the default uniform allocation a schedule's widths, hence FLOPs, at round r are the same
-in both runs, so the two accuracies of a round describe the same architecture.
+Under the default uniform allocation a schedule's widths at round r are nearly the same in
+both runs: the shares are set by the caps, and only a leftover channel's group is chosen by
+the scores, which differ once one run fine-tunes. FLOPs are checked to agree within
+FLOPS_SLACK, so the two accuracies of a round describe (nearly) the same architecture.
 
 Reported per dataset: Spearman's rank correlation between screened and fine-tuned accuracy
 at each schedule's last round (n = S), the same with FLOPs alone as the predictor, the
@@ -53,6 +55,7 @@ from search.space import build_space, decode, describe_model  # noqa: E402
 
 SECTION = "## Adaptive-BN screening: does the proxy rank schedules like fine-tuning?"
 CACHE_FILE = "schedules.json"
+FLOPS_SLACK = 0.02  # screened vs full loop, same schedule and round (see the docstring)
 SETTINGS = ("model", "schedules", "seed", "max_rounds", "finetune_epochs", "finetune_lr",
             "bn_batches", "calibration_batches", "baseline_epochs", "attention_epochs", "lr",
             "batch_size", "train_subset", "image_size", "data_root")
@@ -148,7 +151,7 @@ def measure_dataset(dataset: str, args: argparse.Namespace, cache: dict) -> None
                          batch_size=args.batch_size, train_subset=subset_for(dataset, args))
     prepared = prepare(prep, runner, os.path.join(args.cache_dir, f"stage0-{dataset}"))
     layout = describe_model(args.model, info.num_classes, shape)
-    done = cache.setdefault(dataset, {"schedules": []})
+    done = cache["datasets"].setdefault(dataset, {"schedules": []})
     done["baseline_accuracy"] = prepared.baseline_accuracy
     done["baseline_flops"] = prepared.baseline_flops
     done["test_images"] = len(build_datasets(data)[1])
@@ -169,8 +172,10 @@ def measure_dataset(dataset: str, args: argparse.Namespace, cache: dict) -> None
                 if screen:
                     row["screened"] = r.accuracy
                 else:
-                    row.update(finetuned=r.accuracy, pruned_in_full_loop=r.accuracy_pruned)
-                    assert row["flops"] == r.flops, "screened and full loop differ in FLOPs"
+                    row.update(finetuned=r.accuracy, pruned_in_full_loop=r.accuracy_pruned,
+                               flops_full=r.flops)
+                    assert abs(row["flops"] - r.flops) <= FLOPS_SLACK * row["flops"], (
+                        f"screened and full loop differ in FLOPs: {row['flops']} vs {r.flops}")
         done["schedules"].append({"params": params, "rounds": sorted(
             (r for r in rows.values() if "screened" in r and "finetuned" in r),
             key=lambda r: r["round"]), "seconds": seconds})
@@ -296,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cache = load(args)
     start = time.perf_counter()
     for dataset in args.datasets:
-        measure_dataset(dataset, args, cache["datasets"])
+        measure_dataset(dataset, args, cache)
     text = render(cache, args, time.perf_counter() - start)
     write_section(args.out, SECTION, text)
     print(text)
