@@ -27,7 +27,6 @@ Usage: python benchmarks/bn_proxy.py --help   (the documented command: docs/benc
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -44,6 +43,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/sections.py
 
+from resumable import load_cache, save_cache  # noqa: E402
 from sections import write_section  # noqa: E402
 
 from ccpcsa.data import DataConfig, build_datasets, dataset_info  # noqa: E402
@@ -195,25 +195,12 @@ def cache_path(args: argparse.Namespace) -> str:
 
 
 def load(args: argparse.Namespace) -> dict:
-    settings = {k: getattr(args, k) for k in SETTINGS}
-    path = cache_path(args)
-    if not os.path.exists(path):
-        return {"settings": settings, "datasets": {}}
-    with open(path, encoding="utf-8") as f:
-        stored = json.load(f)
-    differs = [k for k in SETTINGS if stored["settings"].get(k) != settings[k]]
-    if differs:
-        raise SystemExit(f"error: {path} was made with other settings ({', '.join(differs)} "
-                         "differ); pass another --cache-dir")
-    return stored
+    return load_cache(cache_path(args), {k: getattr(args, k) for k in SETTINGS},
+                      {"datasets": {}}, "--cache-dir")
 
 
 def save(args: argparse.Namespace, cache: dict) -> None:
-    os.makedirs(args.cache_dir, exist_ok=True)
-    temp = cache_path(args) + ".tmp"
-    with open(temp, "w", encoding="utf-8") as f:
-        json.dump(cache, f, indent=1)
-    os.replace(temp, cache_path(args))
+    save_cache(cache_path(args), cache)
 
 
 # ---------------------------------------------------------------- statistics

@@ -40,6 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/sections.py
 
+from resumable import load_cache, save_cache  # noqa: E402
 from sections import write_section  # noqa: E402
 
 from search.pareto import hypervolume, read_frontier  # noqa: E402
@@ -199,25 +200,13 @@ def compute_to_reach(result: dict, target: float) -> float | None:
 # ---------------------------------------------------------------- cache
 
 
-def load_cache(args: argparse.Namespace) -> dict:
-    path = Path(args.work_dir) / CACHE_FILE
-    settings = {k: getattr(args, k) for k in SETTINGS}
-    if not path.exists():
-        return {"settings": settings, "arms": {}}
-    stored = json.loads(path.read_text())
-    differs = [k for k in SETTINGS if stored["settings"].get(k) != settings[k]]
-    if differs:
-        raise SystemExit(f"error: {path} was made with other settings ({', '.join(differs)} "
-                         "differ); pass another --work-dir")
-    return stored
+def load_arms(args: argparse.Namespace) -> dict:
+    return load_cache(str(Path(args.work_dir) / CACHE_FILE),
+                      {k: getattr(args, k) for k in SETTINGS}, {"arms": {}}, "--work-dir")
 
 
-def save_cache(args: argparse.Namespace, cache: dict) -> None:
-    path = Path(args.work_dir) / CACHE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_suffix(".tmp")
-    temp.write_text(json.dumps(cache, indent=1))
-    os.replace(temp, path)
+def save_arms(args: argparse.Namespace, cache: dict) -> None:
+    save_cache(str(Path(args.work_dir) / CACHE_FILE), cache)
 
 
 def key_of(setting: str, seed: int, arm: str) -> str:
@@ -355,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for arm in args.arms:
         arm_flags(arm, args)  # fails early on a bad arm
-    cache = load_cache(args)
+    cache = load_arms(args)
     todo = [(setting, seed, arm) for setting in args.settings for seed in args.seeds
             for arm in args.arms if key_of(setting, seed, arm) not in cache["arms"]]
     if args.dry_run:
@@ -367,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     for setting, seed, arm in todo:
         result = run_arm(setting, seed, arm, args)
         cache["arms"][key_of(setting, seed, arm)] = result
-        save_cache(args, cache)
+        save_arms(args, cache)
         print(f"{setting} seed {seed} {arm}: hypervolume {result['hv']:.3f}, compute "
               f"{result['compute_s']:.0f} {result['unit']}-s, wall {result['wall_s']:.0f} s",
               flush=True)
