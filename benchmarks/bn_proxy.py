@@ -194,6 +194,11 @@ def cache_path(args: argparse.Namespace) -> str:
     return os.path.join(args.cache_dir, CACHE_FILE)
 
 
+def section_of(args: argparse.Namespace) -> str:
+    """One section per set of data sets: each can be run with its own settings and cache."""
+    return f"{SECTION} ({', '.join(args.datasets)})"
+
+
 def load(args: argparse.Namespace) -> dict:
     return load_cache(cache_path(args), {k: getattr(args, k) for k in SETTINGS},
                       {"datasets": {}}, "--cache-dir")
@@ -260,7 +265,7 @@ def render(cache: dict, args: argparse.Namespace, wall_s: float) -> str:
     command = "python benchmarks/bn_proxy.py " + shlex.join(sys.argv[1:])
     host = f"{os.cpu_count()}-core {platform.machine()} CPU, torch {torch.__version__}"
     return "\n".join([
-        SECTION, "",
+        section_of(args), "",
         f"Command: `{command}`  ",
         f"Machine: {host}, {torch.get_num_threads()} torch threads; wall time of this run "
         f"{wall_s / 60:.1f} min (finished schedules are cached).", "",
@@ -290,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for dataset in args.datasets:
         measure_dataset(dataset, args, cache)
     text = render(cache, args, time.perf_counter() - start)
-    write_section(args.out, SECTION, text)
+    write_section(args.out, section_of(args), text, replaces=SECTION)
     print(text)
     return 0
 
