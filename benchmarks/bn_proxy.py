@@ -227,7 +227,7 @@ def statistics_of(entry: dict) -> dict:
     pooled = [r for s in entry["schedules"] for r in s["rounds"]]
     screened = [r["screened"] for r in last]
     finetuned = [r["finetuned"] for r in last]
-    flops = [-r["flops"] for r in last]  # fewer FLOPs first: same sign as accuracy
+    flops = [r["flops"] for r in last]  # the naive predictor: more FLOPs kept, higher accuracy
     return {
         "n": len(last), "pooled_n": len(pooled),
         "rho": spearman(screened, finetuned),
@@ -276,7 +276,7 @@ def render(cache: dict, args: argparse.Namespace, wall_s: float) -> str:
         f"epoch(s) per round, lr {args.finetune_lr}, tolerance off). Fashion-MNIST trains on "
         f"a fixed {args.train_subset or 'all'} of its training images; the test split is "
         f"whole. ρ: Spearman's rank correlation with the fine-tuned accuracy at each "
-        "schedule's last round; FLOPs ρ: fewer FLOPs as the predictor; partial ρ: the proxy's "
+        "schedule's last round; FLOPs ρ: more FLOPs kept as the predictor; partial ρ: the proxy's "
         "given FLOPs; pooled: every round of every schedule.", "",
         "| dataset | schedules | ρ proxy | ρ FLOPs | partial ρ | ρ pooled (points) | "
         "screened % | fine-tuned % | s per schedule: screened / fine-tuned |",

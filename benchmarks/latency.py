@@ -61,9 +61,10 @@ class Variant:
     batch_n: list[float]
 
 
-def prune_to_levels(name: str, shape: tuple[int, ...], levels: list[float], seed: int
-                    ) -> list[tuple[float, torch.nn.Module]]:
-    """(level, a copy of the BAM model whose FLOPs are >= level % below the baseline's)."""
+def prune_to_levels(name: str, shape: tuple[int, ...], levels: list[float], seed: int,
+                    round_to: int = 1) -> list[tuple[float, torch.nn.Module]]:
+    """(level, a copy of the BAM model whose FLOPs are >= level % below the baseline's);
+    with round_to > 1 every pruned width stays a multiple of it (tensor-core friendly)."""
     base_flops = count_flops(build_model(name, 10, input_shape=shape), shape)
     spec = get_spec(name, shape)
     model = build_model(name, 10, with_bam=True, input_shape=shape).eval()
@@ -78,7 +79,7 @@ def prune_to_levels(name: str, shape: tuple[int, ...], levels: list[float], seed
             scores = {g.key: torch.rand(g.width, generator=generator) for g in groups}
             count = max(1, int(STEP * sum(original.values())))
             chosen = select_channels(groups, scores, count, PruneLimits(max_ratio=0.95),
-                                     original)
+                                     original, round_to=round_to)
             if not chosen:
                 raise SystemExit(f"cannot reach -{level} % FLOPs: every layer is at its cap")
             remove_channels(graph, groups, chosen)
@@ -109,7 +110,8 @@ def section(args, device: torch.device, variants: list[Variant], seconds: float)
         f"{args.model} at {args.image_size}x{args.image_size}, random weights (latency does "
         f"not depend on them), eval mode, {args.dtype}. Each level removes channels with "
         f"ccpcsa's physical pruning ({STEP:.0%} of the channels per step, random ranking, "
-        f"every layer keeps >= 5 %) until FLOPs are at least that much below the baseline. "
+        f"every layer keeps >= 5 %) until FLOPs are at least that much below the baseline; "
+        f"'widths xN': every pruned width kept a multiple of N. "
         f"Latency: median over {args.rounds} interleaved rounds of the median of "
         f"{args.repeats} timed forward passes after {args.warmup} warm-up passes. "
         f"Speed-up and FLOPs ratio are against the baseline (no BAM); efficiency = speed-up "
@@ -146,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--round-to", type=int, nargs="+", default=[1], metavar="N",
+                   help="prune each level once per N, keeping every pruned width a multiple "
+                        "of N (1: any width; 8: what the loop does on CUDA; default: 1)")
     p.add_argument("--out", default="-",
                    help="markdown file whose section this replaces, or - to print")
     args = p.parse_args(argv)
@@ -159,15 +164,20 @@ def main(argv: list[str] | None = None) -> int:
     base = build_model(args.model, 10, input_shape=shape).eval()
     variants = [Variant("baseline (no BAM)", base, count_flops(base, shape),
                         count_params(base), [], [])]
-    for level, model in prune_to_levels(args.model, shape, args.levels, args.seed):
-        label = "BAM, unpruned" if level == 0 else f"-{level:g} % FLOPs, with BAM"
-        variants.append(Variant(label, model, count_flops(model, shape), count_params(model),
-                                [], []))
-        if level:
-            stripped = strip_bam(copy.deepcopy(model))
-            variants.append(Variant(f"-{level:g} % FLOPs, BAM stripped", stripped,
-                                    count_flops(stripped, shape), count_params(stripped),
-                                    [], []))
+    for round_to in args.round_to:
+        widths = "" if round_to == 1 else f", widths x{round_to}"
+        for level, model in prune_to_levels(args.model, shape, args.levels, args.seed,
+                                            round_to):
+            if level == 0 and round_to != args.round_to[0]:
+                continue  # the unpruned BAM model once
+            label = "BAM, unpruned" if level == 0 else f"-{level:g} % FLOPs{widths}, with BAM"
+            variants.append(Variant(label, model, count_flops(model, shape),
+                                    count_params(model), [], []))
+            if level:
+                stripped = strip_bam(copy.deepcopy(model))
+                variants.append(Variant(f"-{level:g} % FLOPs{widths}, BAM stripped", stripped,
+                                        count_flops(stripped, shape), count_params(stripped),
+                                        [], []))
     print(f"{len(variants)} models built in {time.perf_counter() - started:.0f} s; timing on "
           f"{device_name(device)}", file=sys.stderr, flush=True)
     measure(variants, shape, device, args.batch, args.warmup, args.repeats, args.rounds,
