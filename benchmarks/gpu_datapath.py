@@ -345,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
                         "epoch, whose speed the full step measures)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0,
                    help="CPUs the Ray Train worker reserves; the rest decode (default: 1)")
+    p.add_argument("--skip", nargs="+", default=[], choices=("pipeline", "scoring", "rounds"),
+                   help="steps not to run (default: none)")
     p.add_argument("--smoke-cpu", action="store_true",
                    help="no GPU: every step on the CPU at toy sizes (checks the code paths)")
     p.add_argument("--render", metavar="RESULTS_JSONL",
@@ -400,13 +402,14 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()  # the plain loop's model is gone; the worker needs room
         ray = connect_ray()
         args.ray_cpus = ray.cluster_resources().get("CPU", 0)
-        if b.enough("pipeline", 20):
+        if "pipeline" not in args.skip and b.enough("pipeline", 20):
             pipeline_only(b, root, device)
         if b.enough("full", 40 + args.epochs * args.images / 400):
             full, runner, model = full_path(b, root, device)
-        if b.enough("scoring", 40):
+        if "scoring" not in args.skip and b.enough("scoring", 40):
             scoring(b, root, device)
-        if b.enough("rounds", 20 + args.rounds * (8 + args.round_epochs * args.images / 400)):
+        round_s = 8 + args.round_epochs * args.images / 400
+        if "rounds" not in args.skip and b.enough("rounds", 20 + args.rounds * round_s):
             rounds(b, root, device, runner, model)
     except Exception as exc:  # report what was measured so far
         b.emit("failed", error=f"{type(exc).__name__}: {exc}"[:400])

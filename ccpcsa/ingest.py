@@ -53,7 +53,15 @@ class IngestConfig:
     augment: bool = True
     decode_cpus: float = DECODE_CPUS
     prefetch_batches: int = 2
-    shuffle_buffer: int | None = None  # rows; None = 4 per-worker batches
+    shuffle_buffer: int | None = None  # rows; None = 4 per-worker batches, 0 = no local shuffle
+    # True: decoded pieces enter the shuffle buffer in plan order, so a seed fixes every batch;
+    # False: in the order the decode tasks finish (the same rows per epoch, batches not
+    # reproducible), which lets Ray Data run ahead of a slow task.
+    preserve_order: bool = True
+    # Ray Data's per-operator resource reservation (its default: on) held the decode tasks to
+    # a fraction of the free CPUs in benchmarks/ingest_scaling.py; with one map operator
+    # there is nothing to reserve against, so it is off unless asked for.
+    op_reservation: bool = False
 
 
 class ParquetBatches:
@@ -112,7 +120,8 @@ class ParquetBatches:
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # 3 INFO lines per epoch
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # the epoch log line says what happened
-        context.execution_options.preserve_order = True  # reproducible: plan order in
+        context.execution_options.preserve_order = self.cfg.preserve_order
+        context.op_resource_reservation_enabled = self.cfg.op_reservation
         ds = ray.data.from_items([dataclasses.asdict(p) for p in pieces],
                                  override_num_blocks=len(pieces))
         ds = ds.map_batches(decode_pieces, fn_kwargs={"image_size": self.cfg.image_size,
@@ -120,7 +129,7 @@ class ParquetBatches:
                             batch_size=1, batch_format="numpy", num_cpus=self.cfg.decode_cpus)
         options: dict = {"batch_size": batch_size, "prefetch_batches": self.cfg.prefetch_batches,
                          "device": self.device, "pin_memory": self.device.type == "cuda"}
-        if shuffle_seed is not None:
+        if shuffle_seed is not None and self.cfg.shuffle_buffer != 0:
             options["local_shuffle_buffer_size"] = max(
                 self.cfg.shuffle_buffer or 4 * batch_size, batch_size)
             options["local_shuffle_seed"] = shuffle_seed
