@@ -6,10 +6,15 @@ per-worker ranges: reproducible, different every epoch, every worker the same nu
 Ray Data reads and decodes them in `map_batches` tasks (one CPU each, `decode_cpus`) scheduled
 on whatever CPUs of the cluster the training workers leave free, not on the worker's own thread;
 the tasks send N x S x S x 3 uint8 pixels (a quarter of float32's bytes) and the worker
-normalises them on its device (ccpcsa.data.Uint8Normalizer). `iter_torch_batches` prefetches,
-pins host memory on CUDA, moves the batch to the device, and mixes rows of several pieces in a
-local shuffle buffer seeded by (seed, epoch, rank); `preserve_order` keeps the stream into that
-buffer in plan order, so the same seed gives the same batches.
+normalises them on its device (ccpcsa.data.Uint8Normalizer). For training, each decode task
+takes `mix_pieces` pieces (row groups) and shuffles their rows together, in an order the
+pieces' seeds fix; `iter_torch_batches` then only slices batches, prefetches, pins host memory
+on CUDA and moves them to the device. The shuffle is done there, on the decode CPUs, rather
+than in Ray Data's local shuffle buffer (still available: `shuffle_buffer`), because the
+consumer shares its process, and its GIL, with the training loop: on the GPU machine the full
+path reached half of a plain loop's speed while the input path alone reached 0.9 of it
+(docs/benchmarks.md). `preserve_order` keeps the stream in plan order, so the same seed gives
+the same batches.
 
 The datasets are built inside each worker, one per epoch, rather than passed to the
 TorchTrainer: Train's `streaming_split` hands blocks to whichever worker asks first, which is not
@@ -53,7 +58,10 @@ class IngestConfig:
     augment: bool = True
     decode_cpus: float = DECODE_CPUS
     prefetch_batches: int = 2
-    shuffle_buffer: int | None = None  # rows; None = 4 per-worker batches, 0 = no local shuffle
+    # Training rows are shuffled across this many pieces (row groups) inside each decode
+    # task; the consumer, which shares its process with the training loop, then only slices.
+    mix_pieces: int = 4
+    shuffle_buffer: int = 0  # rows of Ray Data's local shuffle buffer in the consumer; 0: none
     # True: decoded pieces enter the shuffle buffer in plan order, so a seed fixes every batch;
     # False: in the order the decode tasks finish (the same rows per epoch, batches not
     # reproducible), which lets Ray Data run ahead of a slow task.
@@ -124,14 +132,15 @@ class ParquetBatches:
         context.op_resource_reservation_enabled = self.cfg.op_reservation
         ds = ray.data.from_items([dataclasses.asdict(p) for p in pieces],
                                  override_num_blocks=len(pieces))
+        mix = shuffle_seed is not None and self.cfg.mix_pieces > 1
         ds = ds.map_batches(decode_pieces, fn_kwargs={"image_size": self.cfg.image_size,
-                                                      "train": train},
-                            batch_size=1, batch_format="numpy", num_cpus=self.cfg.decode_cpus)
+                                                      "train": train, "mix": mix},
+                            batch_size=self.cfg.mix_pieces if mix else 1, batch_format="numpy",
+                            num_cpus=self.cfg.decode_cpus)
         options: dict = {"batch_size": batch_size, "prefetch_batches": self.cfg.prefetch_batches,
                          "device": self.device, "pin_memory": self.device.type == "cuda"}
         if shuffle_seed is not None and self.cfg.shuffle_buffer != 0:
-            options["local_shuffle_buffer_size"] = max(
-                self.cfg.shuffle_buffer or 4 * batch_size, batch_size)
+            options["local_shuffle_buffer_size"] = max(self.cfg.shuffle_buffer, batch_size)
             options["local_shuffle_seed"] = shuffle_seed
         for batch in ds.iter_torch_batches(**options):
             yield batch["image"], batch["label"], batch["checksum"]

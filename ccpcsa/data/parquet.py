@@ -237,11 +237,13 @@ def read_piece(piece: Piece) -> tuple[list[bytes], np.ndarray]:
             taken.column("label").to_numpy().astype(np.int64))
 
 
-def decode_pieces(batch: dict[str, np.ndarray], image_size: int, train: bool
-                  ) -> dict[str, np.ndarray]:
+def decode_pieces(batch: dict[str, np.ndarray], image_size: int, train: bool,
+                  mix: bool = False) -> dict[str, np.ndarray]:
     """Ray Data map_batches function: a batch of pieces (columns of Piece's fields) -> their
     rows as {"image": N x S x S x 3 uint8, "label": int64, "checksum": int64 crc32 of the
-    encoded image}. A piece's seed (with its start) fixes its augmentation draws."""
+    encoded image}. A piece's seed (with its start) fixes its augmentation draws; with `mix`
+    the rows of all the pieces are shuffled together, in an order their seeds fix (the
+    shuffle a consumer-side buffer would do, here on the decode task's CPU)."""
     images, labels, checksums = [], [], []
     for i in range(len(batch["path"])):
         piece = Piece(str(batch["path"][i]), int(batch["group"][i]), int(batch["start"][i]),
@@ -256,8 +258,14 @@ def decode_pieces(batch: dict[str, np.ndarray], image_size: int, train: bool
     if not images:
         return {"image": np.empty((0, image_size, image_size, 3), np.uint8),
                 "label": np.empty(0, np.int64), "checksum": np.empty(0, np.int64)}
-    return {"image": np.concatenate(images), "label": np.concatenate(labels),
-            "checksum": np.concatenate(checksums)}
+    out = {"image": np.concatenate(images), "label": np.concatenate(labels),
+           "checksum": np.concatenate(checksums)}
+    if mix:
+        key = [v for i in range(len(batch["path"]))
+               for v in (_nonnegative(int(batch["order_seed"][i])), int(batch["start"][i]))]
+        order = np.random.default_rng(key).permutation(len(out["label"]))
+        out = {k: v[order] for k, v in out.items()}
+    return out
 
 
 # ---------------------------------------------------------------- one process
