@@ -30,6 +30,7 @@ from ccpcsa.data import (
     build_datasets,
     calibration_pieces,
     decode_image_batch,
+    decode_pieces,
     decode_uint8_batch,
     eval_pieces,
     imagefolder_to_parquet,
@@ -133,6 +134,29 @@ def test_epoch_plan_equal_disjoint_reproducible(parquet_root):
     assert sum(shares) == 30 and max(shares) - min(shares) <= 1
     with pytest.raises(DataError, match="fewer than one global batch"):
         train_pieces(index, 0, 0, 0, 2, 100)
+
+
+def test_decode_tasks_mix_rows_across_pieces_reproducibly(parquet_root):
+    """The training shuffle done in the decode task (ingest's mix_pieces): the rows of all
+    the task's pieces, interleaved in an order their seeds fix, each row exactly once."""
+    index = shard_index(str(parquet_root), "train")
+    pieces = train_pieces(index, 0, 0, 0, 1, BATCH)[:4]
+    batch = {f: np.array([getattr(p, f) for p in pieces])
+             for f in ("path", "group", "start", "stop", "order_seed")}
+    plain = decode_pieces(batch, SIZE, False)
+    mixed = decode_pieces(batch, SIZE, False, mix=True)
+    assert sorted(mixed["checksum"]) == sorted(plain["checksum"])  # the same rows, once each
+    assert list(mixed["checksum"]) != list(plain["checksum"])
+    first_piece = set(plain["checksum"][:pieces[0].rows])
+    # the first piece's rows no longer come first: they are spread over the whole output
+    assert not set(mixed["checksum"][:pieces[0].rows]) <= first_piece
+    again = decode_pieces(batch, SIZE, False, mix=True)
+    assert all(np.array_equal(mixed[k], again[k]) for k in mixed)  # seeded
+    # an image stays with its label and checksum
+    order = {c: i for i, c in enumerate(plain["checksum"])}
+    idx = [order[c] for c in mixed["checksum"]]
+    assert np.array_equal(mixed["label"], plain["label"][idx])
+    assert np.array_equal(mixed["image"], plain["image"][idx])
 
 
 # ---------------------------------------------------------------- one process
