@@ -335,8 +335,8 @@ def render(cache: dict, args: argparse.Namespace, wall_s: float) -> str:
         f"{SearchConfig().sampler}.", "",
         "Reduced grid (the full one — resnet20 and resnet56 on both datasets, the whole "
         "Fashion-MNIST training split at 28 px — would take well over 3 h on 2 cores): "
-        f"{', '.join(args.settings)}; Fashion-MNIST on a fixed 6,000-image training subset "
-        "at 16 px (the 10,000-image test split whole).", "",
+        f"{', '.join(args.settings)}; Fashion-MNIST with the per-dataset flags above (a "
+        "fixed training subset; the 10,000-image test split whole).", "",
         *body])
 
 
