@@ -29,13 +29,12 @@ import time
 from pathlib import Path
 
 import torch
-from jpegs import jpeg_pool, write_imagefolder
+from jpegs import jpeg_pool, write_parquet_dataset
 from sections import write_section
 
 from ccpcsa.data import (
     decode_image_batch,
     decode_uint8_batch,
-    imagefolder_to_parquet,
     parquet_shards,
     shard_index,
 )
@@ -122,14 +121,12 @@ def run(args: argparse.Namespace) -> dict:
     results["one_thread"] = one_thread(pool, args.size)
     print(f"one thread: {results['one_thread']}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        folder, root = Path(tmp) / "folder", Path(tmp) / "parquet"
-        write_imagefolder(folder, {"train": args.images}, 10, pool)
-        imagefolder_to_parquet(str(folder / "train"), str(root / "train"))
+        root = write_parquet_dataset(Path(tmp), {"train": args.images}, 10, pool)
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         try:
-            results["old_loop"] = old_worker_loop(str(root), args.size, args.batch_size)
+            results["old_loop"] = old_worker_loop(root, args.size, args.batch_size)
             print(f"old worker loop: {results['old_loop']} img/s", flush=True)
-            results["map_batches"] = new_path(str(root), args.size, args.batch_size)
+            results["map_batches"] = new_path(root, args.size, args.batch_size)
             print(f"map_batches: {results['map_batches']} img/s", flush=True)
         finally:
             ray.shutdown()

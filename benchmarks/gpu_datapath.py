@@ -51,7 +51,7 @@ import time
 from pathlib import Path
 
 import torch
-from jpegs import jpeg_pool, write_imagefolder
+from jpegs import jpeg_pool, write_parquet_dataset
 from sections import write_section
 
 SECTION = "## GPU: the full Parquet -> Ray Data -> Ray Train path vs a plain loop"
@@ -102,8 +102,6 @@ def _pool_part(args: tuple[int, int]) -> list[bytes]:
 
 
 def make_data(b: Bench) -> str:
-    from ccpcsa.data import imagefolder_to_parquet
-
     a = b.args
     work = Path(a.work)
     shutil.rmtree(work, ignore_errors=True)  # to-parquet refuses a folder holding shards
@@ -114,14 +112,12 @@ def make_data(b: Bench) -> str:
     with multiprocessing.get_context("fork").Pool(procs) as workers:
         pool = [j for part in workers.map(_pool_part, [(per, s) for s in range(procs)])
                 for j in part]
-    write_imagefolder(work / "folder", {"train": a.images, "val": a.val_images}, a.classes,
-                      pool)
-    for split in ("train", "val"):
-        imagefolder_to_parquet(str(work / "folder" / split), str(work / "parquet" / split))
+    root = write_parquet_dataset(work, {"train": a.images, "val": a.val_images}, a.classes,
+                                 pool)
     b.emit("data", images=a.images, val_images=a.val_images, distinct_jpegs=len(pool),
            mean_kb=round(sum(map(len, pool)) / len(pool) / 1024, 1),
            seconds=round(time.perf_counter() - start, 1))
-    return str(work / "parquet")
+    return root
 
 
 def plain_loop(b: Bench, device: torch.device) -> float | None:

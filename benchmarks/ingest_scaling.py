@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from jpegs import jpeg_pool, write_imagefolder  # noqa: E402
+from jpegs import jpeg_pool, write_parquet_dataset  # noqa: E402
 from sections import write_section  # noqa: E402
 
 SECTION = "## Input path scaling: decode, Ray tasks and Ray Data on one node"
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             with open(out / "ingest_scaling.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    from ccpcsa.data import imagefolder_to_parquet, shard_index, train_pieces
+    from ccpcsa.data import decode_pieces, shard_index, train_pieces
     from ccpcsa.data.imagefolder import decode_uint8_batch
     from ccpcsa.distributed import connect_ray, prefer_loopback
     from ccpcsa.ingest import IngestConfig, ParquetBatches
@@ -105,11 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     pool = jpeg_pool(args.pool, 0)
-    write_imagefolder(work / "folder", {"train": args.images}, 100, pool)
-    imagefolder_to_parquet(str(work / "folder" / "train"), str(work / "parquet" / "train"))
-    index = shard_index(str(work / "parquet"), "train")
+    index = shard_index(write_parquet_dataset(work, {"train": args.images}, 100, pool), "train")
     pieces = train_pieces(index, 0, 0, 0, 1, args.batch)
-
 
     torch.set_num_threads(1)
     sample = pool[:64]
@@ -130,8 +127,6 @@ def main(argv: list[str] | None = None) -> int:
     ray = connect_ray()
     emit("ray", cpus=ray.cluster_resources().get("CPU"),
          object_store_gb=round(ray.cluster_resources().get("object_store_memory", 0) / 2**30, 1))
-    from ccpcsa.data import decode_pieces
-
     remote = ray.remote(num_cpus=1)(decode_pieces)
     for attempt in ("warm-up", "timed"):
         start = time.perf_counter()

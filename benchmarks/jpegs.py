@@ -45,3 +45,15 @@ def write_imagefolder(root: Path, split_sizes: dict[str, int], classes: int, poo
             folder.mkdir(parents=True, exist_ok=True)
             (folder / f"{i:06d}.jpg").write_bytes(pool[k % len(pool)])
             k += 1
+
+
+def write_parquet_dataset(work: Path, split_sizes: dict[str, int], classes: int,
+                          pool: list[bytes]) -> str:
+    """write_imagefolder under work/folder, then each split exported by to-parquet (shuffled
+    across classes) to work/parquet/<split>; returns that Parquet root."""
+    from ccpcsa.data import imagefolder_to_parquet
+
+    write_imagefolder(work / "folder", split_sizes, classes, pool)
+    for split in split_sizes:
+        imagefolder_to_parquet(str(work / "folder" / split), str(work / "parquet" / split))
+    return str(work / "parquet")

@@ -62,7 +62,7 @@ class IngestConfig:
     # task; the consumer, which shares its process with the training loop, then only slices.
     mix_pieces: int = 4
     shuffle_buffer: int = 0  # rows of Ray Data's local shuffle buffer in the consumer; 0: none
-    # True: decoded pieces enter the shuffle buffer in plan order, so a seed fixes every batch;
+    # True: decoded pieces reach the consumer in plan order, so a seed fixes every batch;
     # False: in the order the decode tasks finish (the same rows per epoch, batches not
     # reproducible), which lets Ray Data run ahead of a slow task.
     preserve_order: bool = True
