@@ -15,7 +15,8 @@ One trajectory per (model, seed, cell) serves every target (no fine-tuning betwe
 
 Resumable: every finished cell is saved to <cache-dir>/cells.json (and stage 0 to
 <cache-dir>/<model>-seed<seed>/), so an interrupted run started again with the same command
-continues where it stopped; a cache made with other settings is refused.
+continues where it stopped; a cache made with other settings is refused. --render-only writes
+the report from the cached cells alone (cells not run are listed), e.g. for part of a grid.
 
 Usage: python benchmarks/importance.py --help   (the documented commands: docs/benchmarks.md)
 """
@@ -152,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the grid (stage-0 runs, cells, fine-tunes) and exit")
+    p.add_argument("--render-only", action="store_true",
+                   help="write the report from the cells already in --cache-dir and run "
+                        "nothing; cells of the grid that are not there are listed as not run "
+                        "(e.g. to report the finished part of a long grid)")
     return p
 
 
@@ -567,15 +572,19 @@ def render(results: dict, args: argparse.Namespace, host: dict) -> str:
                   f"{prep[0]['baseline_params'] / 1e6:.3f} M params; with BAM "
                   f"{_ms([p['bam_accuracy'] for p in prep])} %, "
                   f"{prep[0]['bam_flops'] / 1e6:.2f} M MACs.", ""]
+        missing = cells_not_run(results, model_name, cells, args.seeds)
+        if missing:
+            lines += ["Not run for this model: " + _missing_text(missing, args.seeds) + ".", ""]
+        ran = [c for c in cells if len(missing.get(c, ())) < len(args.seeds)]
         if args.finetune_epochs:
             lines += [f"After {args.finetune_epochs} fine-tune epochs:", ""]
-            lines += _accuracy_table(after, model_name, cells, args.finetune_targets)
+            lines += _accuracy_table(after, model_name, ran, args.finetune_targets)
         lines += ["Right after pruning (BatchNorm re-estimated, no fine-tuning):", ""]
-        lines += _accuracy_table(pruned, model_name, cells, args.targets)
-        lines += _paired_table(after if args.finetune_epochs else pruned, model_name, cells,
+        lines += _accuracy_table(pruned, model_name, ran, args.targets)
+        lines += _paired_table(after if args.finetune_epochs else pruned, model_name, ran,
                                args.finetune_targets if args.finetune_epochs else args.targets,
                                test_images)
-        lines += _structure_table(results, model_name, cells, args)
+        lines += _structure_table(results, model_name, ran, args)
     lines += _timing_table(results, args, cells)
     lines += _summary(results, args, cells, pruned, after, test_images)
     lines += [
@@ -587,6 +596,27 @@ def render(results: dict, args: argparse.Namespace, host: dict) -> str:
         f"{sum(c['seconds'] for c in results['cells'].values()) / 60:.1f} min (stage 0 "
         "not included; cells resumed from the cache keep their original times).", ""]
     return "\n".join(lines)
+
+
+def cells_not_run(results: dict, model: str, cells, seeds) -> dict[tuple[str, str], list[int]]:
+    """The grid's cells with no record in the cache for some seeds, and those seeds."""
+    done = {(c["method"], c["allocation"], c["seed"]) for c in results["cells"].values()
+            if c["model"] == model}
+    missing = {cell: [s for s in seeds if (*cell, s) not in done] for cell in cells}
+    return {cell: s for cell, s in missing.items() if s}
+
+
+def _missing_text(missing: dict[tuple[str, str], list[int]], seeds) -> str:
+    """'seeds 1, 2 of a, b; c' — cells grouped by the seeds they lack (none named = all)."""
+    by_seeds: dict[tuple[int, ...], list[str]] = {}
+    for cell, lacking in missing.items():
+        by_seeds.setdefault(tuple(lacking), []).append(_label(cell))
+    parts = []
+    for lacking, labels in by_seeds.items():
+        prefix = "" if len(lacking) == len(seeds) else (
+            f"seed{'s' if len(lacking) > 1 else ''} {', '.join(map(str, lacking))} of ")
+        parts.append(prefix + ", ".join(labels))
+    return "; ".join(parts)
 
 
 def _reductions(results: dict, args: argparse.Namespace) -> list[str]:
@@ -781,7 +811,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         return 0
     cache = CellCache(args.cache_dir, args)
-    results = run(args, cache)
+    results = cache.data if args.render_only else run(args, cache)
     host = machine()
     runner = make_runner(args, 0)[0]
     results["test_images"] = len(runner.test_set)
