@@ -9,7 +9,7 @@ transforms (RandomResizedCrop + flip) at --size:
   moves to the device);
 - the old worker loop: Ray Data streams the Parquet bytes, the consumer decodes them on its own
   thread (decode_image_batch), as distributed.py did before (second epoch);
-- the new path: ParquetBatches (ccpcsa.ingest) decodes in map_batches tasks on --cpus CPUs
+- the new path: ParquetBatches (distributed.ingest) decodes in map_batches tasks on --cpus CPUs
   and the consumer receives uint8 batches; per-core = img/s / --cpus. The first epoch includes
   starting Ray's worker processes; the second is the steady state.
 
@@ -96,7 +96,7 @@ def old_worker_loop(root: str, size: int, batch: int) -> list[float]:
 
 def new_path(root: str, size: int, batch: int) -> list[float]:
     """img/s of two epochs of ParquetBatches (decode in map_batches tasks, uint8 out)."""
-    from ccpcsa.ingest import IngestConfig, ParquetBatches
+    from ccpcsa.distributed.ingest import IngestConfig, ParquetBatches
 
     source = ParquetBatches(shard_index(root, "train"), None, IngestConfig(size, batch),
                             torch.device("cpu"))

@@ -8,7 +8,7 @@ Measured, in order (each step is skipped, with the reason, when the time budget 
             class-sorted ImageFolder, exported by to-parquet (shuffled, row groups of 64)
   plain     a minimal training loop (SGD, autocast bf16, channels_last, cudnn.benchmark) on
             one GPU-resident batch, and ccpcsa.train.run_epoch on the same batches
-  pipeline  the input path alone: ParquetBatches (ccpcsa.ingest) streaming uint8 batches to the
+  pipeline  the input path alone: ParquetBatches (distributed.ingest) streaming uint8 batches to the
             GPU and normalising them there, no model: the most the data path can deliver
   full      RayRunner with 1 GPU worker (--cpus-per-worker for the trainer, the other CPUs
             decode): img/s of the last training epoch (the first pays cuDNN autotuning and
@@ -165,7 +165,7 @@ def _plain_steps(model, opt, x: torch.Tensor, y: torch.Tensor, n: int) -> None:
 
 def pipeline_only(b: Bench, root: str, device: torch.device) -> None:
     from ccpcsa.data import shard_index
-    from ccpcsa.ingest import IngestConfig, ParquetBatches
+    from ccpcsa.distributed.ingest import IngestConfig, ParquetBatches
 
     a = b.args
     source = ParquetBatches(shard_index(root, "train"), None, IngestConfig(a.size, a.batch),
@@ -213,8 +213,8 @@ def full_path(b: Bench, root: str, device: torch.device):
 def scoring(b: Bench, root: str, device: torch.device) -> None:
     """compute_scores on the GPU vs the CPU, on the same decoded calibration batches."""
     from ccpcsa.data import shard_index
+    from ccpcsa.distributed.ingest import IngestConfig, ParquetBatches
     from ccpcsa.importance import compute_scores
-    from ccpcsa.ingest import IngestConfig, ParquetBatches
     from ccpcsa.loop import channel_groups
     from ccpcsa.models import build_model
 

@@ -10,7 +10,7 @@ RandomResizedCrop + flip, the Parquet path's own `decode_pieces`):
             epoch's pieces (Parquet reads included), no Ray: the node's CPU bound
   tasks     the same pieces as plain Ray tasks (one CPU each), results fetched in order of
             completion: what Ray core adds
-  ingest    ccpcsa.ingest.ParquetBatches epochs under variants of IngestConfig (the
+  ingest    ccpcsa.distributed.ingest.ParquetBatches epochs under variants of IngestConfig (the
             default: plan order preserved, local shuffle buffer, prefetch 2, batches moved to
             the device): what Ray Data's streaming execution and the consumer add
 
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     from ccpcsa.data import decode_pieces, shard_index, train_pieces
     from ccpcsa.data.imagefolder import decode_uint8_batch
     from ccpcsa.distributed import connect_ray, prefer_loopback
-    from ccpcsa.ingest import IngestConfig, ParquetBatches
+    from ccpcsa.distributed.ingest import IngestConfig, ParquetBatches
 
     prefer_loopback()
     cpus = os.cpu_count() or 1

@@ -40,8 +40,8 @@ from ccpcsa.data import (
     train_pieces,
 )
 from ccpcsa.distributed import RayRunner, _parquet_indexes
+from ccpcsa.distributed.worker import GroupSetup, TrainSource, Worker
 from ccpcsa.train import TrainConfig, loader, loader_workers_for, train_sampler
-from ccpcsa.worker import GroupSetup, TrainSource, Worker
 from search.config import ConfigError, build_config
 from search.trial import train_config
 

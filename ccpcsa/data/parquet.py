@@ -11,7 +11,7 @@ per-worker batches. Every worker computes the same plan, so the plan needs no co
 every row is read at most once per epoch, fewer than one global batch of rows is left out per
 epoch (as DistributedSampler's drop_last), and each worker gets exactly the same number of
 steps (DDP needs that). Pieces (a row group, a row range of its permuted order, a seed) are what
-Ray Data's decode tasks read (ccpcsa.ingest); the same seed fixes their augmentation draws.
+Ray Data's decode tasks read (distributed.ingest); the same seed fixes their augmentation draws.
 
 Why not Ray Data's own shuffles (Ray 2.60): `random_shuffle` and `randomize_block_order`
 materialise the whole input in the object store (ImageNet: ~140 GB per epoch per trial);

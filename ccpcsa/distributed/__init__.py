@@ -1,7 +1,7 @@
 """Ray Train: the loop's training, evaluation, channel scoring and BatchNorm re-estimation,
 data-parallel over N workers of one worker group that lives as long as the runner.
 
-RayRunner starts a TorchTrainer at its first call and keeps its workers (ccpcsa.worker) running
+RayRunner starts a TorchTrainer at its first call and keeps its workers (.worker) running
 until close(): every fit, evaluate, score and recalibrate_bn is a command they execute on a
 model they keep, so a trial's rounds pay Ray Train's start-up once, not once per round. The
 model travels through the object store as a checkpoint payload (architecture name + state
@@ -38,10 +38,10 @@ from ccpcsa.data import (
     shard_index,
     warn_if_class_sorted,
 )
-from ccpcsa.ingest import DECODE_CPUS
+from ccpcsa.distributed.ingest import DECODE_CPUS
+from ccpcsa.distributed.worker import Command, GroupSetup, worker_loop
 from ccpcsa.prune import ChannelGroup
 from ccpcsa.train import TrainConfig
-from ccpcsa.worker import Command, GroupSetup, worker_loop
 
 log = logging.getLogger("ccpcsa.distributed")
 
@@ -197,7 +197,7 @@ class RayRunner:
 
 
 class _WorkerGroup:
-    """One TorchTrainer run whose workers execute commands (ccpcsa.worker.worker_loop) until
+    """One TorchTrainer run whose workers execute commands (worker.worker_loop) until
     told to stop; its fit() waits in a background thread while the driver sends commands
     through a Coordinator actor."""
 

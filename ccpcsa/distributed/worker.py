@@ -16,7 +16,7 @@ epoch checkpoint) and the latest model.
 Map-style datasets (digits, CIFAR, ImageFolder) are built once per group and sharded by the
 same seeded sampler a single process uses; Parquet shards follow a seeded per-epoch plan and
 stream through Ray Data, decoded in tasks on the cluster's free CPUs and delivered as uint8
-pixels that are normalised on the device (ccpcsa.ingest).
+pixels that are normalised on the device (ccpcsa.distributed.ingest).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from ccpcsa import storage
 from ccpcsa.bn import batch_norms, recalibrate_bn
 from ccpcsa.checkpoint import model_from_payload
 from ccpcsa.data import DataConfig, ShardIndex, build_datasets, dataset_info
-from ccpcsa.ingest import IngestConfig, ParquetBatches
+from ccpcsa.distributed.ingest import IngestConfig, ParquetBatches
 from ccpcsa.syncbn import convert_batchnorm
 from ccpcsa.train import (
     TrainConfig,
@@ -56,7 +56,7 @@ from ccpcsa.train import (
     train_sampler,
 )
 
-log = logging.getLogger("ccpcsa.worker")
+log = logging.getLogger("ccpcsa.distributed.worker")
 
 OPS = ("fit", "evaluate", "score", "recalibrate", "stop")
 _CHECKSUM_MOD = (1 << 61) - 1
