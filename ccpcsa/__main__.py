@@ -13,7 +13,7 @@ from ccpcsa import exits, storage, validation
 from ccpcsa.checkpoint import CheckpointError, CheckpointInfo, save_checkpoint
 from ccpcsa.data import DATASETS, DataConfig, DataError, check_dataset
 from ccpcsa.export import add_export_parser, run_export
-from ccpcsa.importance import IMPORTANCES
+from ccpcsa.importance import DEFAULT_IMPORTANCE, IMPORTANCES
 from ccpcsa.latency import BATCH
 from ccpcsa.loop import REFERENCES, LoopConfig, PrepareConfig, prepare, prune_loop, record_of
 from ccpcsa.models import MODELS, check_model_name, get_spec
@@ -105,12 +105,14 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
                    help="fine-tune epochs after each pruning round (default: %(default)s)")
     p.add_argument("--finetune-lr", type=finite_float, default=0.01,
                    help="SGD learning rate of each fine-tune (default: %(default)s)")
-    p.add_argument("--importance", default="ccpcsa",
-                   help=f"channel scoring, one of {', '.join(IMPORTANCES)}: ccpcsa = strength "
-                        "x (1 - mean |correlation|) on attention-weighted maps; strength, "
-                        "maxcorr, dedup = its variants; attention = PCAS-style mean attention; "
-                        "l1, bn_scale, taylor, lamp, fpgm, random = Torch-Pruning's "
-                        "importances (default: %(default)s)")
+    p.add_argument("--importance", default=DEFAULT_IMPORTANCE,
+                   help=f"channel scoring, one of {', '.join(IMPORTANCES)}: ccpcsa = the "
+                        "paper's strength x (1 - mean |correlation|) on attention-weighted "
+                        "maps; strength, maxcorr, dedup = its variants; attention = PCAS-style "
+                        "mean attention; l1, bn_scale, taylor, lamp, fpgm, random = "
+                        "Torch-Pruning's importances (default: %(default)s, chosen by the "
+                        "Fashion-MNIST benchmark in docs/benchmarks.md; ccpcsa reproduces "
+                        "the paper)")
     p.add_argument("--allocation", default="uniform",
                    help=f"how many channels each layer gives per round, one of "
                         f"{', '.join(ALLOCATIONS)}: uniform = every layer the same fraction "

@@ -50,6 +50,8 @@ from torch import nn
 
 from ccpcsa.prune import ChannelGroup
 
+# The library's default criterion, decided by benchmarks/importance.py (module docstring).
+DEFAULT_IMPORTANCE = "l1"
 OBSERVED = ("ccpcsa", "strength", "maxcorr", "dedup", "attention")
 TORCH_PRUNING: dict[str, Callable[[], tp.importance.Importance]] = {
     "l1": lambda: tp.importance.MagnitudeImportance(p=1),

@@ -19,7 +19,7 @@ from ccpcsa import storage, weights
 from ccpcsa.attention import insert_bam
 from ccpcsa.checkpoint import CheckpointInfo, load_checkpoint, read_payload, save_checkpoint
 from ccpcsa.flops import count_flops, count_params
-from ccpcsa.importance import IMPORTANCES
+from ccpcsa.importance import DEFAULT_IMPORTANCE, IMPORTANCES
 from ccpcsa.layout import output_channels
 from ccpcsa.models import build_model, get_spec
 from ccpcsa.prune import (
@@ -78,7 +78,7 @@ class LoopConfig:
     max_rounds: int = 10
     finetune_epochs: int = 1
     finetune_lr: float = 0.01
-    importance: str = "ccpcsa"
+    importance: str = DEFAULT_IMPORTANCE
     calibration_batches: int = 4
     # how many channels each layer gives per round (prune.select_channels); the score only
     # ranks channels within a layer under "uniform"

@@ -11,7 +11,7 @@ import yaml
 from ccpcsa import validation
 from ccpcsa.data import DATASETS, NEEDS_ROOT
 from ccpcsa.data.common import MIN_IMAGE_SIZE
-from ccpcsa.importance import IMPORTANCES
+from ccpcsa.importance import DEFAULT_IMPORTANCE, IMPORTANCES
 from ccpcsa.loop import REFERENCES
 from ccpcsa.models import ModelError, check_model_name
 from ccpcsa.prune import ALLOCATIONS
@@ -76,7 +76,7 @@ class SearchConfig:
     max_rounds: int = 6
     epochs: int = 1
     finetune_lr: float = 0.01
-    importance: str = "ccpcsa"
+    importance: str = DEFAULT_IMPORTANCE
     allocation: str = "uniform"
     calibration_batches: int = 4
     bn_batches: int = 16

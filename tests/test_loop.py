@@ -11,6 +11,7 @@ from ccpcsa import load_checkpoint
 from ccpcsa.__main__ import main
 from ccpcsa.data import DataConfig, build_datasets, dataset_info
 from ccpcsa.flops import count_flops, count_params
+from ccpcsa.importance import DEFAULT_IMPORTANCE
 from ccpcsa.loop import LoopConfig, PrepareConfig, default_round_to, prepare, prune_loop
 from ccpcsa.prune import PruneLimits
 from ccpcsa.train import LocalRunner, TrainConfig, evaluate
@@ -90,7 +91,7 @@ def run_loop(prepared, digits, reference, **overrides):
 
 def test_loop_runs_max_rounds_when_within_tolerance(prepared, digits):
     cfg = prepared[0]
-    result, runner = run_loop(prepared, digits, reference=0.0)
+    result, runner = run_loop(prepared, digits, reference=0.0, importance="ccpcsa")
     assert result.stop_reason == "max_rounds" and result.final_round == 2
     assert [r.round for r in result.records] == [0, 1, 2]
     flops = [r.flops for r in result.records]
@@ -107,6 +108,14 @@ def test_loop_runs_max_rounds_when_within_tolerance(prepared, digits):
     assert result.records[-1].params == count_params(result.model)
     assert evaluate(result.model, digits[2], runner.cfg) == pytest.approx(
         result.records[-1].accuracy)
+
+
+def test_default_criterion_is_data_free_and_reads_no_calibration_batches(prepared, digits):
+    # l1 (the benchmark's pick) scores weights: a round draws batches only to re-estimate BN
+    assert LoopConfig().importance == DEFAULT_IMPORTANCE == "l1"
+    result, runner = run_loop(prepared, digits, reference=0.0, max_rounds=1)
+    assert runner.calls == ["recalibrate 16", "calibration 16", "evaluate", "fit", "evaluate"]
+    assert result.records[1].removed == 6
 
 
 def test_loop_returns_last_model_within_tolerance(prepared, digits):
@@ -130,7 +139,7 @@ def test_bn_recalibration_gives_back_what_stale_statistics_cost(prepared, digits
     """A heavy cut (every layer loses 60 %): right after surgery the BN statistics are stale;
     re-estimating them on a few training batches must recover accuracy, not lose it."""
     cfg, _cache, result = prepared
-    kwargs = dict(groups_per_round=200, max_rounds=1, finetune_epochs=0)
+    kwargs = dict(groups_per_round=200, max_rounds=1, finetune_epochs=0, importance="ccpcsa")
     stale, _ = run_loop(prepared, digits, reference=0.0, bn_batches=0, **kwargs)
     fresh, _ = run_loop(prepared, digits, reference=0.0, bn_batches=16, **kwargs)
     assert stale.records[1].widths == fresh.records[1].widths  # the same channels went
@@ -143,8 +152,7 @@ def test_screening_loop_reports_adaptive_bn_accuracy_and_never_fine_tunes(prepar
     widths are the full loop's (uniform allocation does not depend on the scores), so the
     screened round and the fine-tuned round of one schedule are at the same FLOPs."""
     screened, runner = run_loop(prepared, digits, reference=100.0, screen=True, max_rounds=3)
-    assert runner.calls == ["calibration 4", "recalibrate 16", "calibration 16",
-                            "evaluate"] * 3
+    assert runner.calls == ["recalibrate 16", "calibration 16", "evaluate"] * 3  # l1: no data
     assert screened.stop_reason == "max_rounds" and screened.final_round == 3
     assert [r.round for r in screened.records] == [0, 1, 2, 3]
     for record in screened.records[1:]:
