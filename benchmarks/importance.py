@@ -229,6 +229,8 @@ def command_line(args: argparse.Namespace) -> str:
               "--calibration-batches", str(args.calibration_batches),
               "--bn-batches", str(args.bn_batches), "--overshoot", f"{args.overshoot:g}",
               "--out", args.out]
+    if args.json:
+        parts += ["--json", args.json]
     return shlex.join(parts)
 
 
@@ -749,10 +751,11 @@ def _summary(results, args, cells, pruned: Table, after: Table, test_images: int
             best = ranked[0]
             text = (f"- **{model_name}, −{t:g} %** {when}: best {_label(best)} "
                     f"{table.mean(model_name, best, t):.2f} %")
-            for role, cell in (("the default", DEFAULT_CELL), ("the paper's", PAPER_CELL)):
-                if cell == best:
-                    text += f" ({role})"
-                elif cell in ranked and (role == "the default" or cell != DEFAULT_CELL):
+            roles = {PAPER_CELL: "the paper's", DEFAULT_CELL: "the default"}
+            if best in roles:
+                text += f" ({roles[best]})"
+            for cell, role in reversed(roles.items()):
+                if cell != best and cell in ranked:
                     diff = paired(table.values(model_name, cell, t),
                                   table.values(model_name, best, t))
                     verdict = "within noise of" if within_noise(diff, floor) else "below"
