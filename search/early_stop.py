@@ -23,6 +23,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
+from ray.tune.result import DEFAULT_METRIC
 from ray.tune.schedulers import AsyncHyperBandScheduler, MedianStoppingRule, TrialScheduler
 
 from ccpcsa import storage
@@ -53,6 +54,14 @@ class FrontierGap:
 class _StopsOnFrontierGap:
     """Mixin for a Tune scheduler: adds GAP to every result before the scheduler sees it,
     never stops a trial on its final report, and records the trials it stops."""
+
+    @property
+    def metric(self) -> str:
+        # Tune checks that every result carries the scheduler's metric *before* handing it to
+        # the scheduler, but the gap is computed here, in on_trial_result, from the other
+        # trials' points. Answering Tune's default metric skips that check; self._metric
+        # (GAP) still drives ASHA / the median rule.
+        return DEFAULT_METRIC
 
     def _setup_gap(self, experiment_dir: str, points: Iterable[tuple[str, float, int]]) -> None:
         self._experiment_dir = experiment_dir

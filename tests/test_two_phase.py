@@ -120,3 +120,37 @@ def test_two_phase_settings_are_checked(values, words):
                              "early_stop": "asha"}).finalist_count == 4
     assert config_from_dict({"screen": 4}).finalist_count == 4  # the default 8, capped at N
     assert config_from_dict({"screen": 64}).finalist_count == 8
+
+
+@pytest.mark.parametrize("kind", ["asha", "median"])
+def test_early_stopping_runs_inside_tune_and_stops_the_trial_behind(tmp_path, kind):
+    """Through Tune's own controller (which checks every result for the scheduler's metric
+    before the scheduler sees it): trials report accuracy and FLOPs only, never the gap."""
+    import ray
+    from ray import tune
+
+    def trainable(config):
+        for rnd in range(1, 4):
+            tune.report({"round": rnd, "accuracy": config["accuracy"] - rnd, "flops": 100,
+                         "is_final": False})
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        experiment = tmp_path / "exp"
+        experiment.mkdir()
+        scheduler = make_scheduler(kind, str(experiment), max_rounds=3)
+        accuracies = [95.0, 94.9, 94.8, 94.7, 40.0]
+        grid = tune.Tuner(
+            trainable,
+            param_space={"accuracy": tune.grid_search(accuracies)},
+            tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=1),
+            run_config=tune.RunConfig(storage_path=str(tmp_path), name="run", verbose=0),
+        ).fit()
+    finally:
+        ray.shutdown()
+    assert not grid.errors
+    rounds = {r.config["accuracy"]: r.metrics["round"] for r in grid}
+    assert rounds[95.0] == 3  # the first trial is the frontier: it runs every round
+    assert rounds[40.0] < 3  # 55 points below the others at the same FLOPs: stopped
+    stopped = read_early_stopped(str(experiment))
+    assert len(stopped) >= 1 and all(v[GAP] < 0 for v in stopped.values())
