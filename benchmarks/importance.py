@@ -65,7 +65,7 @@ DEFAULT_CELL = (DEFAULT_IMPORTANCE, "uniform")  # the library's default configur
 PAPER_CELL = ("ccpcsa", "uniform")  # the paper's criterion, under the default allocation
 CORRELATION_VARIANTS = ("ccpcsa", "maxcorr", "dedup")  # strength x a redundancy term
 CACHE_FILE = "cells.json"
-# The default grid is reduced to about 3 h on 2 idle cores (docs/benchmarks.md): global
+# The default grid is reduced to about 1.5 h on 2 idle cores (docs/benchmarks.md): global
 # allocation for the criteria that answer the allocation question, LAMP (whose normaliser
 # only matters globally) and random.
 REDUCED_GLOBAL = ("ccpcsa", "strength", "l1", "lamp", "random")
