@@ -751,10 +751,11 @@ def _summary(results, args, cells, pruned: Table, after: Table, test_images: int
             best = ranked[0]
             text = (f"- **{model_name}, −{t:g} %** {when}: best {_label(best)} "
                     f"{table.mean(model_name, best, t):.2f} %")
-            roles = {PAPER_CELL: "the paper's", DEFAULT_CELL: "the default"}
+            roles = {DEFAULT_CELL: "the default"}
+            roles.setdefault(PAPER_CELL, "the paper's")  # one label when they are one cell
             if best in roles:
                 text += f" ({roles[best]})"
-            for cell, role in reversed(roles.items()):
+            for cell, role in roles.items():
                 if cell != best and cell in ranked:
                     diff = paired(table.values(model_name, cell, t),
                                   table.values(model_name, best, t))

@@ -35,10 +35,10 @@ Default: `l1` (DEFAULT_IMPORTANCE, with uniform allocation), decided by the Fash
 benchmark (benchmarks/importance.py, docs/benchmarks.md; resnet20 and resnet56, 3 seeds, 1
 fine-tune epoch): best or within noise of the best after fine-tuning in 3 of 4 settings
 (resnet56 -70 %: taylor with global allocation is 1.31 points ahead), ahead of random on
-every seed, near the top right after pruning, and it needs no calibration data.
-The paper's `ccpcsa` is within noise at -50 % but 3.35 points below the
-best (lamp) at -70 % on resnet20, behind on all 3 seeds; its redundancy term adds +0.6 points
-over strength alone after fine-tuning on average, beyond noise in 1 of 4 settings (README.md).
+every seed, near the top right after pruning, and it needs no calibration data. The paper's
+`ccpcsa` is within noise at -50 % but 3.35 points below the best (lamp) at -70 % on resnet20,
+behind on all 3 seeds; its redundancy term adds +0.6 points over strength alone after
+fine-tuning on average, beyond noise in 1 of 4 settings (README.md).
 """
 
 from __future__ import annotations
