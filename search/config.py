@@ -68,6 +68,7 @@ class SearchConfig:
     storage: str = "runs/search"
     name: str = "ccpcsa-search"
     resume: bool = False
+    retry_failed: bool = False  # with resume: failed trials run again from their checkpoint
     # stage 0 (Algorithm 1 steps 1-2), once per search
     baseline_epochs: int | None = None  # None: 10, or 0 with weights (evaluated only)
     attention_epochs: int = 5
@@ -144,8 +145,11 @@ class SearchConfig:
         for name in ("lr", "finetune_lr", "cpus_per_worker"):
             check.number(name, getattr(self, name), above=0)
         check.gpus("gpus_per_worker", self.gpus_per_worker)
-        for name in ("per_layer", "residual_cap", "search_finetune", "resume"):
+        for name in ("per_layer", "residual_cap", "search_finetune", "resume", "retry_failed"):
             check.flag(name, getattr(self, name))
+        if self.retry_failed and not self.resume:
+            raise ConfigError("retry_failed needs resume: it runs the failed trials of an "
+                              "earlier search again (--resume --retry-failed)")
         if self.loader_workers is not None:
             check.whole("loader_workers", self.loader_workers, 0)
         if self.round_to is not None:

@@ -177,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the interrupted search <storage>/<name>: finished trials are "
                         "kept, unfinished ones continue; the saved configuration is used (and "
                         "checked like flags)")
+    g.add_argument("--retry-failed", action="store_true", default=None,
+                   help="with --resume: run the failed trials again from their last checkpoint "
+                        "(e.g. after a full disk), instead of keeping them as failed; not "
+                        "possible when Tune's saved state is unusable (they stay failed then)")
     g.add_argument("--latency-batch", type=int,
                    help=f"measure each frontier point's inference latency at batch 1 and this "
                         f"batch, at the end, in one Ray task with one training worker's CPUs/GPUs "
@@ -251,7 +255,8 @@ def check_run_folder(cfg: SearchConfig) -> SearchConfig:
         if not storage.exists(saved):
             raise ConfigError(f"nothing to resume at {run_dir!r}: no search there")
         stored = read_saved_config(saved)
-        stored.update(resume=True, storage=cfg.storage, name=cfg.name)
+        stored.update(resume=True, retry_failed=cfg.retry_failed, storage=cfg.storage,
+                      name=cfg.name)
         return config_from_dict(stored, source=saved)
     if storage.exists(saved):
         raise ConfigError(f"{run_dir!r} already holds a search; pass --resume to continue it "
@@ -353,10 +358,11 @@ def make_tuner(cfg: SearchConfig, trainable, space: dict[str, Any], plan,
 
     phase = phase or phases_of(cfg)[0]
     if plan.restore:
-        # finished and failed trials are kept as they are; interrupted ones continue from
-        # their last checkpoint; the searcher suggests the trials not started yet
+        # finished trials are kept as they are, failed ones too unless --retry-failed;
+        # interrupted ones continue from their last checkpoint; the searcher suggests the
+        # trials not started yet
         return tune.Tuner.restore(phase.folder, trainable, resume_unfinished=True,
-                                  resume_errored=False)
+                                  resume_errored=cfg.retry_failed)
     param_space: dict[str, Any] = {}
     if configs is not None:  # phase 2: exactly these schedules
         from ray.tune.search import BasicVariantGenerator
@@ -560,6 +566,14 @@ def run_phase(ctx: PhaseContext, phase: Phase, finalists=None) -> PhaseOutcome:
     trials = scan_trials(phase.folder, phase.name)
     plan = (plan_resume(phase.folder, phase.num_samples, trials) if cfg.resume
             else Plan(False, phase.num_samples))
+    failed = sum(t.status == "failed" for t in trials)
+    if cfg.retry_failed and failed:
+        if plan.restore:
+            log.info("%s: running %d failed trial(s) again from their last checkpoint",
+                     phase.name, failed)
+        else:
+            log.warning("%s: %d failed trial(s) stay failed: Tune's state, which --retry-failed "
+                        "restarts them from, was not usable", phase.name, failed)
     configs = None
     if finalists is not None:  # each finalist once, also after a lost Tune state
         started = {t.params.get(SCREENED_TRIAL) for t in trials if t.status != "not started"}

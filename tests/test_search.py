@@ -2,7 +2,8 @@
 
 - A bad configuration is one clear line on stderr, exit code 2, before any Ray starts.
 - A trial that raises (CCPCSA_FAIL_TRIALS) is reported as failed; the search completes and the
-  other trials' points are on the frontier.
+  other trials' points are on the frontier. `--resume --retry-failed` then runs that trial
+  again (and it finishes), without running the finished ones again.
 - A search killed (SIGKILL) after a trial finished resumes with --resume: the finished trial is
   kept with its results and is not run again.
 - Ctrl-C (SIGINT) exits 130 with a per-status summary; with Tune's experiment state then
@@ -52,6 +53,8 @@ from ccpcsa.checkpoint import load_checkpoint
 from ccpcsa.data import DataConfig, build_datasets
 from ccpcsa.flops import count_flops, count_params
 from ccpcsa.train import TrainConfig, evaluate
+from search.config import ConfigError
+from search.run import config_from_argv
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent  # the interpreter running the tests: .venv/bin
@@ -332,6 +335,27 @@ def test_failing_trial_is_reported_and_others_reach_the_frontier(tmp_path):
         assert _frontier_rounds(frame, trial_id) == reported, trial_id
     assert sum(len(_round_reports(t["dir"])) for t in finished.values()) > 0
     assert set(frame.loc[frame["trial_id"] != "stage0", "status"]) == {"finished"}
+
+    # the cause fixed (no injected failure now): the failed trial runs again, nothing else
+    results = {t: (v["dir"] / "result.json").read_bytes() for t, v in finished.items()}
+    with _ray_processes("retry") as (marker, ray_tmp):
+        retried = _search(["--storage", str(storage), "--name", "fail", "--resume",
+                           "--retry-failed"], _env(marker, ray_tmp), tmp_path / "retry.log")
+    out = retried.stdout
+    assert retried.returncode == 0, _tail(out)
+    assert "running 1 failed trial(s) again" in out, _tail(out)
+    assert "3 trials finished, 0 failed" in out, _tail(out)
+    trials = _experiment_state(run_dir)
+    assert {t: v["status"] for t, v in trials.items()} == dict.fromkeys(trials, "TERMINATED")
+    for trial_id, before in results.items():
+        assert (trials[trial_id]["dir"] / "result.json").read_bytes() == before, trial_id
+    frame = pd.read_parquet(run_dir / "frontier.parquet")
+    assert _frontier_rounds(frame, failed_id) == _round_reports(trials[failed_id]["dir"])
+
+
+def test_retry_failed_needs_resume():
+    with pytest.raises(ConfigError, match="retry_failed needs resume"):
+        config_from_argv(["--retry-failed"])
 
 
 # --------------------------------------------------------------------------- 2. resume
