@@ -154,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the grid (stage-0 runs, cells, fine-tunes) and exit")
+    p.add_argument("--heading", default=None,
+                   help="title of the section written into --out (default: the dataset's, "
+                        "e.g. 'Importance criteria at equal FLOPs on Fashion-MNIST'); another "
+                        "title writes a section of its own beside it")
     p.add_argument("--render-only", action="store_true",
                    help="write the report from the cells already in --cache-dir and run "
                         "nothing; cells of the grid that are not there are listed as not run "
@@ -231,6 +235,8 @@ def command_line(args: argparse.Namespace) -> str:
               "--out", args.out]
     if args.json:
         parts += ["--json", args.json]
+    if args.heading:
+        parts += ["--heading", args.heading]
     return shlex.join(parts)
 
 
@@ -537,12 +543,16 @@ def within_noise(diff: tuple[float, int, int, float], floor: float) -> bool:
     return abs(diff[0]) <= max(2 * diff[3], floor)
 
 
+def heading_of(args: argparse.Namespace) -> str:
+    return f"## {args.heading}" if args.heading else SECTIONS[args.dataset]
+
+
 def _label(cell: tuple[str, str]) -> str:
     return f"{cell[0]} · {cell[1]}"
 
 
 def render(results: dict, args: argparse.Namespace, host: dict) -> str:
-    section = SECTIONS[args.dataset]
+    section = heading_of(args)
     test_images = results.get("test_images", 0)
     cells = cells_of(args)
     pruned, after = Table(results, "acc_pruned"), Table(results, "acc_after")
@@ -771,7 +781,46 @@ def _summary(results, args, cells, pruned: Table, after: Table, test_images: int
                          f"{diff[1]}/{diff[2]} seeds")
             lines.append(text + ".")
     lines += ["", *_correlation_verdict(cells, args, pruned, after, floor), ""]
-    return lines
+    return lines + _target_table(args, cells, table, targets, floor, when)
+
+
+def _target_table(args, cells, table: Table, targets, floor: float, when: str) -> list[str]:
+    """Which cells meet the default's target (best or within noise of the best in every
+    model x target setting); only cells measured on every seed of every setting take part,
+    so that the best is found among equals."""
+    settings = [(m, t) for m in args.models for t in targets]
+    full = [c for c in cells if all(len(table.values(m, c, t)) == len(args.seeds)
+                                    for m, t in settings)]
+    if len(full) < 2 or len(settings) < 2:
+        return []
+    best = {s: max(full, key=lambda c, s=s: table.mean(s[0], c, s[1])) for s in settings}
+    rows = []
+    for cell in full:
+        marks, gaps, met = [], [], 0
+        for s in settings:
+            if cell == best[s]:
+                marks.append("**best**")
+                gaps.append(0.0)
+                met += 1
+                continue
+            diff = paired(table.values(s[0], cell, s[1]), table.values(s[0], best[s], s[1]))
+            noise = within_noise(diff, floor)
+            met += noise
+            gaps.append(diff[0])
+            marks.append(f"{diff[0]:+.2f} ({diff[1]}/{diff[2]}){' noise' if noise else ''}")
+        rows.append((-met, -min(gaps), cell, marks, met))
+    lines = ["### Which cells are best or within noise of the best everywhere", "",
+             f"{when[0].upper()}{when[1:]}, among the {len(full)} cells measured on all "
+             f"{len(args.seeds)} seeds: each cell minus the best cell of the setting, paired "
+             "per seed (seeds where it is ahead / seeds); sorted by settings met, then by the "
+             "worst gap.", "",
+             "| cell | " + " | ".join(f"{m} −{t:g} %" for m, t in settings)
+             + " | best or within noise | worst gap |",
+             "|---" * (len(settings) + 3) + "|"]
+    for _, worst, cell, marks, met in sorted(rows, key=lambda r: r[:2]):
+        lines.append(f"| {_label(cell)} | " + " | ".join(marks)
+                     + f" | {met} of {len(settings)} | {-worst:+.2f} |")
+    return [*lines, ""]
 
 
 def _correlation_verdict(cells, args, pruned: Table, after: Table, floor: float) -> list[str]:
@@ -833,8 +882,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out == "-":
         print(text)
     else:
-        write_section(args.out, SECTIONS[args.dataset], text)
-        _say(f"wrote the '{SECTIONS[args.dataset]}' section of {args.out}")
+        write_section(args.out, heading_of(args), text)
+        _say(f"wrote the '{heading_of(args)}' section of {args.out}")
     return 0
 
 

@@ -32,13 +32,14 @@ Every result is normalised per group by its mean (LAMP keeps its own normaliser,
 which only matters to the global allocation policies (prune.select_channels).
 
 Default: `l1` (DEFAULT_IMPORTANCE, with uniform allocation), decided by the Fashion-MNIST
-benchmark (benchmarks/importance.py, docs/benchmarks.md; resnet20 and resnet56, 3 seeds, 1
-fine-tune epoch): best or within noise of the best after fine-tuning in 3 of 4 settings
-(resnet56 -70 %: taylor with global allocation is 1.31 points ahead), ahead of random on
-every seed, near the top right after pruning, and it needs no calibration data. The paper's
-`ccpcsa` is within noise at -50 % but 3.35 points below the best (lamp) at -70 % on resnet20,
-behind on all 3 seeds; its redundancy term adds +0.6 points over strength alone after
-fine-tuning on average, beyond noise in 1 of 4 settings (README.md).
+benchmark (benchmarks/importance.py, docs/benchmarks.md; resnet20 and resnet56, 1 fine-tune
+epoch; every cell on 3 seeds, the 8 deciding cells on 6): on six seeds it is best or within
+noise of the best after fine-tuning in all 4 settings (-50/-70 % on both models), ahead of
+random on every seed, near the top right after pruning, and it needs no calibration data.
+lamp and fpgm under uniform allocation do as well. The paper's `ccpcsa` is within noise in 3
+settings but 2.94 points below the best (lamp) at -70 % on resnet20, behind on all 6 seeds;
+its redundancy term adds +0.6 points over strength alone after fine-tuning on average,
+beyond noise in 1 of 4 settings (README.md).
 """
 
 from __future__ import annotations
