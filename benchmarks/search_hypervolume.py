@@ -237,7 +237,14 @@ def render_setting(setting: str, cache: dict, args: argparse.Namespace) -> list[
     # the target: each seed's best full search, and the compute it took
     target = [max((res[a][i] for a in full), key=lambda r: r["hv"], default=None)
               for i in seeds]
-    equal = [min(res[a][i]["compute_s"] for a in arms) for i in seeds]  # every arm got here
+    # every arm got here; early-stopped arms end early by design and are compared apart
+    plain = [a for a in arms if a.count(":") == 1] or arms
+    equal = [min(res[a][i]["compute_s"] for a in plain) for i in seeds]
+    def at_equal(arm: str) -> str:
+        if arm not in plain:
+            return "not comparable: early stopping, see below"
+        return _ms([hv_at(res[arm][i], equal[i]) for i in seeds])
+
     rows = []
     for arm in arms:
         reach = []
@@ -251,7 +258,7 @@ def render_setting(setting: str, cache: dict, args: argparse.Namespace) -> list[
             f"| {arm} | {_ms([r['hv'] for r in res[arm]])} | "
             f"{' / '.join(format(r['hv'], '.3f') for r in res[arm])} | "
             f"{_ms([r['compute_s'] for r in res[arm]], 0)} | "
-            f"{_ms([hv_at(res[arm][i], equal[i]) for i in seeds])} | "
+            f"{at_equal(arm)} | "
             f"{' / '.join(reach) or '-'} | "
             f"{_ms([r['best_flops_reduction_1pt'] for r in res[arm]], 1)} | "
             f"{_ms([r['wall_s'] for r in res[arm]], 0)} |")
