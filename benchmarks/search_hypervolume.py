@@ -240,6 +240,7 @@ def render_setting(setting: str, cache: dict, args: argparse.Namespace) -> list[
     # every arm got here; early-stopped arms end early by design and are compared apart
     plain = [a for a in arms if a.count(":") == 1] or arms
     equal = [min(res[a][i]["compute_s"] for a in plain) for i in seeds]
+
     def at_equal(arm: str) -> str:
         if arm not in plain:
             return "not comparable: early stopping, see below"
