@@ -87,9 +87,9 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
 def test_second_prune_into_one_out_is_refused_and_ctrl_c_ends_the_first(tmp_path):
     out = tmp_path / "out"
     first = subprocess.Popen(
-        [sys.executable, "-m", "ccpcsa", "prune", *TINY, "--baseline-epochs", "500",
+        [sys.executable, "-m", "ccpcsa", "prune", *TINY, "--baseline-epochs", "100000",
          "--out", str(out)], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
+        stderr=subprocess.PIPE, text=True)  # epochs: still in step 1 when Ctrl-C comes
     try:
         _wait_for(out / LOCK_FILE, first)
         second = subprocess.run([sys.executable, "-m", "ccpcsa", "prune", *TINY,
