@@ -1,8 +1,16 @@
 import os
+import signal
 
 # Ray started by the tests (ray.init, `ray start`) binds its node to 127.0.0.1: with this
 # (Ray's own switch for single-machine use) it does not resolve 127.0.0.1 to the host's address.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+# A shell starts background jobs with SIGINT ignored, and a child started with SIGINT ignored
+# never gets Python's KeyboardInterrupt: the tests that press Ctrl-C on a run (send SIGINT)
+# would then wait for it in vain. Handlers reset to the default across exec, so this gives the
+# runs these tests start the SIGINT a user's terminal gives them.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
