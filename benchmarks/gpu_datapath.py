@@ -10,9 +10,16 @@ Measured, in order (each step is skipped, with the reason, when the time budget 
             one GPU-resident batch, and ccpcsa.train.run_epoch on the same batches
   pipeline  the input path alone: ParquetBatches (distributed.ingest) streaming uint8 batches to the
             GPU and normalising them there, no model: the most the data path can deliver
+  inproc    the same stream feeding ccpcsa.train.run_epoch in the driver process, without Ray
+            Train: whether a gap comes from one process holding both the input stream and
+            the training loop, or from the Ray Train worker around them; once per
+            --inproc-host-memory value (Ray Data pinning each batch, or pageable memory)
   full      RayRunner with 1 GPU worker (--cpus-per-worker for the trainer, the other CPUs
             decode): img/s of the last training epoch (the first pays cuDNN autotuning and
-            Ray's worker start-up), wall time of the whole fit (start, epochs, evaluation)
+            Ray's worker start-up), its seconds waiting for input, wall time of the whole fit
+            (start, epochs, evaluation); once per --cpus-per-worker value
+            (`input_wait_s`: seconds the loop waited for the next batch, mostly each epoch's
+            stream start-up; `fed_img_s`: img/s over the rest, the step's speed while fed)
   verdict   full / plain, against the 0.8 target
   scoring   the channel-scoring pass (compute_scores, ccpcsa criterion: forward passes plus
             the correlation statistics of every channel group) on --score-batches calibration
@@ -184,7 +191,41 @@ def pipeline_only(b: Bench, root: str, device: torch.device) -> None:
                ray_cpus=a.ray_cpus)
 
 
-def full_path(b: Bench, root: str, device: torch.device):
+def in_process(b: Bench, root: str, device: torch.device, pin_memory: bool) -> None:
+    """The full path's training loop without Ray Train: the same ParquetBatches stream feeding
+    ccpcsa.train.run_epoch in this (driver) process. Beside `pipeline` (no model) and `full`
+    (a Ray Train worker) it tells whether a gap comes from sharing one process between the
+    input stream and the training loop, or from the Ray Train worker around them."""
+    from ccpcsa.data import shard_index
+    from ccpcsa.distributed.ingest import IngestConfig, ParquetBatches
+    from ccpcsa.models import build_model
+    from ccpcsa.train import InputWait, TrainConfig, make_optimizer, run_epoch, to_device
+
+    a = b.args
+    cfg = TrainConfig(batch_size=a.batch)
+    source = ParquetBatches(shard_index(root, "train"), None,
+                            IngestConfig(a.size, a.batch, pin_memory=pin_memory), device)
+    model = to_device(build_model(a.model, a.classes, with_bam=True), device, cfg)
+    opt, sched = make_optimizer(model, cfg, 0.01, 10**6)
+    host = "pinned" if pin_memory else "pageable"
+    for epoch in range(a.inproc_epochs):
+        if not b.enough(f"inproc epoch {epoch}", a.images / 500 + 5):
+            return
+        start = time.perf_counter()
+        batches = InputWait((source.normalize(x), y) for x, y in source.epoch(epoch, 0, 1))
+        _loss, seen = run_epoch(model, batches, opt, sched, device, cfg)
+        sync()
+        seconds = time.perf_counter() - start
+        b.emit("inproc", what=f"run_epoch on the Parquet stream in the driver, {host} host "
+               f"memory, epoch {epoch}", img_s=round(seen / seconds, 1), images=seen,
+               seconds=round(seconds, 1), input_wait_s=round(batches.seconds, 1),
+               fed_img_s=round(seen / max(seconds - batches.seconds, 1e-9), 1))
+    del model, opt
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def full_path(b: Bench, root: str, device: torch.device, cpus_per_worker: float):
     from ccpcsa.data import DataConfig
     from ccpcsa.distributed import RayRunner
     from ccpcsa.models import build_model
@@ -195,7 +236,7 @@ def full_path(b: Bench, root: str, device: torch.device):
     start = time.perf_counter()
     runner = RayRunner(DataConfig("parquet", root, a.size), TrainConfig(batch_size=a.batch),
                        1, str(Path(a.work) / "ray"), gpus_per_worker=1.0 if gpu else 0.0,
-                       cpus_per_worker=a.cpus_per_worker)
+                       cpus_per_worker=cpus_per_worker)
     b.emit("full", what="RayRunner ready (cluster check, shard index)",
            seconds=round(time.perf_counter() - start, 1))
     model = build_model(a.model, a.classes, with_bam=True)
@@ -204,8 +245,12 @@ def full_path(b: Bench, root: str, device: torch.device):
     wall = time.perf_counter() - start
     m = runner.last_metrics
     img_s = m["last_samples"] / m["last_seconds"]
-    b.emit("full", what=f"last of {a.epochs} epochs, 1 Ray Train worker", img_s=round(img_s, 1),
+    b.emit("full", what=f"last of {a.epochs} epochs, 1 Ray Train worker, "
+           f"{cpus_per_worker:g} CPU", img_s=round(img_s, 1),
            samples=m["last_samples"], epoch_s=round(m["last_seconds"], 1),
+           input_wait_s=round(m["last_input_wait_s"], 1),
+           fed_img_s=round(m["last_samples"] / max(m["last_seconds"] - m["last_input_wait_s"],
+                                                   1e-9), 1),
            fit_wall_s=round(wall, 1), evaluated=m.get("evaluated"))
     return img_s, runner, model
 
@@ -259,7 +304,7 @@ def rounds(b: Bench, root: str, device: torch.device, runner, model) -> None:
         runner = RayRunner(DataConfig("parquet", root, a.size), TrainConfig(batch_size=a.batch),
                            1, str(Path(a.work) / "ray"),
                            gpus_per_worker=1.0 if device.type == "cuda" else 0.0,
-                           cpus_per_worker=a.cpus_per_worker)
+                           cpus_per_worker=a.cpus_per_worker[0])
         model = build_model(a.model, a.classes, with_bam=True)
     cfg = LoopConfig(groups_per_round=a.round_m, tolerance=100.0, max_rounds=a.rounds,
                      finetune_epochs=a.round_epochs, calibration_batches=a.score_batches,
@@ -339,9 +384,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--round-epochs", type=int, default=0,
                    help="fine-tune epochs per round (default: 0: the fixed cost without the "
                         "epoch, whose speed the full step measures)")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0,
-                   help="CPUs the Ray Train worker reserves; the rest decode (default: 1)")
-    p.add_argument("--skip", nargs="+", default=[], choices=("pipeline", "scoring", "rounds"),
+    p.add_argument("--inproc-epochs", type=int, default=2,
+                   help="epochs of the in-process step: the training loop on the Parquet "
+                        "stream in the driver, without Ray Train (default: 2)")
+    p.add_argument("--inproc-host-memory", nargs="+", default=["pinned"],
+                   choices=("pinned", "pageable"),
+                   help="host memory the in-process step's batches come from before the copy "
+                        "to the GPU; several values run the step once each (default: pinned, "
+                        "as the full path)")
+    p.add_argument("--cpus-per-worker", type=float, nargs="+", default=[1.0],
+                   help="CPUs the Ray Train worker reserves, the rest decode; several values "
+                        "run the full step once each, the verdict takes the best (default: 1)")
+    p.add_argument("--skip", nargs="+", default=[],
+                   choices=("pipeline", "inproc", "scoring", "rounds"),
                    help="steps not to run (default: none)")
     p.add_argument("--smoke-cpu", action="store_true",
                    help="no GPU: every step on the CPU at toy sizes (checks the code paths)")
@@ -361,8 +416,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke_cpu and not cuda:
         args.size, args.batch, args.classes, args.model = 16, 8, 4, "resnet18"
         args.images, args.val_images, args.pool = 32, 8, 8
-        args.steps, args.warmup_steps, args.epochs, args.cpus_per_worker = 2, 1, 1, 0.5
+        args.steps, args.warmup_steps, args.epochs = 2, 1, 1
+        args.cpus_per_worker = [0.5] * len(args.cpus_per_worker)  # each value: one full step
         args.pipeline_epochs, args.score_batches, args.score_cpu_images = 1, 2, 8
+        args.inproc_epochs = 1
         args.rounds, args.round_m = 2, 16
         torch.set_num_threads(1)  # as a 1-CPU worker; 2 threads on a busy 2-core box thrash
     b = Bench(args)
@@ -400,8 +457,16 @@ def main(argv: list[str] | None = None) -> int:
         args.ray_cpus = ray.cluster_resources().get("CPU", 0)
         if "pipeline" not in args.skip and b.enough("pipeline", 20):
             pipeline_only(b, root, device)
-        if b.enough("full", 40 + args.epochs * args.images / 400):
-            full, runner, model = full_path(b, root, device)
+        for pin in args.inproc_host_memory:
+            if "inproc" not in args.skip and b.enough("inproc", 20):
+                in_process(b, root, device, pin == "pinned")
+        for cpus in args.cpus_per_worker:
+            if not b.enough("full", 40 + args.epochs * args.images / 400):
+                break
+            if runner is not None:
+                runner.close()  # its worker holds the GPU
+            img_s, runner, model = full_path(b, root, device, cpus)
+            full = max(full or 0.0, img_s)
         if "scoring" not in args.skip and b.enough("scoring", 40):
             scoring(b, root, device)
         round_s = 8 + args.round_epochs * args.images / 400

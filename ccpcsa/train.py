@@ -220,10 +220,30 @@ def fit(model: nn.Module, dataset: Dataset, cfg: TrainConfig, epochs: int, lr: f
     return model
 
 
-def log_epoch(label: str, epoch: int, epochs: int, loss: float, seen: int, seconds: float
-              ) -> None:
-    log.info("%s epoch %d/%d loss %.4f (%d samples, %.1fs, %.0f img/s)", label, epoch + 1,
-             epochs, loss, seen, seconds, seen / max(seconds, 1e-9))
+class InputWait:
+    """Iterates `batches`, adding up the seconds spent waiting for the next one: the time the
+    training loop (and so the device, once its queue drains) was starved of input."""
+
+    def __init__(self, batches) -> None:
+        self._batches = iter(batches)
+        self.seconds = 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        start = time.perf_counter()
+        try:
+            return next(self._batches)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+def log_epoch(label: str, epoch: int, epochs: int, loss: float, seen: int, seconds: float,
+              input_wait: float | None = None) -> None:
+    waited = (f", {input_wait:.1f}s waiting for input" if input_wait is not None else "")
+    log.info("%s epoch %d/%d loss %.4f (%d samples, %.1fs, %.0f img/s%s)", label, epoch + 1,
+             epochs, loss, seen, seconds, seen / max(seconds, 1e-9), waited)
     if not math.isfinite(loss):
         raise FloatingPointError(f"{label}: loss became {loss} in epoch {epoch + 1}")
 

@@ -11,6 +11,7 @@ normalised on the device equal the float32 CPU path.
 from __future__ import annotations
 
 import collections
+import time
 import zlib
 from pathlib import Path
 
@@ -41,7 +42,7 @@ from ccpcsa.data import (
 )
 from ccpcsa.distributed import RayRunner, _parquet_indexes
 from ccpcsa.distributed.worker import GroupSetup, TrainSource, Worker
-from ccpcsa.train import TrainConfig, loader, loader_workers_for, train_sampler
+from ccpcsa.train import InputWait, TrainConfig, loader, loader_workers_for, train_sampler
 from search.config import ConfigError, build_config
 from search.trial import train_config
 
@@ -311,3 +312,18 @@ def test_loader_workers_default_and_flags(parquet_root, monkeypatch):
     assert train_config(build_config({}, {})).loader_workers is None
     with pytest.raises(ConfigError, match="loader_workers must be >= 0, got -1"):
         build_config({"loader_workers": -1}, {})
+
+
+def test_input_wait_counts_only_the_wait_for_the_next_batch():
+    def slow_source():
+        yield 1
+        time.sleep(0.2)  # the producer is late: the loop waits
+        yield 2
+
+    batches = InputWait(slow_source())
+    seen = []
+    for item in batches:
+        seen.append(item)
+        time.sleep(0.3)  # the loop's own work: not waiting
+    assert seen == [1, 2]
+    assert 0.2 <= batches.seconds < 0.3

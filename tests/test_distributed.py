@@ -171,6 +171,7 @@ def test_parquet_shards_stream_through_ray_data(ray_cluster, parquet_root, tmp_p
     expected = sum(zlib.crc32(f.read_bytes()) for f in files) % ((1 << 61) - 1)
     assert metrics["last_samples"] == len(files) == 24  # every sample once in the epoch
     assert metrics["last_sample_checksum"] == expected  # ... and no sample twice
+    assert 0 < metrics["last_input_wait_s"] < metrics["last_seconds"]  # the stream's start
     assert metrics["evaluated"] == 7  # the whole val split, each image on one worker
     assert fingerprint(model) != before  # the trained weights came back
     assert runner.evaluate(model) == metrics["accuracy"]

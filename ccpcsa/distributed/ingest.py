@@ -70,6 +70,10 @@ class IngestConfig:
     # a fraction of the free CPUs in benchmarks/ingest_scaling.py; with one map operator
     # there is nothing to reserve against, so it is off unless asked for.
     op_reservation: bool = False
+    # CUDA only: Ray Data pins each batch (a fresh pinned copy, in its collate thread) before
+    # the copy to the device; False copies from pageable memory instead. Which one slows the
+    # training step less is a benchmarks/gpu_datapath.py question (its `inproc` step).
+    pin_memory: bool = True
 
 
 class ParquetBatches:
@@ -138,7 +142,8 @@ class ParquetBatches:
                             batch_size=self.cfg.mix_pieces if mix else 1, batch_format="numpy",
                             num_cpus=self.cfg.decode_cpus)
         options: dict = {"batch_size": batch_size, "prefetch_batches": self.cfg.prefetch_batches,
-                         "device": self.device, "pin_memory": self.device.type == "cuda"}
+                         "device": self.device,
+                         "pin_memory": self.cfg.pin_memory and self.device.type == "cuda"}
         if shuffle_seed is not None and self.cfg.shuffle_buffer != 0:
             options["local_shuffle_buffer_size"] = max(self.cfg.shuffle_buffer, batch_size)
             options["local_shuffle_seed"] = shuffle_seed

@@ -45,6 +45,7 @@ from ccpcsa.data import DataConfig, ShardIndex, build_datasets, dataset_info
 from ccpcsa.distributed.ingest import IngestConfig, ParquetBatches
 from ccpcsa.syncbn import convert_batchnorm
 from ccpcsa.train import (
+    InputWait,
     TrainConfig,
     calibration_indices,
     count_correct,
@@ -185,7 +186,7 @@ class Worker:
         metrics: dict[str, Any] = {}
         for epoch in range(start_epoch, c.epochs):
             started = time.perf_counter()
-            batches = _maybe_kill(source.epoch(epoch), c.kill, self.rank, epoch)
+            batches = InputWait(_maybe_kill(source.epoch(epoch), c.kill, self.rank, epoch))
             loss, seen = run_epoch(wrapped, batches, opt, sched, self.device, self.cfg)
             loss, seen, checksum = all_reduce([loss * seen, seen, source.checksum()],
                                               self.device)
@@ -195,11 +196,12 @@ class Worker:
                 raise FloatingPointError(f"{c.label}: loss became {loss} in epoch {epoch + 1}")
             if self.rank == 0:
                 log_epoch(f"{c.label} ({self.world} workers)", epoch, c.epochs, loss, int(seen),
-                          seconds)
+                          seconds, batches.seconds)
                 _save_epoch(run_dir, epoch + 1, {
                     "model": model.state_dict(), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "epoch": epoch + 1})
             metrics = {"last_samples": int(seen), "last_seconds": seconds, "loss": loss,
+                       "last_input_wait_s": batches.seconds,
                        "last_sample_checksum": int(checksum) % _CHECKSUM_MOD}
         del wrapped
         sync_buffers(model, self.device)  # every worker holds what rank 0 sends back
