@@ -18,6 +18,10 @@ at each schedule's last round (n = S), the same with FLOPs alone as the predicto
 partial rank correlation of the proxy given FLOPs (what the proxy adds beyond "fewer FLOPs,
 lower accuracy"), and the correlation pooled over every round of every schedule.
 
+With --screen-eval-images N each schedule is screened a second time on a runner whose test
+split is a fixed random N of its images (what `search/run.py --screen-eval-images N` does),
+and the section also reports that proxy's correlations and cost.
+
 Resumable: each finished schedule is saved to <cache-dir>/schedules.json (stage 0 beside it),
 so the same command started again continues; a cache made with other settings is refused.
 
@@ -58,7 +62,7 @@ CACHE_FILE = "schedules.json"
 FLOPS_SLACK = 0.02  # screened vs full loop, same schedule and round (see the docstring)
 SETTINGS = ("model", "schedules", "seed", "max_rounds", "finetune_epochs", "finetune_lr",
             "bn_batches", "calibration_batches", "baseline_epochs", "attention_epochs", "lr",
-            "batch_size", "train_subset", "image_size", "data_root")
+            "batch_size", "train_subset", "image_size", "data_root", "screen_eval_images")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "60,000); digits always uses its whole split (default: %(default)s)")
     p.add_argument("--image-size", type=int, default=None,
                    help="input side (default: the dataset's, digits 16, fashion-mnist 28)")
+    p.add_argument("--screen-eval-images", type=int, default=0, metavar="N",
+                   help="also screen each schedule evaluating on a fixed random N test images "
+                        "(search --screen-eval-images); 0 = not (default: %(default)s)")
     p.add_argument("--cache-dir", default="runs/bench-bn-proxy",
                    help="finished schedules and stage-0 models (default: %(default)s)")
     p.add_argument("--out", default="docs/benchmarks.md", help="(default: %(default)s)")
@@ -106,9 +113,10 @@ def subset_for(dataset: str, args: argparse.Namespace) -> int:
     return args.train_subset if dataset != "digits" else 0
 
 
-def make_runner(dataset: str, args: argparse.Namespace) -> tuple[LocalRunner, DataConfig]:
+def make_runner(dataset: str, args: argparse.Namespace, test_subset: int = 0
+                ) -> tuple[LocalRunner, DataConfig]:
     data = DataConfig(dataset, args.data_root, args.image_size,
-                      train_subset=subset_for(dataset, args))
+                      train_subset=subset_for(dataset, args), test_subset=test_subset)
     train, test = build_datasets(data)
     calibration = build_datasets(replace(data, augment=False))[0]
     cfg = TrainConfig(batch_size=args.batch_size, lr=args.lr, seed=args.seed)
@@ -144,6 +152,10 @@ def loop_config(args: argparse.Namespace, params: dict, layout, screen: bool) ->
 
 def measure_dataset(dataset: str, args: argparse.Namespace, cache: dict) -> None:
     runner, data = make_runner(dataset, args)
+    runs = [("screened", runner, True), ("finetuned", runner, False)]
+    if args.screen_eval_images:
+        runs.append(("screened_subset", make_runner(dataset, args, args.screen_eval_images)[0],
+                     True))
     info = dataset_info(data)
     shape = (info.channels, info.image_size, info.image_size)
     prep = PrepareConfig(args.model, info.num_classes, shape, dataset, args.baseline_epochs,
@@ -160,17 +172,17 @@ def measure_dataset(dataset: str, args: argparse.Namespace, cache: dict) -> None
             continue
         rows = {}
         seconds = {}
-        for screen in (True, False):
+        for name, run_on, screen in runs:
             start = time.perf_counter()
-            result = prune_loop(prepared.load_attention_model(), args.model, shape, 0.0, runner,
+            result = prune_loop(prepared.load_attention_model(), args.model, shape, 0.0, run_on,
                                 loop_config(args, params, layout, screen),
                                 initial_accuracy=prepared.attention_accuracy,
                                 original_widths=layout.widths)
-            seconds["screened" if screen else "finetuned"] = time.perf_counter() - start
+            seconds[name] = time.perf_counter() - start
             for r in result.records[1:]:
                 row = rows.setdefault(r.round, {"round": r.round, "flops": r.flops})
                 if screen:
-                    row["screened"] = r.accuracy
+                    row[name] = r.accuracy
                 else:
                     row.update(finetuned=r.accuracy, pruned_in_full_loop=r.accuracy_pruned,
                                flops_full=r.flops)
@@ -196,7 +208,9 @@ def cache_path(args: argparse.Namespace) -> str:
 
 def section_of(args: argparse.Namespace) -> str:
     """One section per set of data sets: each can be run with its own settings and cache."""
-    return f"{SECTION} ({', '.join(args.datasets)})"
+    also = (f", also screened on {args.screen_eval_images} test images"
+            if args.screen_eval_images else "")
+    return f"{SECTION} ({', '.join(args.datasets)}{also})"
 
 
 def load(args: argparse.Namespace) -> dict:
@@ -228,7 +242,16 @@ def statistics_of(entry: dict) -> dict:
     screened = [r["screened"] for r in last]
     finetuned = [r["finetuned"] for r in last]
     flops = [r["flops"] for r in last]  # the naive predictor: more FLOPs kept, higher accuracy
+    subset = {}
+    if last and all("screened_subset" in r for r in last):
+        proxy = [r["screened_subset"] for r in last]
+        subset = {"rho_subset": spearman(proxy, finetuned),
+                  "partial_subset": partial_spearman(proxy, finetuned, flops),
+                  "rho_subset_whole": spearman(proxy, screened),
+                  "seconds_subset": sum(s["seconds"]["screened_subset"]
+                                        for s in entry["schedules"])}
     return {
+        **subset,
         "n": len(last), "pooled_n": len(pooled),
         "rho": spearman(screened, finetuned),
         "rho_flops": spearman(flops, finetuned),
@@ -261,7 +284,14 @@ def render(cache: dict, args: argparse.Namespace, wall_s: float) -> str:
             f"{'a positive' if st['partial'] > 0 else 'no'} signal (partial ρ = "
             f"{st['partial']:+.2f}). Screening a schedule cost "
             f"{st['seconds_screened'] / max(st['seconds_finetuned'], 1e-9) * 100:.0f} % of "
-            "fine-tuning it.")
+            "fine-tuning it."
+            + (f" Screened on {args.screen_eval_images} test images instead of "
+               f"{entry.get('test_images', 'all')}: ρ = {st['rho_subset']:+.2f} with the "
+               f"fine-tuned accuracy (partial ρ given FLOPs {st['partial_subset']:+.2f}), ρ = "
+               f"{st['rho_subset_whole']:+.2f} with the whole-split proxy, at "
+               f"{st['seconds_subset'] / st['n']:.0f} s per schedule "
+               f"({st['seconds_subset'] / max(st['seconds_finetuned'], 1e-9) * 100:.0f} % of "
+               "fine-tuning it)." if "rho_subset" in st else ""))
     command = "python benchmarks/bn_proxy.py " + shlex.join(sys.argv[1:])
     host = f"{os.cpu_count()}-core {platform.machine()} CPU, torch {torch.__version__}"
     return "\n".join([

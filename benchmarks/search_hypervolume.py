@@ -5,7 +5,8 @@ Arms (each a real `search/run.py` run, in this process, on a local Ray):
 - screen:<sampler>: the two-phase search (--screen N --finalists K): N schedules sampled by
   Optuna and screened with adaptive-BN evaluation only, then the K nearest the screened
   frontier fine-tuned;
-- a third part, e.g. screen:tpe:asha, adds --early-stop asha (or median).
+- a third part, e.g. screen:tpe:asha, adds --early-stop asha (or median); screen:gp:eval2000
+  adds --screen-eval-images 2000 (screened rounds evaluated on a fixed 2000 test images).
 Per model, dataset and seed, stage 0 is trained once and shared by every arm (its cache is
 keyed by its settings, which are equal).
 
@@ -67,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, metavar="KIND:SAMPLER[:STOP]",
                    help="full:<sampler> or screen:<sampler>, optionally :asha or :median "
-                        "(early stopping) (default: %(default)s)")
+                        "(early stopping) and, for screen arms, :evalN (screened rounds "
+                        "evaluated on N test images) (default: %(default)s)")
     p.add_argument("--trials", type=int, default=12, help="trials of a full search "
                    "(default: %(default)s)")
     p.add_argument("--screen", type=int, default=48,
@@ -101,8 +103,14 @@ def arm_flags(arm: str, args: argparse.Namespace) -> list[str]:
         flags += ["--screen", str(args.screen), "--finalists", str(args.finalists)]
     else:
         raise SystemExit(f"error: arm {arm!r}: kind must be full or screen")
-    if stop:
-        flags += ["--early-stop", stop[0]]
+    for extra in stop:
+        if extra.startswith("eval") and extra[4:].isdigit() and kind == "screen":
+            flags += ["--screen-eval-images", extra[4:]]
+        elif extra in ("asha", "median"):
+            flags += ["--early-stop", extra]
+        else:
+            raise SystemExit(f"error: arm {arm!r}: {extra!r} is not asha, median or (screen "
+                             "arms) evalN")
     return flags
 
 

@@ -46,6 +46,10 @@ class SearchConfig:
     # (search/finalists.py); 0 = every trial fine-tunes every round (num_samples trials)
     screen: int = 0
     finalists: int | None = None  # None: DEFAULT_FINALISTS, at most `screen`
+    # > 0: screened rounds are evaluated on a fixed random N images of the test split instead
+    # of all of it (evaluation was most of a screened round's cost); fine-tuned trials and
+    # the finalists always use the whole split
+    screen_eval_images: int = 0
     # stop fine-tuning trials that fall behind the frontier (search/early_stop.py)
     early_stop: str = "off"
     seed: int = 0
@@ -122,7 +126,8 @@ class SearchConfig:
                      "calibration_batches", "min_channels"):
             check.whole(name, getattr(self, name), 1)
         for name in ("seed", "baseline_epochs", "attention_epochs", "epochs", "max_failures",
-                     "bn_batches", "train_subset", "screen", "latency_batch"):
+                     "bn_batches", "train_subset", "screen", "latency_batch",
+                     "screen_eval_images"):
             check.whole(name, getattr(self, name), 0)
         if self.finalists is not None:
             check.whole("finalists", self.finalists, 1)
@@ -133,6 +138,12 @@ class SearchConfig:
                 raise ConfigError(f"finalists {self.finalists} must be <= screen "
                                   f"{self.screen}: the finalists are picked from the screened "
                                   "schedules")
+        if self.screen_eval_images and not self.screen:
+            raise ConfigError(f"screen_eval_images {self.screen_eval_images} needs screen N: "
+                              "only screened rounds are evaluated on a subset")
+        if self.screen_eval_images and self.dataset == "parquet":
+            raise ConfigError("screen_eval_images is not supported for dataset 'parquet' (Ray "
+                              "Data streams the shards)")
         if self.screen and self.bn_batches == 0:
             raise ConfigError("screen needs bn_batches >= 1: screened schedules are ranked by "
                               "their accuracy after BatchNorm re-estimation")

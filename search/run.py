@@ -128,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --screen: schedules fine-tuned in phase 2, taken from the Pareto "
                         "layers of the screened points (layer 1 = the screened frontier) "
                         f"(default {DEFAULT_FINALISTS}, at most N)")
+    g.add_argument("--screen-eval-images", type=int, metavar="N",
+                   help="with --screen: evaluate screened rounds on a fixed random N images of "
+                        "the test split, not all of it (cheaper, noisier screening; fine-tuned "
+                        "rounds always use the whole split; not for parquet); 0 = the whole "
+                        f"split (default {d.screen_eval_images})")
     g.add_argument("--early-stop", help=f"stop fine-tuning trials whose rounds fall behind "
                    f"the frontier (accuracy minus the best other trial's at the same or fewer "
                    f"FLOPs): {', '.join(EARLY_STOPS)}; asha = Tune's ASHA, median = Tune's "
@@ -579,8 +584,10 @@ def run_phase(ctx: PhaseContext, phase: Phase, finalists=None) -> PhaseOutcome:
         started = {t.params.get(SCREENED_TRIAL) for t in trials if t.status != "not started"}
         configs = [finalist_config(f) for f in finalists if f.screened_trial not in started]
         plan.num_samples = len(configs)
-    what = {"full": "trials", "screen": "screened schedules (adaptive-BN evaluation, no "
-            "fine-tune)", "finetune": "finalists fine-tuned"}[phase.name]
+    evaluated = (f"on a fixed {cfg.screen_eval_images} test images" if cfg.screen_eval_images
+                 else "on the whole test split")
+    what = {"full": "trials", "screen": "screened schedules (adaptive-BN evaluation "
+            f"{evaluated}, no fine-tune)", "finetune": "finalists fine-tuned"}[phase.name]
     print(f"{phase.name}: {phase.num_samples} {what}", flush=True)
     settings = TrialSettings(cfg, ctx.layout, ctx.prepared, ctx.num_classes, ctx.input_shape,
                              run_dir_of(cfg), phase=phase.name)

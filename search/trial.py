@@ -44,9 +44,10 @@ class TrialSettings:
     phase: str = "full"
 
 
-def data_config(cfg: SearchConfig) -> DataConfig:
+def data_config(cfg: SearchConfig, phase: str = "full") -> DataConfig:
     return DataConfig(cfg.dataset, cfg.data_root, cfg.image_size,
-                      train_subset=cfg.train_subset)
+                      train_subset=cfg.train_subset,
+                      test_subset=cfg.screen_eval_images if phase == "screen" else 0)
 
 
 def train_config(cfg: SearchConfig) -> TrainConfig:
@@ -54,9 +55,9 @@ def train_config(cfg: SearchConfig) -> TrainConfig:
                        loader_workers=cfg.loader_workers)
 
 
-def make_runner(cfg: SearchConfig, storage_path: str):
+def make_runner(cfg: SearchConfig, storage_path: str, phase: str = "full"):
     """One process when workers_per_trial == 1, else Ray Train over that many workers."""
-    return runners.make_runner(data_config(cfg), train_config(cfg), cfg.workers_per_trial,
+    return runners.make_runner(data_config(cfg, phase), train_config(cfg), cfg.workers_per_trial,
                              storage_path, gpus_per_worker=cfg.gpus_per_worker,
                              cpus_per_worker=cfg.cpus_per_worker)
 
@@ -80,7 +81,7 @@ def run_trial(params: dict[str, Any], settings: TrialSettings) -> None:
                            cfg.min_channels, schedule.residual_cap),
         reference=cfg.reference, seed=cfg.seed, screen=screen)
     reference = prepared.reference_accuracy(cfg.reference)
-    runner = make_runner(cfg, storage.join(settings.run_dir, "train", trial_id))
+    runner = make_runner(cfg, storage.join(settings.run_dir, "train", trial_id), settings.phase)
 
     model, start_round, accuracy, meter.offset = _starting_point(prepared, screen)
 

@@ -186,6 +186,18 @@ def _error(cfg: DataConfig) -> str:
     return message
 
 
+def test_test_subset_is_a_fixed_random_part_of_the_test_split() -> None:
+    train, test = build_datasets(DataConfig())
+    small_train, small = build_datasets(DataConfig(test_subset=50))
+    assert len(small_train) == len(train) and len(small) == 50
+    assert small.indices == build_datasets(DataConfig(test_subset=50))[1].indices
+    assert small.indices != list(range(50))  # drawn across the split, not its head
+    assert torch.equal(small[0][0], test[small.indices[0]][0])
+    assert len(build_datasets(DataConfig(test_subset=1000))[1]) == len(test)  # > split: all
+    assert "test_subset" in _error(DataConfig(test_subset=-1))
+    assert "parquet" in _error(DataConfig(name="parquet", root="x", test_subset=5))
+
+
 def test_config_errors() -> None:
     message = _error(DataConfig(name="mnist"))
     assert "mnist" in message and all(name in message for name in DATASETS)

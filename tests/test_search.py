@@ -621,8 +621,9 @@ def test_ctrl_c_exits_130_and_resume_survives_a_lost_tune_state(tmp_path):
 
 # --------------------------------------------------------------------------- two phases
 
+SCREEN_EVAL_IMAGES = 50  # of the digits test split's 360
 TWO_PHASE = ["--screen", "4", "--finalists", "3", "--bn-batches", "2",
-             "--max-concurrent-trials", "1"]
+             "--screen-eval-images", str(SCREEN_EVAL_IMAGES), "--max-concurrent-trials", "1"]
 
 
 def _kill_once_a_trial_finished(args: list[str], experiment: Path, log: Path, prefix: str
@@ -713,6 +714,12 @@ def test_two_phase_search_killed_in_each_phase_resumes_and_finishes_as_a_ray_job
     assert len(screen_rows) == sum(len(t.rounds) for t in screen) > 0
     assert not screen_rows["deployable"].any() and not screen_rows["pareto"].any()
     assert (screen_rows["accuracy"] == screen_rows["accuracy_pruned"]).all()  # no fine-tune
+    # screened on 50 test images (whole counts of 2 %); the finalists on the whole split
+    correct = screen_rows["accuracy"] * SCREEN_EVAL_IMAGES / 100
+    assert ((correct - correct.round()).abs() < 1e-6).all(), screen_rows["accuracy"].tolist()
+    screening_log = (tmp_path / "a.log").read_text()
+    assert "adaptive-BN evaluation on a fixed 50 test images" in screening_log, \
+        _tail(screening_log)
     tuned_rows = frame[frame["phase"] == "finetune"]
     assert tuned_rows["deployable"].all() and tuned_rows["accuracy_pruned"].notna().all()
     assert frame["pareto"].tolist() == _expected_frontier(frame)

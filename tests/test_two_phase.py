@@ -110,6 +110,10 @@ def test_early_stopping_stops_the_trial_behind_the_frontier_and_records_it(tmp_p
     ({"early_stop": "hyperband"}, ["early_stop", "hyperband"]),
     ({"sampler": "cmaes"}, ["sampler", "cmaes"]),
     ({"train_subset": -5}, ["train_subset"]),
+    ({"screen_eval_images": 50}, ["screen_eval_images 50", "needs screen"]),
+    ({"screen": 4, "screen_eval_images": -1}, ["screen_eval_images"]),
+    ({"screen": 4, "screen_eval_images": 50, "dataset": "parquet", "data_root": "x"},
+     ["screen_eval_images", "parquet"]),
 ])
 def test_two_phase_settings_are_checked(values, words):
     with pytest.raises(ConfigError) as error:

@@ -100,10 +100,13 @@ def check_dataset(cfg: DataConfig) -> DatasetInfo:
 
 def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
     """(train, test) map-style datasets of (float32 3xSxS normalised tensor, int label); the
-    training split cut to cfg.train_subset images when that is set."""
+    training split cut to cfg.train_subset images and the test split to cfg.test_subset
+    when those are set (a fixed random subset: the same for every run)."""
     train, test = _full_datasets(cfg)
     if cfg.train_subset and cfg.train_subset < len(train):
         train = Subset(train, subset_indices(len(train), cfg.train_subset))
+    if cfg.test_subset and cfg.test_subset < len(test):
+        test = Subset(test, subset_indices(len(test), cfg.test_subset))
     return train, test
 
 

@@ -37,6 +37,9 @@ class DataConfig:
     # training split, the same N whatever the seed; the test split stays whole. For quick
     # searches and benchmarks; not for parquet (streamed by Ray Data).
     train_subset: int = 0
+    # > 0: evaluate on a fixed random N images of the test split (a search's screening rounds:
+    # a cheaper, noisier accuracy; search --screen-eval-images)
+    test_subset: int = 0
 
 
 @dataclass(frozen=True)
@@ -58,12 +61,13 @@ def validate_config(cfg: DataConfig) -> int:
     size = DEFAULT_IMAGE_SIZE[cfg.name] if cfg.image_size is None else cfg.image_size
     if isinstance(size, bool) or not isinstance(size, int) or size < MIN_IMAGE_SIZE:
         raise DataError(f"image_size must be an int >= {MIN_IMAGE_SIZE}; got {cfg.image_size!r}")
-    if isinstance(cfg.train_subset, bool) or not isinstance(cfg.train_subset, int) \
-            or cfg.train_subset < 0:
-        raise DataError(f"train_subset must be an int >= 0; got {cfg.train_subset!r}")
-    if cfg.train_subset and cfg.name == "parquet":
-        raise DataError("train_subset is not supported for parquet (Ray Data streams the "
-                        "shards); write a smaller set of shards instead")
+    for name in ("train_subset", "test_subset"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise DataError(f"{name} must be an int >= 0; got {value!r}")
+        if value and cfg.name == "parquet":
+            raise DataError(f"{name} is not supported for parquet (Ray Data streams the "
+                            "shards); write a smaller set of shards instead")
     return size
 
 
