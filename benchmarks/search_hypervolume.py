@@ -94,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- running the arms
 
 
+EARLY_STOPS = ("asha", "median")
+
+
+def early_stopped(arm: str) -> bool:
+    """Arms with --early-stop end trials early by design: compared apart."""
+    return any(part in EARLY_STOPS for part in arm.split(":")[2:])
+
+
 def arm_flags(arm: str, args: argparse.Namespace) -> list[str]:
     kind, sampler, *stop = arm.split(":")
     flags = ["--sampler", sampler]
@@ -106,7 +114,7 @@ def arm_flags(arm: str, args: argparse.Namespace) -> list[str]:
     for extra in stop:
         if extra.startswith("eval") and extra[4:].isdigit() and kind == "screen":
             flags += ["--screen-eval-images", extra[4:]]
-        elif extra in ("asha", "median"):
+        elif extra in EARLY_STOPS:
             flags += ["--early-stop", extra]
         else:
             raise SystemExit(f"error: arm {arm!r}: {extra!r} is not asha, median or (screen "
@@ -239,14 +247,14 @@ def render_setting(setting: str, cache: dict, args: argparse.Namespace) -> list[
         return []
     res = {a: [cache["arms"][key_of(setting, s, a)] for s in args.seeds] for a in arms}
     full = [a for a in arms if a.startswith("full:")]
-    screened = [a for a in arms if a.startswith("screen:") and a.count(":") == 1]
+    screened = [a for a in arms if a.startswith("screen:") and not early_stopped(a)]
     seeds = range(len(args.seeds))
     unit = res[arms[0]][0]["unit"]
     # the target: each seed's best full search, and the compute it took
     target = [max((res[a][i] for a in full), key=lambda r: r["hv"], default=None)
               for i in seeds]
     # every arm got here; early-stopped arms end early by design and are compared apart
-    plain = [a for a in arms if a.count(":") == 1] or arms
+    plain = [a for a in arms if not early_stopped(a)] or arms
     equal = [min(res[a][i]["compute_s"] for a in plain) for i in seeds]
 
     def at_equal(arm: str) -> str:
@@ -303,8 +311,20 @@ def _verdicts(res, full, screened, equal, target, seeds, args) -> list[str]:
                        f"{', '.join(f'{e:.0f}' for e in equal)} s) the best two-phase sampler, "
                        f"{best}, beat {rival} on {wins} of {n} seeds"
                        f"{' (target: every seed)' if rival == 'screen:random' else ''}.")
-    for arm in [a for a in res if a.count(":") == 2]:
+    for arm in [a for a in res if a.split(":")[-1].startswith("eval")]:
         plain = arm.rsplit(":", 1)[0]
+        if plain not in res:
+            continue
+        saved = [1 - res[arm][i]["compute_s"] / res[plain][i]["compute_s"] for i in seeds]
+        delta = [res[arm][i]["hv"] - res[plain][i]["hv"] for i in seeds]
+        wins = sum(hv_at(res[arm][i], equal[i]) > hv_at(res[plain][i], equal[i])
+                   for i in seeds)
+        out.append(f"- Screening on a test subset ({arm} vs {plain}): compute "
+                   f"{_ms([100 * s for s in saved], 0)} % lower, final hypervolume "
+                   f"{_ms(delta)} (higher on {sum(d > 0 for d in delta)} of {n} seeds), ahead "
+                   f"at equal compute on {wins} of {n} seeds.")
+    for arm in [a for a in res if early_stopped(a)]:
+        plain = ":".join(p for p in arm.split(":") if p not in EARLY_STOPS)
         if plain not in res:
             continue
         saved = [1 - res[arm][i]["compute_s"] / res[plain][i]["compute_s"] for i in seeds]
@@ -316,15 +336,17 @@ def _verdicts(res, full, screened, equal, target, seeds, args) -> list[str]:
                    f"compute {_ms([100 * s for s in saved], 0)} % lower, final hypervolume "
                    f"{_ms(delta)} ({'no loss on any seed' if keep else 'lower on some seed'});"
                    f" so --early-stop stays {'a candidate default' if keep else 'off'}.")
-    screen_costs = [r["phases"]["screen"]["compute_s"] / max(1, r["phases"]["screen"]["trials"])
-                    for a in screened for r in res[a]]
     tuned_costs = [r["phases"][p]["compute_s"] / max(1, r["phases"][p]["trials"])
                    for a in res for r in res[a] for p in ("full", "finetune")
                    if p in r["phases"] and r["phases"][p]["trials"]]
-    if screen_costs and tuned_costs:
-        out.append(f"- Mean compute per screened trial {statistics.mean(screen_costs):.1f} s, "
-                   f"per fine-tuned trial {statistics.mean(tuned_costs):.1f} s (ratio "
-                   f"{statistics.mean(screen_costs) / statistics.mean(tuned_costs):.2f}).")
+    for arm in screened:
+        screen_costs = [r["phases"]["screen"]["compute_s"]
+                        / max(1, r["phases"]["screen"]["trials"]) for r in res[arm]]
+        if tuned_costs:
+            out.append(f"- {arm}: mean compute per screened trial "
+                       f"{statistics.mean(screen_costs):.1f} s, per fine-tuned trial (all arms) "
+                       f"{statistics.mean(tuned_costs):.1f} s (ratio "
+                       f"{statistics.mean(screen_costs) / statistics.mean(tuned_costs):.2f}).")
     return [*out, ""]
 
 
