@@ -289,6 +289,18 @@ def render_setting(setting: str, cache: dict, args: argparse.Namespace) -> list[
     return lines
 
 
+def _against(res, arm: str, plain: str, seeds) -> tuple[list[float], list[float]]:
+    """Per seed: the fraction of `plain`'s compute that `arm` saved, and its hypervolume
+    minus `plain`'s."""
+    saved = [1 - res[arm][i]["compute_s"] / res[plain][i]["compute_s"] for i in seeds]
+    return saved, [res[arm][i]["hv"] - res[plain][i]["hv"] for i in seeds]
+
+
+def _wins_at(res, arm: str, rival: str, equal: list[float], seeds) -> int:
+    """Seeds on which `arm` had the larger hypervolume at the seed's equal-compute budget."""
+    return sum(hv_at(res[arm][i], equal[i]) > hv_at(res[rival][i], equal[i]) for i in seeds)
+
+
 def _verdicts(res, full, screened, equal, target, seeds, args) -> list[str]:
     out = []
     n = len(args.seeds)
@@ -305,8 +317,7 @@ def _verdicts(res, full, screened, equal, target, seeds, args) -> list[str]:
                                                             for i in seeds))
         rivals = [r for r in ("screen:random", "full:random") if r in res and r != best]
         for rival in rivals:
-            wins = sum(hv_at(res[best][i], equal[i]) > hv_at(res[rival][i], equal[i])
-                       for i in seeds)
+            wins = _wins_at(res, best, rival, equal, seeds)
             out.append(f"- At equal compute (per seed the smallest arm's total: "
                        f"{', '.join(f'{e:.0f}' for e in equal)} s) the best two-phase sampler, "
                        f"{best}, beat {rival} on {wins} of {n} seeds"
@@ -315,10 +326,8 @@ def _verdicts(res, full, screened, equal, target, seeds, args) -> list[str]:
         plain = arm.rsplit(":", 1)[0]
         if plain not in res:
             continue
-        saved = [1 - res[arm][i]["compute_s"] / res[plain][i]["compute_s"] for i in seeds]
-        delta = [res[arm][i]["hv"] - res[plain][i]["hv"] for i in seeds]
-        wins = sum(hv_at(res[arm][i], equal[i]) > hv_at(res[plain][i], equal[i])
-                   for i in seeds)
+        saved, delta = _against(res, arm, plain, seeds)
+        wins = _wins_at(res, arm, plain, equal, seeds)
         out.append(f"- Screening on a test subset ({arm} vs {plain}): compute "
                    f"{_ms([100 * s for s in saved], 0)} % lower, final hypervolume "
                    f"{_ms(delta)} (higher on {sum(d > 0 for d in delta)} of {n} seeds), ahead "
@@ -327,8 +336,7 @@ def _verdicts(res, full, screened, equal, target, seeds, args) -> list[str]:
         plain = ":".join(p for p in arm.split(":") if p not in EARLY_STOPS)
         if plain not in res:
             continue
-        saved = [1 - res[arm][i]["compute_s"] / res[plain][i]["compute_s"] for i in seeds]
-        delta = [res[arm][i]["hv"] - res[plain][i]["hv"] for i in seeds]
+        saved, delta = _against(res, arm, plain, seeds)
         stopped = [sum(p.get("stopped_early", 0) for p in res[arm][i]["phases"].values())
                    for i in seeds]
         keep = all(d >= 0 for d in delta) and all(s > 0 for s in saved)
