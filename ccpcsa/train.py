@@ -214,9 +214,10 @@ def fit(model: nn.Module, dataset: Dataset, cfg: TrainConfig, epochs: int, lr: f
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
         start = time.perf_counter()
-        loss, seen = run_epoch(model, batches, opt, sched, device, cfg,
+        waited = InputWait(batches)
+        loss, seen = run_epoch(model, waited, opt, sched, device, cfg,
                                progress=f"{label} epoch {epoch + 1}/{epochs}")
-        log_epoch(label, epoch, epochs, loss, seen, time.perf_counter() - start)
+        log_epoch(label, epoch, epochs, loss, seen, time.perf_counter() - start, waited.seconds)
     return model
 
 
@@ -225,11 +226,14 @@ class InputWait:
     training loop (and so the device, once its queue drains) was starved of input."""
 
     def __init__(self, batches) -> None:
-        self._batches = iter(batches)
+        self._source, self._batches = batches, iter(batches)
         self.seconds = 0.0
 
     def __iter__(self):
         return self
+
+    def __len__(self) -> int:  # progress bars show a total when the source has one
+        return len(self._source)
 
     def __next__(self):
         start = time.perf_counter()
