@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/sections.
 from resumable import load_cache, save_cache  # noqa: E402
 from sections import write_section  # noqa: E402
 
+from search.config import EARLY_STOPS as SEARCH_EARLY_STOPS  # noqa: E402
 from search.pareto import hypervolume, read_frontier  # noqa: E402
 
 SECTION = "## Search: two-phase (adaptive-BN screening + fine-tuned finalists) vs full search"
@@ -94,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- running the arms
 
 
-EARLY_STOPS = ("asha", "median")
+EARLY_STOPS = tuple(s for s in SEARCH_EARLY_STOPS if s != "off")  # what an arm may add
 
 
 def early_stopped(arm: str) -> bool:
