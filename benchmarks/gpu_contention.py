@@ -3,7 +3,6 @@
 The plain loop of gpu_datapath.py (ResNet-50 + BAM, 224², bf16 autocast, channels_last, one
 GPU-resident batch) timed alone and beside each kind of load the full path puts next to it:
   cpu_procs   N processes burning CPU (the decode tasks: OS scheduling on a shared machine)
-  py_thread   a thread of this process running pure Python (the worst case for the GIL)
   np_thread   a thread of this process slicing and concatenating uint8 batches with numpy
               (what Ray Data's batcher does with each block)
   pin_thread  a thread of this process pinning batches (tensor.pin_memory(): what Ray Data's
@@ -32,14 +31,8 @@ import numpy as np
 import torch
 
 
-def _burn(stop) -> None:
-    x = 0
-    while not stop.is_set():
-        for i in range(10000):
-            x += i
-
-
-def _python_load(stop: threading.Event) -> None:
+def _burn(stop, *_shape) -> None:
+    """Pure Python until `stop` is set: a CPU-burning process, or (py_thread) a GIL holder."""
     x = 0
     while not stop.is_set():
         for i in range(1000):
@@ -76,7 +69,7 @@ def _pageable_load(stop: threading.Event, batch: int, size: int) -> None:
         src.to("cuda", non_blocking=True)
 
 
-LOADS = {"py_thread": (_python_load, False), "np_thread": (_numpy_load, True),
+LOADS = {"py_thread": (_burn, False), "np_thread": (_numpy_load, True),
          "pin_thread": (_pin_load, True), "pinned_copy_thread": (_pinned_copy_load, True),
          "pageable_thread": (_pageable_load, True)}
 CUDA_ONLY = {"pin_thread", "pinned_copy_thread", "pageable_thread"}
@@ -143,10 +136,9 @@ def main() -> int:
     for name in a.loads:
         if name in CUDA_ONLY and not cuda:
             continue
-        fn = LOADS[name][0]
-        extra = () if name == "py_thread" else (a.batch, a.size)
         tstop = threading.Event()
-        thread = threading.Thread(target=fn, args=(tstop, *extra), daemon=True)
+        thread = threading.Thread(target=LOADS[name][0], args=(tstop, a.batch, a.size),
+                                  daemon=True)
         thread.start()
         time.sleep(0.5)
         timed(name, 3 if name == "py_thread" else a.steps)
