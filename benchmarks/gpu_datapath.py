@@ -191,6 +191,11 @@ def pipeline_only(b: Bench, root: str, device: torch.device) -> None:
                ray_cpus=a.ray_cpus)
 
 
+def fed_img_s(images: int, seconds: float, input_wait_s: float) -> float:
+    """img/s over the time the loop was not waiting for input: the step's speed while fed."""
+    return round(images / max(seconds - input_wait_s, 1e-9), 1)
+
+
 def in_process(b: Bench, root: str, device: torch.device, pin_memory: bool) -> None:
     """The full path's training loop without Ray Train: the same ParquetBatches stream feeding
     ccpcsa.train.run_epoch in this (driver) process. Beside `pipeline` (no model) and `full`
@@ -219,7 +224,7 @@ def in_process(b: Bench, root: str, device: torch.device, pin_memory: bool) -> N
         b.emit("inproc", what=f"run_epoch on the Parquet stream in the driver, {host} host "
                f"memory, epoch {epoch}", img_s=round(seen / seconds, 1), images=seen,
                seconds=round(seconds, 1), input_wait_s=round(batches.seconds, 1),
-               fed_img_s=round(seen / max(seconds - batches.seconds, 1e-9), 1))
+               fed_img_s=fed_img_s(seen, seconds, batches.seconds))
     del model, opt
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -249,8 +254,7 @@ def full_path(b: Bench, root: str, device: torch.device, cpus_per_worker: float)
            f"{cpus_per_worker:g} CPU", img_s=round(img_s, 1),
            samples=m["last_samples"], epoch_s=round(m["last_seconds"], 1),
            input_wait_s=round(m["last_input_wait_s"], 1),
-           fed_img_s=round(m["last_samples"] / max(m["last_seconds"] - m["last_input_wait_s"],
-                                                   1e-9), 1),
+           fed_img_s=fed_img_s(m["last_samples"], m["last_seconds"], m["last_input_wait_s"]),
            fit_wall_s=round(wall, 1), evaluated=m.get("evaluated"))
     return img_s, runner, model
 
