@@ -152,6 +152,13 @@ def remove(path: str) -> None:
         fs.delete_file(p)
 
 
+def remove_tree(path: str) -> None:
+    """Delete a folder and everything under it; a missing folder is not an error."""
+    fs, p = resolve(path)
+    with contextlib.suppress(FileNotFoundError):
+        fs.delete_dir(p)
+
+
 def move(source: str, destination: str) -> None:
     """Rename a file (atomic on a local disk; copy + delete on object stores)."""
     fs, src = resolve(source)

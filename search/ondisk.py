@@ -166,6 +166,21 @@ def _add_unreported_checkpoint(trial: TrialOnDisk, path: str) -> None:
         trial.rounds[rnd] = _point(metrics, path)
 
 
+def remove_unstarted(trials: list[TrialOnDisk]) -> list[TrialOnDisk]:
+    """For a phase whose owed trials all ran: delete the folders of trials Tune created but
+    never started (a kill between creating a trial and starting it; the resume ran the trial
+    owed under a new id) and return the other trials."""
+    kept = []
+    for trial in trials:
+        if trial.status != "not started":
+            kept.append(trial)
+            continue
+        log.info("removing %s: Tune created that trial but never started it before the search "
+                 "was stopped; the trial it owed ran under another id", trial.folder)
+        storage.remove_tree(trial.folder)
+    return kept
+
+
 def counts(trials: list[TrialOnDisk], num_samples: int) -> dict[str, int]:
     """Trials per status; those the search never started (no folder) are "not started"."""
     found = {status: 0 for status in STATUSES}

@@ -563,7 +563,7 @@ def run_phase(ctx: PhaseContext, phase: Phase, finalists=None) -> PhaseOutcome:
     from ray import tune
 
     from search.finalists import SCREENED_TRIAL, finalist_config
-    from search.ondisk import counts, scan_trials
+    from search.ondisk import counts, remove_unstarted, scan_trials
     from search.resume import Plan, plan_resume
     from search.trial import TrialSettings
 
@@ -606,6 +606,8 @@ def run_phase(ctx: PhaseContext, phase: Phase, finalists=None) -> PhaseOutcome:
     found = counts([t for t in trials if t.trial_id not in plan.adopted],
                    phase.num_samples - len(plan.adopted))
     complete = not (found["interrupted"] or found["not started"])
+    if complete:  # an unfinished phase's not-started trials may be in Tune's state to restore
+        trials = remove_unstarted(trials)
     return PhaseOutcome(phase, trials, plan.adopted, complete)
 
 

@@ -49,7 +49,7 @@ from ccpcsa.models import build_model
 from ccpcsa.runlock import LOCK_FILE, Holder, RunInUseError, RunLock, is_stale
 from ccpcsa.train import LocalRunner, TrainConfig
 from search import run as search_run
-from search.ondisk import scan_trials
+from search.ondisk import remove_unstarted, scan_trials
 from search.pareto import collect_checkpoints
 from search.resume import state_problem
 
@@ -627,6 +627,23 @@ def test_rounds_on_disk_are_found_even_when_their_report_was_lost(tmp_path):
     assert interrupted.rounds[3]["flops"] == 997 and interrupted.rounds[3]["checkpoint"]
     assert trials["cccc3333"].status == "failed" and trials["cccc3333"].error == \
         "RuntimeError: boom"
+
+
+def test_a_trial_created_but_never_started_is_removed_once_its_phase_is_done(tmp_path):
+    # Tune created the trial, then the search was killed before it started: a folder with
+    # only Tune's params.json; the resume ran the trial owed under another id
+    run = tmp_path / "run"
+    _trial_folder(run, "aaaa1111", 1, rounds=[1], reported=[1], final=True)
+    orphan = run / "run_trial_bbbb2222_2_groups_per_round=4_2026-01-01_00-00-02"
+    orphan.mkdir()
+    (orphan / "params.json").write_text(json.dumps({"groups_per_round": 4}))
+    interrupted = _trial_folder(run, "cccc3333", 3, rounds=[1], reported=[1])
+    trials = scan_trials(str(run))
+    assert [t.status for t in trials] == ["finished", "not started", "interrupted"]
+    kept = remove_unstarted(trials)
+    assert [t.trial_id for t in kept] == ["aaaa1111", "cccc3333"]
+    assert not orphan.exists() and interrupted.exists()
+    assert [t.trial_id for t in scan_trials(str(run))] == ["aaaa1111", "cccc3333"]
 
 
 def test_tune_state_is_trusted_only_when_whole_and_in_agreement(tmp_path):
