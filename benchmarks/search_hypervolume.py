@@ -6,7 +6,8 @@ Arms (each a real `search/run.py` run, in this process, on a local Ray):
   Optuna and screened with adaptive-BN evaluation only, then the K nearest the screened
   frontier fine-tuned;
 - a third part, e.g. screen:tpe:asha, adds --early-stop asha (or median); screen:gp:eval2000
-  adds --screen-eval-images 2000 (screened rounds evaluated on a fixed 2000 test images).
+  adds --screen-eval-images 2000 (screened rounds evaluated on a fixed 2000 test images),
+  screen:gp:start4 adds --startup-trials 4 (the model picks after 4 random trials, not 10).
 Per model, dataset and seed, stage 0 is trained once and shared by every arm (its cache is
 keyed by its settings, which are equal).
 
@@ -69,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, metavar="KIND:SAMPLER[:STOP]",
                    help="full:<sampler> or screen:<sampler>, optionally :asha or :median "
-                        "(early stopping) and, for screen arms, :evalN (screened rounds "
-                        "evaluated on N test images) (default: %(default)s)")
+                        "(early stopping), for screen arms :evalN (screened rounds "
+                        "evaluated on N test images), for tpe and gp :startN (N random "
+                        "trials before the model) (default: %(default)s)")
     p.add_argument("--trials", type=int, default=12, help="trials of a full search "
                    "(default: %(default)s)")
     p.add_argument("--screen", type=int, default=48,
@@ -115,11 +117,13 @@ def arm_flags(arm: str, args: argparse.Namespace) -> list[str]:
     for extra in stop:
         if extra.startswith("eval") and extra[4:].isdigit() and kind == "screen":
             flags += ["--screen-eval-images", extra[4:]]
+        elif extra.startswith("start") and extra[5:].isdigit():
+            flags += ["--startup-trials", extra[5:]]
         elif extra in EARLY_STOPS:
             flags += ["--early-stop", extra]
         else:
-            raise SystemExit(f"error: arm {arm!r}: {extra!r} is not asha, median or (screen "
-                             "arms) evalN")
+            raise SystemExit(f"error: arm {arm!r}: {extra!r} is not asha, median, startN or "
+                             "(screen arms) evalN")
     return flags
 
 
@@ -323,16 +327,18 @@ def _verdicts(res, full, screened, equal, target, seeds, args) -> list[str]:
                        f"{', '.join(f'{e:.0f}' for e in equal)} s) the best two-phase sampler, "
                        f"{best}, beat {rival} on {wins} of {n} seeds"
                        f"{' (target: every seed)' if rival == 'screen:random' else ''}.")
-    for arm in [a for a in res if a.split(":")[-1].startswith("eval")]:
-        plain = arm.rsplit(":", 1)[0]
-        if plain not in res:
-            continue
-        saved, delta = _against(res, arm, plain, seeds)
-        wins = _wins_at(res, arm, plain, equal, seeds)
-        out.append(f"- Screening on a test subset ({arm} vs {plain}): compute "
-                   f"{_ms([100 * s for s in saved], 0)} % lower, final hypervolume "
-                   f"{_ms(delta)} (higher on {sum(d > 0 for d in delta)} of {n} seeds), ahead "
-                   f"at equal compute on {wins} of {n} seeds.")
+    for prefix, what in (("eval", "Screening on a test subset"),
+                         ("start", "Fewer random start-up trials")):
+        for arm in [a for a in res if a.split(":")[-1].startswith(prefix)]:
+            plain = arm.rsplit(":", 1)[0]
+            if plain not in res:
+                continue
+            saved, delta = _against(res, arm, plain, seeds)
+            wins = _wins_at(res, arm, plain, equal, seeds)
+            out.append(f"- {what} ({arm} vs {plain}): compute "
+                       f"{_ms([100 * s for s in saved], 0)} % lower, final hypervolume "
+                       f"{_ms(delta)} (higher on {sum(d > 0 for d in delta)} of {n} seeds), "
+                       f"ahead at equal compute on {wins} of {n} seeds.")
     for arm in [a for a in res if early_stopped(a)]:
         plain = ":".join(p for p in arm.split(":") if p not in EARLY_STOPS)
         if plain not in res:

@@ -17,6 +17,7 @@ from ccpcsa.models import ModelError, check_model_name
 from ccpcsa.prune import ALLOCATIONS
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
+MODEL_SAMPLERS = ("tpe", "gp")  # those that start with random trials (startup_trials)
 EARLY_STOPS = ("off", "asha", "median")
 DEFAULT_FINALISTS = 8
 
@@ -41,6 +42,9 @@ class SearchConfig:
     # Fashion-MNIST: gp 2.001, tpe 1.890, nsga2 1.793 hypervolume; random 2.052 — no sampler
     # beat random search there, README.md says so)
     sampler: str = "gp"
+    # tpe / gp: trials sampled at random before the model takes over; None = Optuna's 10,
+    # which leaves a 12-trial search almost random
+    startup_trials: int | None = None
     # two-phase search: > 0 screens this many schedules with adaptive-BN evaluation only (no
     # fine-tune), then fine-tunes the `finalists` closest to the screened frontier
     # (search/finalists.py); 0 = every trial fine-tunes every round (num_samples trials)
@@ -129,6 +133,11 @@ class SearchConfig:
                      "bn_batches", "train_subset", "screen", "latency_batch",
                      "screen_eval_images"):
             check.whole(name, getattr(self, name), 0)
+        if self.startup_trials is not None:
+            check.whole("startup_trials", self.startup_trials, 1)
+            if self.sampler not in MODEL_SAMPLERS:
+                raise ConfigError(f"startup_trials {self.startup_trials} applies to sampler "
+                                  f"{' or '.join(MODEL_SAMPLERS)}, not {self.sampler!r}")
         if self.finalists is not None:
             check.whole("finalists", self.finalists, 1)
             if not self.screen:

@@ -142,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sampler", help=f"Optuna multi-objective sampler: {', '.join(SAMPLERS)} "
                    "(gp = Gaussian process with expected hypervolume improvement; random = "
                    f"the baseline that ignores results) (default {d.sampler})")
+    g.add_argument("--startup-trials", type=int, metavar="N",
+                   help="with --sampler tpe or gp: trials (screened schedules with --screen) "
+                        "sampled at random before the sampler's model picks the rest (default: "
+                        "Optuna's 10)")
     g.add_argument("--seed", type=int, help=f"seed of training and sampler (default {d.seed})")
     g.add_argument("--per-layer", action="store_true", default=None,
                    help="search one ratio cap per layer group instead of one per stage")
@@ -341,11 +345,12 @@ def make_sampler(cfg: SearchConfig, num_samples: int):
     # NSGA-II's default population (50) would leave a small search in its random first
     # generation; scale it so a search sees a few generations.
     population = max(4, min(50, num_samples // 4))
+    startup = {} if cfg.startup_trials is None else {"n_startup_trials": cfg.startup_trials}
     return {
         "nsga2": lambda: optuna.samplers.NSGAIISampler(population_size=population, seed=cfg.seed),
-        "tpe": lambda: optuna.samplers.TPESampler(seed=cfg.seed),
+        "tpe": lambda: optuna.samplers.TPESampler(seed=cfg.seed, **startup),
         # log expected hypervolume improvement on a Gaussian process per objective
-        "gp": lambda: optuna.samplers.GPSampler(seed=cfg.seed),
+        "gp": lambda: optuna.samplers.GPSampler(seed=cfg.seed, **startup),
         "random": lambda: optuna.samplers.RandomSampler(seed=cfg.seed),  # a baseline
     }[cfg.sampler]()
 

@@ -114,6 +114,9 @@ def test_early_stopping_stops_the_trial_behind_the_frontier_and_records_it(tmp_p
     ({"screen": 4, "screen_eval_images": -1}, ["screen_eval_images"]),
     ({"screen": 4, "screen_eval_images": 50, "dataset": "parquet", "data_root": "x"},
      ["screen_eval_images", "parquet"]),
+    ({"startup_trials": 0}, ["startup_trials", "0"]),
+    ({"startup_trials": 4, "sampler": "random"}, ["startup_trials 4", "'random'"]),
+    ({"startup_trials": 4, "sampler": "nsga2"}, ["startup_trials 4", "'nsga2'"]),
 ])
 def test_two_phase_settings_are_checked(values, words):
     with pytest.raises(ConfigError) as error:
@@ -158,3 +161,26 @@ def test_early_stopping_runs_inside_tune_and_stops_the_trial_behind(tmp_path, ki
     assert rounds[40.0] < 3  # 55 points below the others at the same FLOPs: stopped
     stopped = read_early_stopped(str(experiment))
     assert len(stopped) >= 1 and all(v[GAP] < 0 for v in stopped.values())
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "gp"])
+def test_startup_trials_hands_over_to_the_model_after_n_random_trials(sampler):
+    import optuna
+
+    from search.run import make_sampler
+
+    def suggested(startup: int | None) -> list[float]:
+        cfg = config_from_dict({"sampler": sampler, "startup_trials": startup, "seed": 3})
+        study = optuna.create_study(directions=["maximize", "minimize"],
+                                    sampler=make_sampler(cfg, 12))
+        picked = []
+        for _ in range(4):
+            trial = study.ask()
+            x = trial.suggest_float("x", 0.0, 1.0)
+            study.tell(trial, [x, (x - 0.3) ** 2])
+            picked.append(x)
+        return picked
+
+    default, early = suggested(None), suggested(2)
+    assert early[:2] == default[:2]  # the same seeded random start
+    assert early[2:] != default[2:]  # then the model picks; the default is still random
