@@ -3,11 +3,11 @@
 The bash block is read from README.md, so the test and the docs cannot drift. Its lines run
 in one bash shell, in order, with a clean environment (no RAY_AUTH_* and a fresh HOME, so no
 ~/.ray/auth_token: the README's own exports must be what makes token authentication work).
-The only changes, so parallel test runs do not collide: `ray start` gets free loopback ports,
-2 CPUs and its own temp dir appended, and the submit address uses the chosen dashboard port.
-The closing `ray stop` is not run (it stops every Ray on the machine): the head's processes
-carry a marker in their environment and are stopped by process id. A request without the
-token must be refused, so the test fails if authentication were off.
+The only changes, so parallel test runs do not collide: `ray start` gets free loopback ports
+and 2 CPUs, and the addresses use the chosen dashboard port. One line is added before the
+closing `kill`: a request without the token, which must be refused (so the test fails if
+authentication were off). The README stops the head by its process id; every process the
+head started carries a marker in its environment, and none may be left once the block ends.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -33,6 +34,9 @@ from test_search import (
 REPO = Path(__file__).resolve().parents[1]
 HEADING = "### A search as a Ray job on this machine (token authentication)"
 JOB_TIMEOUT_S = 420
+STOP_TIMEOUT_S = 60
+BLOCK = " --block &"
+STOP = 'kill "$RAY_HEAD_PID"'
 
 
 def readme_block() -> list[str]:
@@ -50,25 +54,30 @@ def test_readme_block_has_the_documented_shape():
     assert commands[0] == "export RAY_AUTH_MODE=token"
     assert commands[1].startswith("export RAY_AUTH_TOKEN=")
     assert commands[2].startswith("ray start --head --node-ip-address=127.0.0.1")
-    assert commands[3].startswith("ray job submit --address http://127.0.0.1:8265 ")
-    assert commands[-1] == "ray stop"
+    assert commands[2].endswith(BLOCK)
+    assert commands[3] == "RAY_HEAD_PID=$!"
+    assert commands[4].startswith("until ray job list --address http://127.0.0.1:8265 ")
+    assert commands[5].startswith("ray job submit --address http://127.0.0.1:8265 ")
+    assert commands[-1] == STOP
+    assert not any(c.startswith("ray stop") for c in commands)
 
 
 def test_readme_local_ray_job_runs_as_written(tmp_path):
     commands = readme_block()
-    assert commands[-1] == "ray stop"
+    assert commands[-1] == STOP
     dashboard = _free_port()
     extra = [f"--port={_free_port()}", f"--dashboard-port={dashboard}",
              f"--ray-client-server-port={_free_port()}",
              f"--dashboard-agent-listen-port={_free_port()}", "--num-cpus=2",
              "--disable-usage-stats"]
+    refused_out, refused_rc = tmp_path / "refused.txt", tmp_path / "refused.rc"
+    refused = (f"rc=0; env -u RAY_AUTH_MODE -u RAY_AUTH_TOKEN ray job list --address "
+               f"http://127.0.0.1:8265 > {refused_out} 2>&1 || rc=$?; echo $rc > {refused_rc}")
     script = ["set -euo pipefail"]
-    for command in commands[:-1]:
+    for command in [*commands[:-1], refused, commands[-1]]:
         if command.startswith("ray start "):
-            command = f"{command} {shlex.join(extra)}"
-        if command.startswith("ray job submit "):
-            command = command.replace("http://127.0.0.1:8265", f"http://127.0.0.1:{dashboard}")
-        script.append(command)
+            command = f"{command.removesuffix(BLOCK)} {shlex.join(extra)}{BLOCK}"
+        script.append(command.replace("http://127.0.0.1:8265", f"http://127.0.0.1:{dashboard}"))
     marker = f"readme-job-{uuid.uuid4().hex}"
     ray_tmp = _short_tmp("job-")
     home = tmp_path / "home"
@@ -87,14 +96,15 @@ def test_readme_local_ray_job_runs_as_written(tmp_path):
         assert "Ray runtime started" in out, _tail(out)
         assert re.search(r"Job '\S+' succeeded", out), _tail(out)
         assert "2 trials finished, 0 failed" in out, _tail(out)
-        # the same request without the token is refused: authentication is really on
-        no_token = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
-        refused = subprocess.run(
-            [str(VENV_BIN / "ray"), "job", "list", "--address",
-             f"http://127.0.0.1:{dashboard}"], cwd=tmp_path, env=no_token,
-            capture_output=True, text=True, timeout=120)
-        assert refused.returncode != 0, refused.stdout
-        assert re.search(r"(?i)unauthori[sz]ed|authentication", refused.stdout + refused.stderr)
+        # the same request without the token was refused: authentication is really on
+        assert refused_rc.read_text().strip() != "0", refused_out.read_text()
+        assert re.search(r"(?i)unauthori[sz]ed|authentication", refused_out.read_text())
+        # the README's `kill` stopped the head and everything it started
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while _marked(marker) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = _marked(marker)
+        assert not left, f"processes left after the README's kill: {sorted(left)}"
     finally:
         _stop(marker)
         left = _marked(marker)
