@@ -89,9 +89,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON: dataset -> more flags for its searches (default: %(default)s)")
     p.add_argument("--work-dir", default="runs/bench-search",
                    help="run folders and the cache of finished arms (default: %(default)s)")
+    p.add_argument("--budget-arms", nargs="+", metavar="ARM",
+                   help="arms whose smallest total compute, per seed, is the equal-compute "
+                        "budget (default: every arm of --arms without early stopping)")
+    p.add_argument("--reference", metavar="WORK_DIR",
+                   help="the --work-dir of another run of this benchmark with the same "
+                        "model, data, seeds, --floor, --extra and --dataset-flags (e.g. a "
+                        "full search with more --trials): also report, per seed, the compute "
+                        "each two-phase arm took to reach its best full search's final "
+                        "hypervolume, as a share of that search's compute")
     p.add_argument("--out", default="docs/benchmarks.md")
     p.add_argument("--dry-run", action="store_true", help="print the searches and exit")
     return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """One-line errors for arms, budget arms and a reference that cannot be used."""
+    for arm in args.arms:
+        arm_flags(arm, args)
+    for arm in args.budget_arms or []:
+        if arm not in args.arms:
+            raise SystemExit(f"error: --budget-arms {arm!r} is not one of --arms "
+                             f"({' '.join(args.arms)})")
+    if args.reference is not None:
+        load_reference(args)
 
 
 # ---------------------------------------------------------------- running the arms
@@ -218,6 +239,12 @@ def compute_to_reach(result: dict, target: float) -> float | None:
     return next((at for at, hv in result["curve"] if hv >= target - 1e-12), None)
 
 
+def reach_share(result: dict, target: dict) -> str:
+    """The compute `result` took to reach `target`'s final hypervolume, in % of target's."""
+    at = compute_to_reach(result, target["hv"])
+    return "not reached" if at is None else f"{100 * at / target['compute_s']:.0f} %"
+
+
 # ---------------------------------------------------------------- cache
 
 
@@ -232,6 +259,30 @@ def save_arms(args: argparse.Namespace, cache: dict) -> None:
 
 def key_of(setting: str, seed: int, arm: str) -> str:
     return f"{setting}|{seed}|{arm}"
+
+
+# what must match for two caches' hypervolumes to be comparable (not the searches' sizes)
+COMPARABLE = ("floor", "extra", "dataset_flags")
+
+
+def load_reference(args: argparse.Namespace) -> dict:
+    """--reference's cache (settings and finished arms), refused unless comparable."""
+    path = Path(args.reference) / CACHE_FILE
+    if not path.exists():
+        raise SystemExit(f"error: --reference {args.reference!r} has no {CACHE_FILE}")
+    stored = json.loads(path.read_text(encoding="utf-8"))
+    differs = [k for k in COMPARABLE if stored["settings"].get(k) != getattr(args, k)]
+    if differs:
+        raise SystemExit(f"error: --reference {args.reference!r} was made with other "
+                         f"{', '.join(differs)}; its hypervolumes are not comparable")
+    return stored
+
+
+def best_full(arms: dict, setting: str, seed: int) -> dict | None:
+    """The full search with the largest final hypervolume among `arms` for one seed."""
+    prefix = f"{setting}|{seed}|full:"
+    return max((r for k, r in arms.items() if k.startswith(prefix)),
+               key=lambda r: r["hv"], default=None)
 
 
 # ---------------------------------------------------------------- report
@@ -258,12 +309,14 @@ def render_setting(setting: str, cache: dict, args: argparse.Namespace) -> list[
     # the target: each seed's best full search, and the compute it took
     target = [max((res[a][i] for a in full), key=lambda r: r["hv"], default=None)
               for i in seeds]
-    # every arm got here; early-stopped arms end early by design and are compared apart
+    # early-stopped arms end early by design and are compared apart, unless named
     plain = [a for a in arms if not early_stopped(a)] or arms
-    equal = [min(res[a][i]["compute_s"] for a in plain) for i in seeds]
+    budget = budget_arms(setting, arms, args) or plain
+    equal = [min(res[a][i]["compute_s"] for a in budget) for i in seeds]
+    comparable = [a for a in arms if a in plain or a in budget]
 
     def at_equal(arm: str) -> str:
-        if arm not in plain:
+        if arm not in comparable:
             return "not comparable: early stopping, see below"
         return _ms([hv_at(res[arm][i], equal[i]) for i in seeds])
 
@@ -273,9 +326,7 @@ def render_setting(setting: str, cache: dict, args: argparse.Namespace) -> list[
         for i in seeds:
             if target[i] is None or arm in full:
                 continue
-            at = compute_to_reach(res[arm][i], target[i]["hv"])
-            reach.append("not reached" if at is None
-                         else f"{100 * at / target[i]['compute_s']:.0f} %")
+            reach.append(reach_share(res[arm][i], target[i]))
         rows.append(
             f"| {arm} | {_ms([r['hv'] for r in res[arm]])} | "
             f"{' / '.join(format(r['hv'], '.3f') for r in res[arm])} | "
@@ -290,8 +341,53 @@ def render_setting(setting: str, cache: dict, args: argparse.Namespace) -> list[
              "hypervolume, per seed (% of its compute) | best FLOPs↓ % within 1 point | "
              "wall s |",
              "|---|---|---|---|---|---|---|---|", *rows, ""]
-    lines += _verdicts(res, full, screened, equal, target, seeds, args)
+    lines += per_seed_at_equal(res, comparable, budget, equal, args, unit)
+    lines += _verdicts(res, full, screened, equal, target, seeds, args, budget)
+    if args.reference is not None:
+        lines += against_reference(setting, res, screened, args)
     return lines
+
+
+def budget_arms(setting: str, arms: list[str], args: argparse.Namespace) -> list[str]:
+    """--budget-arms, each of which must have finished on every seed of `setting`."""
+    missing = [a for a in args.budget_arms or [] if a not in arms]
+    if missing:
+        raise SystemExit(f"error: --budget-arms {missing[0]!r} has not finished on every "
+                         f"seed of {setting}")
+    return list(args.budget_arms or [])
+
+
+def per_seed_at_equal(res, arms, budget, equal, args, unit) -> list[str]:
+    """Each arm's hypervolume at each seed's equal-compute budget, and the budget itself."""
+    head = " | ".join(f"seed {s}" for s in args.seeds)
+    rows = [f"| {arm} | " + " | ".join(f"{hv_at(res[arm][i], e):.3f}"
+                                        for i, e in enumerate(equal)) + " |" for arm in arms]
+    budgets = " / ".join(f"{e:.0f}" for e in equal)
+    return [f"Hypervolume at equal compute, per seed (budget {budgets} {unit}-s: the smallest "
+            f"total of {budget_label(budget, args)}):", "",
+            f"| arm | {head} |", "|---|" + "---|" * len(equal), *rows, ""]
+
+
+def budget_label(budget: list[str], args: argparse.Namespace) -> str:
+    return ", ".join(budget) if args.budget_arms else "every arm without early stopping"
+
+
+def against_reference(setting: str, res, screened, args) -> list[str]:
+    """Per seed, the compute each two-phase arm took to reach --reference's best full search."""
+    reference = load_reference(args)
+    targets = [best_full(reference["arms"], setting, s) for s in args.seeds]
+    if any(t is None for t in targets):
+        return [f"- --reference {args.reference}: no full search of {setting} on every seed.",
+                ""]
+    trials = reference["settings"].get("trials")
+    out = [f"- Reference: the best full search ({trials} trials) in {args.reference}, per seed "
+           "hypervolume " + " / ".join(f"{t['hv']:.3f}" for t in targets) + " at "
+           + " / ".join(f"{t['compute_s']:.0f}" for t in targets) + " s."]
+    for arm in screened:
+        reach = [reach_share(res[arm][i], target) for i, target in enumerate(targets)]
+        out.append(f"- {arm}: compute to reach the reference's final hypervolume, per seed "
+                   f"(% of the reference's compute): {' / '.join(reach)}.")
+    return [*out, ""]
 
 
 def _against(res, arm: str, plain: str, seeds) -> tuple[list[float], list[float]]:
@@ -306,7 +402,7 @@ def _wins_at(res, arm: str, rival: str, equal: list[float], seeds) -> int:
     return sum(hv_at(res[arm][i], equal[i]) > hv_at(res[rival][i], equal[i]) for i in seeds)
 
 
-def _verdicts(res, full, screened, equal, target, seeds, args) -> list[str]:
+def _verdicts(res, full, screened, equal, target, seeds, args, budget) -> list[str]:
     out = []
     n = len(args.seeds)
     for arm in screened:
@@ -323,9 +419,10 @@ def _verdicts(res, full, screened, equal, target, seeds, args) -> list[str]:
         rivals = [r for r in ("screen:random", "full:random") if r in res and r != best]
         for rival in rivals:
             wins = _wins_at(res, best, rival, equal, seeds)
-            out.append(f"- At equal compute (per seed the smallest arm's total: "
-                       f"{', '.join(f'{e:.0f}' for e in equal)} s) the best two-phase sampler, "
-                       f"{best}, beat {rival} on {wins} of {n} seeds"
+            budgets = ", ".join(f"{e:.0f}" for e in equal)
+            out.append(f"- At equal compute (per seed the smallest total of "
+                       f"{budget_label(budget, args)}: {budgets} s) the best two-phase "
+                       f"sampler, {best}, beat {rival} on {wins} of {n} seeds"
                        f"{' (target: every seed)' if rival == 'screen:random' else ''}.")
     for prefix, what in (("eval", "Screening on a test subset"),
                          ("start", "Fewer random start-up trials")):
@@ -384,7 +481,7 @@ def render(cache: dict, args: argparse.Namespace, wall_s: float) -> str:
         f"Hypervolume of the deployable points in (fraction of baseline FLOPs saved) x "
         f"(accuracy points above baseline - {args.floor}); larger is better. *Equal "
         "compute*: per seed, every arm's hypervolume at the total compute of the cheapest "
-        "arm. search/config.py's default sampler: "
+        "arm (or of --budget-arms). search/config.py's default sampler: "
         f"{SearchConfig().sampler}.", "",
         "Reduced grid (the full one — resnet20 and resnet56 on both datasets, the whole "
         "Fashion-MNIST training split at 28 px — would take well over 3 h on 2 cores): "
@@ -395,8 +492,7 @@ def render(cache: dict, args: argparse.Namespace, wall_s: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for arm in args.arms:
-        arm_flags(arm, args)  # fails early on a bad arm
+    check_args(args)  # fails early, before any search runs
     cache = load_arms(args)
     todo = [(setting, seed, arm) for setting in args.settings for seed in args.seeds
             for arm in args.arms if key_of(setting, seed, arm) not in cache["arms"]]
