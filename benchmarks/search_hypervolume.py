@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "--out. Resumable through --work-dir.")
     p.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, metavar="MODEL:DATASET",
                    help="model and dataset pairs (default: %(default)s)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                   help="seeds; each gets its own stage 0, shared by its arms "
+                        "(default: %(default)s)")
     p.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, metavar="KIND:SAMPLER[:STOP]",
                    help="full:<sampler> or screen:<sampler>, optionally :asha or :median "
                         "(early stopping), for screen arms :evalN (screened rounds "
@@ -98,7 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "full search with more --trials): also report, per seed, the compute "
                         "each two-phase arm took to reach its best full search's final "
                         "hypervolume, as a share of that search's compute")
-    p.add_argument("--out", default="docs/benchmarks.md")
+    p.add_argument("--plot-dir", metavar="DIR",
+                   help="also draw each model and dataset's hypervolume against compute, one "
+                        "panel per seed, every arm a step line (dashed: full searches; "
+                        "dotted vertical: the equal-compute budget), to "
+                        "DIR/hypervolume-<model>-<dataset>.png, linked from the report")
+    p.add_argument("--out", default="docs/benchmarks.md",
+                   help="Markdown file whose section of this benchmark is rewritten "
+                        "(default: %(default)s)")
     p.add_argument("--dry-run", action="store_true", help="print the searches and exit")
     return p
 
@@ -342,10 +351,53 @@ def render_setting(setting: str, cache: dict, args: argparse.Namespace) -> list[
              "wall s |",
              "|---|---|---|---|---|---|---|---|", *rows, ""]
     lines += per_seed_at_equal(res, comparable, budget, equal, args, unit)
+    if args.plot_dir:
+        path = plot_setting(setting, res, arms, equal, args, unit)
+        link = os.path.relpath(path, os.path.dirname(os.path.abspath(args.out)))
+        lines += [f"![hypervolume against compute, {setting}]({link})", ""]
     lines += _verdicts(res, full, screened, equal, target, seeds, args, budget)
     if args.reference is not None:
         lines += against_reference(setting, res, screened, args)
     return lines
+
+
+def steps(result: dict) -> tuple[list[float], list[float]]:
+    """The arm's hypervolume curve as step points, held to the compute it ended at."""
+    xs = [float(at) for at, _ in result["curve"]]
+    ys = [float(hv) for _, hv in result["curve"]]
+    if xs and result["compute_s"] > xs[-1]:
+        xs.append(float(result["compute_s"]))
+        ys.append(ys[-1])
+    return xs, ys
+
+
+def plot_setting(setting: str, res, arms: list[str], equal: list[float],
+                 args: argparse.Namespace, unit: str) -> str:
+    """One PNG per model and dataset: a panel per seed, hypervolume against compute."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.4 * len(args.seeds), 4.2), dpi=110)
+    axes = fig.subplots(1, len(args.seeds), sharey=True, squeeze=False)[0]
+    for i, (ax, seed) in enumerate(zip(axes, args.seeds, strict=True)):
+        for arm in arms:
+            xs, ys = steps(res[arm][i])
+            ax.step(xs, ys, where="post", label=arm, linewidth=1.4,
+                    linestyle="--" if arm.startswith("full:") else "-")
+        ax.axvline(equal[i], color="0.4", linestyle=":", linewidth=1)
+        ax.set_title(f"seed {seed}")
+        ax.set_xlabel(f"compute ({unit}-s)")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("hypervolume of the deployable points")
+    columns = min(len(arms), 4)
+    rows = -(-len(arms) // columns)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=columns,
+               fontsize="small", frameon=False)
+    fig.suptitle(f"{setting}: hypervolume against compute")
+    fig.tight_layout(rect=(0, 0.045 * rows + 0.02, 1, 1))
+    path = Path(args.plot_dir) / f"hypervolume-{setting.replace(':', '-')}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return str(path)
 
 
 def budget_arms(setting: str, arms: list[str], args: argparse.Namespace) -> list[str]:

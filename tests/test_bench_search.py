@@ -116,3 +116,18 @@ def test_bad_budget_arm_and_reference_are_one_line_errors(bench, tmp_path):
     write_cache(bench, other, {"full:random": ARMS["full:random"]}, [*SIZES, "--floor", "3"])
     with pytest.raises(SystemExit, match="made with other floor; its hypervolumes are not"):
         bench.main([*argv, "--reference", str(other)])
+
+
+def test_plot_dir_draws_each_setting_and_links_it(bench, tmp_path):
+    text = report(bench, tmp_path, "--plot-dir", str(tmp_path / "img"))
+    png = tmp_path / "img" / "hypervolume-resnet20-digits.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![hypervolume against compute, resnet20:digits](img/hypervolume-resnet20-digits.png)" \
+        in text
+
+
+def test_steps_hold_the_last_value_to_the_arms_total(bench):
+    assert bench.steps(arm("screen:gp", [(0, 0.0), (60, 1.5), (80, 2.5)], 95)) == \
+        ([0.0, 60.0, 80.0, 95.0], [0.0, 1.5, 2.5, 2.5])
+    assert bench.steps(arm("full:random", [(0, 0.0), (100, 2.0)], 100)) == \
+        ([0.0, 100.0], [0.0, 2.0])
