@@ -112,16 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """One-line errors for arms, budget arms and a reference that cannot be used."""
+def check_args(args: argparse.Namespace) -> dict | None:
+    """One-line errors for arms, budget arms and a reference that cannot be used; the
+    reference's cache, read once here, when there is one."""
     for arm in args.arms:
         arm_flags(arm, args)
     for arm in args.budget_arms or []:
         if arm not in args.arms:
             raise SystemExit(f"error: --budget-arms {arm!r} is not one of --arms "
                              f"({' '.join(args.arms)})")
-    if args.reference is not None:
-        load_reference(args)
+    return load_reference(args) if args.reference is not None else None
 
 
 # ---------------------------------------------------------------- running the arms
@@ -287,11 +287,9 @@ def load_reference(args: argparse.Namespace) -> dict:
     return stored
 
 
-def best_full(arms: dict, setting: str, seed: int) -> dict | None:
-    """The full search with the largest final hypervolume among `arms` for one seed."""
-    prefix = f"{setting}|{seed}|full:"
-    return max((r for k, r in arms.items() if k.startswith(prefix)),
-               key=lambda r: r["hv"], default=None)
+def best_of(results) -> dict | None:
+    """The result with the largest final hypervolume (None when there is none)."""
+    return max(results, key=lambda r: r["hv"], default=None)
 
 
 # ---------------------------------------------------------------- report
@@ -305,7 +303,8 @@ def _ms(values: list[float], digits: int = 3) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def render_setting(setting: str, cache: dict, args: argparse.Namespace) -> list[str]:
+def render_setting(setting: str, cache: dict, args: argparse.Namespace,
+                   reference: dict | None = None) -> list[str]:
     arms = [a for a in args.arms if all(key_of(setting, s, a) in cache["arms"]
                                         for s in args.seeds)]
     if not arms:
@@ -316,8 +315,7 @@ def render_setting(setting: str, cache: dict, args: argparse.Namespace) -> list[
     seeds = range(len(args.seeds))
     unit = res[arms[0]][0]["unit"]
     # the target: each seed's best full search, and the compute it took
-    target = [max((res[a][i] for a in full), key=lambda r: r["hv"], default=None)
-              for i in seeds]
+    target = [best_of(res[a][i] for a in full) for i in seeds]
     # early-stopped arms end early by design and are compared apart, unless named
     plain = [a for a in arms if not early_stopped(a)] or arms
     budget = budget_arms(setting, arms, args) or plain
@@ -356,8 +354,8 @@ def render_setting(setting: str, cache: dict, args: argparse.Namespace) -> list[
         link = os.path.relpath(path, os.path.dirname(os.path.abspath(args.out)))
         lines += [f"![hypervolume against compute, {setting}]({link})", ""]
     lines += _verdicts(res, full, screened, equal, target, seeds, args, budget)
-    if args.reference is not None:
-        lines += against_reference(setting, res, screened, args)
+    if reference is not None:
+        lines += against_reference(setting, res, screened, args, reference)
     return lines
 
 
@@ -424,10 +422,10 @@ def budget_label(budget: list[str], args: argparse.Namespace) -> str:
     return ", ".join(budget) if args.budget_arms else "every arm without early stopping"
 
 
-def against_reference(setting: str, res, screened, args) -> list[str]:
+def against_reference(setting: str, res, screened, args, reference: dict) -> list[str]:
     """Per seed, the compute each two-phase arm took to reach --reference's best full search."""
-    reference = load_reference(args)
-    targets = [best_full(reference["arms"], setting, s) for s in args.seeds]
+    targets = [best_of(r for k, r in reference["arms"].items()
+                       if k.startswith(key_of(setting, s, "full:"))) for s in args.seeds]
     if any(t is None for t in targets):
         return [f"- --reference {args.reference}: no full search of {setting} on every seed.",
                 ""]
@@ -514,10 +512,12 @@ def _verdicts(res, full, screened, equal, target, seeds, args, budget) -> list[s
     return [*out, ""]
 
 
-def render(cache: dict, args: argparse.Namespace, wall_s: float) -> str:
+def render(cache: dict, args: argparse.Namespace, wall_s: float,
+           reference: dict | None = None) -> str:
     from search.config import SearchConfig
 
-    body = [line for setting in args.settings for line in render_setting(setting, cache, args)]
+    body = [line for setting in args.settings
+            for line in render_setting(setting, cache, args, reference)]
     command = "python benchmarks/search_hypervolume.py " + shlex.join(sys.argv[1:])
     return "\n".join([
         SECTION, "",
@@ -544,7 +544,7 @@ def render(cache: dict, args: argparse.Namespace, wall_s: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    check_args(args)  # fails early, before any search runs
+    reference = check_args(args)  # fails early, before any search runs
     cache = load_arms(args)
     todo = [(setting, seed, arm) for setting in args.settings for seed in args.seeds
             for arm in args.arms if key_of(setting, seed, arm) not in cache["arms"]]
@@ -561,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{setting} seed {seed} {arm}: hypervolume {result['hv']:.3f}, compute "
               f"{result['compute_s']:.0f} {result['unit']}-s, wall {result['wall_s']:.0f} s",
               flush=True)
-    text = render(cache, args, time.perf_counter() - start)
+    text = render(cache, args, time.perf_counter() - start, reference)
     write_section(args.out, SECTION, text, replaces=OLD_SECTION)
     print(text)
     return 0
