@@ -1,4 +1,5 @@
 # Two commands do all set-up: `make run` (the main job on the embedded data) and `make test`.
+# Installs take the exact versions of constraints.txt; pyproject.toml holds the ranges the code needs.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -7,10 +8,10 @@ RUN_ARGS ?=
 
 .PHONY: run test lint prune clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 # The product's main job: the pruning-schedule search on the embedded digits, a few minutes on

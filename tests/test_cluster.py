@@ -393,15 +393,35 @@ def test_runtime_env_is_a_valid_ray_runtime_env():
         assert heavy in excludes, f"{heavy} would be uploaded with every job"
 
 
-def test_runtime_env_installs_the_project_dependencies_but_not_ray():
-    declared = {
-        _requirement_key(dep)
-        for dep in _pyproject()["project"]["dependencies"]
-        if canonicalize_name(Requirement(dep).name) != "ray"
-    }
+def _constraints() -> dict[str, str]:
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version.strip()
+    return pins
+
+
+def test_runtime_env_pins_the_project_dependencies_but_not_ray():
+    """Every dependency pyproject declares (Ray aside) at the exact version of constraints.txt,
+    and that version inside pyproject's range: a cluster installs what make installs here."""
+    pins = _constraints()
+    expected = set()
+    for dep in _pyproject()["project"]["dependencies"]:
+        req = Requirement(dep)
+        name = canonicalize_name(req.name)
+        if name == "ray":
+            continue
+        assert req.specifier.contains(pins[name]), (dep, pins[name])
+        expected.add((name, f"=={pins[name]}"))
     listed = _pip_keys(_load_yaml(RUNTIME_ENV_YAML))
-    assert listed == declared
+    assert listed == expected
     assert "ray" not in {name for name, _ in listed}
+
+
+def test_constraints_pin_the_ray_of_the_cluster_image():
+    (image,) = {_load_yaml(AWS_YAML)["docker"]["image"]}
+    assert _constraints()["ray"] == image.split(":")[1].split("-")[0]
 
 
 def test_rayjob_runtime_env_matches_runtime_env_yaml():
