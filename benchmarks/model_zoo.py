@@ -8,7 +8,7 @@ a time limit, on CPU, at the smallest input it accepts (16, 32, 64, 128 or 224 p
 5. save a checkpoint and rebuild it with load_checkpoint: same outputs.
 
 Results are merged into a JSON file (so the list can be run in parts) and the table in
-README.md between the model-zoo markers is regenerated from it:
+docs/user-guide.md between the model-zoo markers is regenerated from it:
 
     python benchmarks/model_zoo.py                     # every model (~10-15 min on 2 cores)
     python benchmarks/model_zoo.py --models 'resnet*' 'vgg*'   # a part
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                         "default: %(default)g)")
     p.add_argument("--json", default=str(REPO / "docs" / "model_zoo.json"),
                    help="results file, merged by model name (default: %(default)s)")
-    p.add_argument("--readme", default=str(REPO / "README.md"),
+    p.add_argument("--readme", default=str(REPO / "docs" / "user-guide.md"),
                    help="file whose model-zoo table is regenerated ('-' = print only)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: check one model, print JSON
     args = p.parse_args(argv)

@@ -39,7 +39,7 @@ random on every seed, near the top right after pruning, and it needs no calibrat
 lamp and fpgm under uniform allocation do as well. The paper's `ccpcsa` is within noise in 3
 settings but 2.94 points below the best (lamp) at -70 % on resnet20, behind on all 6 seeds;
 its redundancy term adds +0.6 points over strength alone after fine-tuning on average,
-beyond noise in 1 of 4 settings (README.md).
+beyond noise in 1 of 4 settings (docs/design.md).
 """
 
 from __future__ import annotations

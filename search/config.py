@@ -40,7 +40,7 @@ class SearchConfig:
     max_concurrent_trials: int = 2
     # the best of tpe, nsga2 and gp in benchmarks/search_hypervolume.py (two-phase search,
     # Fashion-MNIST: gp 2.001, tpe 1.890, nsga2 1.793 hypervolume; random 2.052 — no sampler
-    # beat random search there, README.md says so)
+    # beat random search there, docs/findings.md says so)
     sampler: str = "gp"
     # tpe / gp: trials sampled at random before the model takes over; None = Optuna's 10,
     # which leaves a 12-trial search almost random

@@ -19,6 +19,20 @@ import torch  # noqa: E402
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+# Modules whose tests start Ray or run whole searches: `make test-fast` (pytest -m "not slow")
+# leaves them out for the inner loop; `make test` (and CI) runs everything.
+SLOW_MODULES = {
+    "test_search", "test_two_phase", "test_local_job", "test_distributed", "test_datapath",
+    "test_reliability", "test_zoo", "test_syncbn", "test_weights",
+}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

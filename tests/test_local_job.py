@@ -1,6 +1,6 @@
-"""README's "A search as a Ray job on this machine": run its commands as written.
+"""docs/distributed.md, "A search as a Ray job on this machine": run its commands as written.
 
-The bash block is read from README.md, so the test and the docs cannot drift. Its lines run
+The bash block is read from that page, so the test and the docs cannot drift. Its lines run
 in one bash shell, in order, with a clean environment (no RAY_AUTH_* and a fresh HOME, so no
 ~/.ray/auth_token: the README's own exports must be what makes token authentication work).
 The only changes, so parallel test runs do not collide: `ray start` gets free loopback ports
@@ -32,7 +32,7 @@ from test_search import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-HEADING = "### A search as a Ray job on this machine (token authentication)"
+HEADING = "## A search as a Ray job on this machine (token authentication)"
 JOB_TIMEOUT_S = 420
 STOP_TIMEOUT_S = 60
 BLOCK = " --block &"
@@ -41,7 +41,7 @@ STOP = 'kill "$RAY_HEAD_PID"'
 
 def readme_block() -> list[str]:
     """The commands of the first bash block under HEADING, continuation lines joined."""
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "distributed.md").read_text()
     section = text[text.index(HEADING):]
     block = re.search(r"```bash\n(.*?)```", section, re.S)
     assert block, f"no bash block under {HEADING!r}"
