@@ -185,3 +185,19 @@ def test_jpeg_decode_falls_back_for_other_formats():
     crops = np.full((1, 5), -1, np.int64)
     out = decode_on_device([buffer.getvalue()], crops, SIZE, CPU)
     assert out.shape == (1, SIZE, SIZE, 3) and int(out.max()) == 0
+
+
+def test_decode_ahead_thread_keeps_order_and_reraises():
+    from ccpcsa.distributed.ingest import ahead
+
+    items = [(torch.tensor([i]),) for i in range(7)]
+    assert [int(t[0]) for (t,) in ahead(iter(items), CPU, 2)] == list(range(7))
+
+    def failing():
+        yield (torch.tensor([0]),)
+        raise ValueError("bad jpeg 3")
+
+    got = ahead(failing(), CPU, 2)
+    assert int(next(got)[0]) == 0
+    with pytest.raises(ValueError, match="bad jpeg 3"):
+        next(got)

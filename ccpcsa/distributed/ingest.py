@@ -26,6 +26,7 @@ Ray is imported lazily: the rest of ccpcsa works without it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -204,17 +205,79 @@ class ParquetBatches:
             options["local_shuffle_seed"] = shuffle_seed
         self.streams_started += 1
         if self.cfg.decode == "gpu":  # variable-length bytes: numpy batches, decoded here
-            for batch in ds.iter_batches(batch_format="numpy", **options):
-                moved = self.copy({k: torch.from_numpy(np.ascontiguousarray(batch[k]))
-                                   for k in ("label", "checksum")})
-                images = decode_on_device(batch["jpeg"], batch["crop"], self.cfg.image_size,
-                                          self.device)
-                yield images, moved["label"], moved["checksum"]
+            yield from ahead(self._decoded(ds.iter_batches(batch_format="numpy", **options)),
+                             self.device, max(self.cfg.prefetch_batches, 1))
             return
         for batch in ds.iter_torch_batches(**options, **self.copy.ray_options()):
             if self.copy.ring is not None:
                 batch = self.copy({k: batch[k] for k in ("image", "label", "checksum")})
             yield batch["image"], batch["label"], batch["checksum"]
+
+
+    def _decoded(self, batches) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for batch in batches:
+            moved = self.copy({k: torch.from_numpy(np.ascontiguousarray(batch[k]))
+                               for k in ("label", "checksum")})
+            images = decode_on_device(batch["jpeg"], batch["crop"], self.cfg.image_size,
+                                      self.device)
+            yield images, moved["label"], moved["checksum"]
+
+
+_END = object()
+
+
+def ahead(batches: Iterator[tuple], device: torch.device, depth: int) -> Iterator[tuple]:
+    """Runs `batches` (which launch device work: the GPU decode) in a thread, up to `depth`
+    batches ahead of the training loop, on a side CUDA stream; the training stream waits on
+    each batch's event, so decoding the next batch overlaps the step instead of preceding it."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    side = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                for item in batches:
+                    event = None
+                    if side is not None:
+                        event = torch.cuda.Event()
+                        event.record(side)
+                    if not put((item, event)):
+                        return
+            put(_END)
+        except BaseException as exc:  # noqa: BLE001 - raised again in the consumer
+            put(exc)
+
+    thread = threading.Thread(target=produce, name="ccpcsa-gpu-decode", daemon=True)
+    thread.start()
+    main = torch.cuda.current_stream(device) if side is not None else None
+    try:
+        while True:
+            got = q.get()
+            if got is _END:
+                return
+            if isinstance(got, BaseException):
+                raise got
+            item, event = got
+            if main is not None:
+                main.wait_event(event)
+                for t in item:
+                    t.record_stream(main)  # made on the side stream, used on this one
+            yield item
+    finally:
+        stop.set()
 
 
 class FitStream:
