@@ -12,10 +12,11 @@ and every row is written as it is measured (OUT/results.jsonl), so a cut run kee
             img/s of the second epoch, its ratio to plain, and the machine's CPU cores busy
             during it (/proc/stat: decode tasks included); the best mode is used below
   prefetch  the best mode again with 4x --prefetch
-  gpudec    the same with --decode gpu (Ray Data ships JPEG bytes, decode_jpeg on the GPU)
-  full      RayRunner, 1 GPU worker, --epochs epochs in one stream, decode gpu then cpu:
-            img/s of the last epoch, ratio to plain, cores busy over the fit
-  rounds    --rounds screened pruning rounds on the full step's worker group (score, prune,
+  gpudec    the copy step with --decode gpu (Ray Data ships JPEG bytes, decode_jpeg on the GPU)
+  full      RayRunner, 1 GPU worker, --epochs epochs in one stream, CPU decode (then, after
+            rounds and gpudec, GPU decode): img/s of the last epoch, ratio to plain, cores
+            busy over the fit
+  rounds    --rounds screened pruning rounds on the CPU-decode worker group (score, prune,
             BatchNorm re-estimation, --round-epochs fine-tune epochs with their evaluation):
             each round's wall time split by command: the per-round fixed cost
   verdict   full / plain for each decode, against 0.9
@@ -131,6 +132,11 @@ def stream_fit(b: Bench, root: str, device: torch.device, plain: float | None, s
             _loss, seen = run_epoch(model, batches, opt, sched, device, cfg)
             sync()
             seconds = time.perf_counter() - start
+            if epoch == 0 and seconds > b.args.epoch_cap_s:
+                b.emit(step, what=f"decode {decode}, host copy {host_copy}: epoch 1 took "
+                       f"{seconds:.0f} s, epoch 2 skipped", img_s=round(seen / seconds, 1),
+                       seconds=round(seconds, 1), decode=decode, host_copy=host_copy)
+                return seen / seconds
             if epoch == 1:
                 img_s = seen / seconds
                 cpu = meter.stop()
@@ -257,6 +263,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=10)
     p.add_argument("--epochs", type=int, default=3, help="full-path epochs (default: 3)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--epoch-cap-s", type=float, default=45,
+                   help="copy/gpudec: no second epoch after a first epoch this long")
     p.add_argument("--score-batches", type=int, default=4)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--round-m", type=int, default=256)
@@ -321,20 +329,23 @@ def main(argv: list[str] | None = None) -> int:
         if b.enough("prefetch", 25):
             attempt(b, "prefetch", stream_fit, b, root, device, plain, "prefetch", "cpu", best,
                     args.prefetch * 4)
+        # CPU decode's verdict and the round cost first: a slow GPU decode cannot crowd them out
+        if b.enough("full cpu", 45):
+            done = attempt(b, "full cpu", full_fit, b, root, device, plain, "cpu", best)
+            if done:
+                full["cpu"], runner, model = done
+        if runner is not None and b.enough("rounds", 15 + 12 * args.rounds):
+            attempt(b, "rounds", rounds, b, device, runner, model)
+        if runner is not None:
+            runner.close()  # its worker holds the GPU
+            runner = None
         if b.enough("gpudec", 25):
             attempt(b, "gpudec", stream_fit, b, root, device, plain, "gpudec", "gpu", best,
                     args.prefetch)
-        for decode in ("gpu", "cpu"):
-            if not b.enough(f"full {decode}", 45):
-                continue
-            if runner is not None:
-                runner.close()  # its worker holds the GPU
-                runner = None
-            done = attempt(b, f"full {decode}", full_fit, b, root, device, plain, decode, best)
+        if b.enough("full gpu", 45):
+            done = attempt(b, "full gpu", full_fit, b, root, device, plain, "gpu", best)
             if done:
-                full[decode], runner, model = done
-        if runner is not None and b.enough("rounds", 15 + 12 * args.rounds):
-            attempt(b, "rounds", rounds, b, device, runner, model)
+                full["gpu"], runner, model = done
     except Exception as exc:  # data or plain failed: report what was measured so far
         b.emit("failed", error=f"{type(exc).__name__}: {exc}"[:400])
         raise
