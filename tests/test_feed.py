@@ -201,3 +201,16 @@ def test_decode_ahead_thread_keeps_order_and_reraises():
     assert int(next(got)[0]) == 0
     with pytest.raises(ValueError, match="bad jpeg 3"):
         next(got)
+
+
+def test_search_settings_for_the_input_path_are_validated_and_reach_the_workers():
+    from search.config import ConfigError, config_from_dict
+    from search.trial import data_config
+
+    cfg = config_from_dict({"decode": "gpu", "host_copy": "pageable", "prefetch_batches": 4})
+    data = data_config(cfg)
+    assert (data.decode, data.host_copy, data.prefetch_batches) == ("gpu", "pageable", 4)
+    for bad, name in (({"decode": "nvjpeg"}, "'nvjpeg'"), ({"host_copy": "pinned"}, "'pinned'"),
+                      ({"prefetch_batches": -1}, "prefetch_batches")):
+        with pytest.raises(ConfigError, match=name):
+            config_from_dict(bad)
