@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The issue-27 device check, ONE GPU, one call. From the repository root, after
-# `cp -r /work/shared/device-kit device-kit` (untracked, travels with the tree):
+# The issue-27 device check, ONE GPU, one call. Locally, in the repository root, first
+# `cp -r /work/shared/device-kit device-kit` (untracked, travels with the tree); then on the device:
 #   BUDGET_S=360 bash benchmarks/gpu_verdict.sh          (device tool timeout_s ~480)
 # Installs device-kit/wheels (Ray 2.60 + torch_pruning) into /tmp when ray or torch_pruning is
 # missing, then runs benchmarks/gpu_verdict.py within BUDGET_S seconds; rows land in
