@@ -7,10 +7,11 @@
   pinned copy of every batch in its collate thread, then the copy to the device.
 - "pageable": Ray Data copies to the device straight from pageable host memory.
 
-On the GPU machine a thread that pins every batch afresh halved a plain loop's speed, while a
-thread copying into reused pinned buffers did not (docs/benchmarks.md, GPU contention), hence
-"ring" by default; benchmarks/gpu_verdict.py measures all three in the full path. Without CUDA
-every mode is a plain `.to(device)`.
+On the GPU machine a thread pinning every batch afresh halved a plain loop's speed
+(docs/benchmarks.md, GPU contention), so "ray_pin" is out as a default; until
+benchmarks/gpu_verdict.py has measured the three in the path, the default is "pageable", the
+mode with no pinning and no code of our own on the CUDA side. Without CUDA every mode is a
+plain `.to(device)`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 
 HOST_COPIES = ("ring", "ray_pin", "pageable")
-DEFAULT_HOST_COPY = "ring"
+DEFAULT_HOST_COPY = "pageable"
 
 
 def check_host_copy(mode: str) -> str:
