@@ -209,7 +209,9 @@ def in_process(b: Bench, root: str, device: torch.device, pin_memory: bool) -> N
     a = b.args
     cfg = TrainConfig(batch_size=a.batch)
     source = ParquetBatches(shard_index(root, "train"), None,
-                            IngestConfig(a.size, a.batch, pin_memory=pin_memory), device)
+                            IngestConfig(a.size, a.batch,
+                                         host_copy="ray_pin" if pin_memory else "pageable"),
+                            device)
     model = to_device(build_model(a.model, a.classes, with_bam=True), device, cfg)
     opt, sched = make_optimizer(model, cfg, 0.01, 10**6)
     host = "pinned" if pin_memory else "pageable"

@@ -156,6 +156,16 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
                    help="DataLoader worker processes that decode images per training process "
                         "(map-style data; default: one per CPU the process may use, minus one, "
                         "at most 8; 0 for digits and on one CPU)")
+    p.add_argument("--decode", choices=("cpu", "gpu"), default="cpu",
+                   help="parquet with --workers > 1: decode JPEGs in Ray Data tasks on the "
+                        "CPUs, or on each worker's GPU (nvJPEG) (default: %(default)s)")
+    p.add_argument("--host-copy", choices=("ring", "ray_pin", "pageable"), default="pageable",
+                   help="parquet with --workers > 1 on GPUs: how batches reach the GPU (a ring "
+                        "of reused pinned buffers, Ray Data's fresh pinned copies, pageable "
+                        "memory) (default: %(default)s)")
+    p.add_argument("--prefetch-batches", type=int, default=2,
+                   help="parquet with --workers > 1: batches Ray Data prefetches per worker "
+                        "(default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every epoch")
 
 
@@ -217,7 +227,9 @@ def configs_from_args(args: argparse.Namespace) -> dict[str, Any]:
         validation.text("--weights", args.weights)
     if args.baseline_epochs is None:
         args.baseline_epochs = 0 if args.weights else 10
-    data_cfg = DataConfig(args.dataset, args.data_root, args.image_size)
+    validation.whole("--prefetch-batches", args.prefetch_batches, 0)
+    data_cfg = DataConfig(args.dataset, args.data_root, args.image_size, decode=args.decode,
+                          host_copy=args.host_copy, prefetch_batches=args.prefetch_batches)
     train_cfg = TrainConfig(batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                             device=args.device, loader_workers=args.loader_workers)
     train_cfg.validate()

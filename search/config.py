@@ -11,6 +11,8 @@ import yaml
 from ccpcsa import validation
 from ccpcsa.data import DATASETS, NEEDS_ROOT
 from ccpcsa.data.common import MIN_IMAGE_SIZE
+from ccpcsa.data.jpegdecode import DECODES
+from ccpcsa.distributed.hostcopy import HOST_COPIES
 from ccpcsa.importance import DEFAULT_IMPORTANCE, IMPORTANCES
 from ccpcsa.loop import REFERENCES
 from ccpcsa.models import ModelError, check_model_name
@@ -35,6 +37,11 @@ class SearchConfig:
     data_root: str | None = None
     image_size: int | None = None
     train_subset: int = 0  # > 0: train on a fixed random N images of the training split
+    # parquet only (ccpcsa.distributed.ingest): where JPEGs are decoded (cpu: Ray Data tasks;
+    # gpu: each worker's GPU, nvJPEG), how batches reach the GPU, Ray Data's prefetch
+    decode: str = "cpu"
+    host_copy: str = "pageable"
+    prefetch_batches: int = 2
     # the search
     num_samples: int = 8
     max_concurrent_trials: int = 2
@@ -121,6 +128,9 @@ class SearchConfig:
             raise ConfigError(f"dataset {self.dataset!r} needs data_root (--data-root)")
         if self.image_size is not None:
             check.whole("image_size", self.image_size, MIN_IMAGE_SIZE)
+        check.choice("decode", self.decode, DECODES)
+        check.choice("host_copy", self.host_copy, HOST_COPIES)
+        check.whole("prefetch_batches", self.prefetch_batches, 0)
         check.choice("sampler", self.sampler, SAMPLERS)
         check.choice("early_stop", self.early_stop, EARLY_STOPS)
         check.choice("importance", self.importance, IMPORTANCES)

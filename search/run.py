@@ -115,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train, score channels and re-estimate BatchNorm on a fixed random N "
                         "images of the training split (the test split stays whole; not for "
                         f"parquet); 0 = all (default {d.train_subset})")
+    g.add_argument("--decode", choices=("cpu", "gpu"),
+                   help="parquet: decode JPEGs in Ray Data tasks on the CPUs, or on each "
+                        f"worker's GPU (nvJPEG; CPU fallback) (default {d.decode})")
+    g.add_argument("--host-copy", choices=("ring", "ray_pin", "pageable"),
+                   help="parquet on GPUs: batches reach the GPU from a ring of reused pinned "
+                        "buffers, from Ray Data's fresh pinned copies, or from pageable memory "
+                        f"(default {d.host_copy})")
+    g.add_argument("--prefetch-batches", type=int, metavar="N",
+                   help=f"parquet: batches Ray Data prefetches per worker "
+                        f"(default {d.prefetch_batches})")
     g = p.add_argument_group("search")
     g.add_argument("--num-samples", type=int, help=f"trials to run without --screen "
                    f"(default {d.num_samples})")

@@ -47,7 +47,9 @@ class TrialSettings:
 def data_config(cfg: SearchConfig, phase: str = "full") -> DataConfig:
     return DataConfig(cfg.dataset, cfg.data_root, cfg.image_size,
                       train_subset=cfg.train_subset,
-                      test_subset=cfg.screen_eval_images if phase == "screen" else 0)
+                      test_subset=cfg.screen_eval_images if phase == "screen" else 0,
+                      decode=cfg.decode, host_copy=cfg.host_copy,
+                      prefetch_batches=cfg.prefetch_batches)
 
 
 def train_config(cfg: SearchConfig) -> TrainConfig:

@@ -40,6 +40,12 @@ class DataConfig:
     # > 0: evaluate on a fixed random N images of the test split (a search's screening rounds:
     # a cheaper, noisier accuracy; search --screen-eval-images)
     test_subset: int = 0
+    # parquet through Ray Data only (ccpcsa.distributed.ingest.IngestConfig): where JPEGs are
+    # decoded ("cpu": Ray Data tasks; "gpu": the training worker's device), how batches reach
+    # the device ("ring", "ray_pin", "pageable") and how many batches Ray Data prefetches
+    decode: str = "cpu"
+    host_copy: str = "pageable"
+    prefetch_batches: int = 2
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ from torch.utils.data import Dataset
 
 from ccpcsa.data.common import DataError
 from ccpcsa.data.imagefolder import decode_uint8_batch, imagefolder_transform, scan_imagefolder
+from ccpcsa.data.jpegdecode import CROP_FIELDS, draw_crops
 
 log = logging.getLogger("ccpcsa.data")
 
@@ -238,12 +239,14 @@ def read_piece(piece: Piece) -> tuple[list[bytes], np.ndarray]:
 
 
 def decode_pieces(batch: dict[str, np.ndarray], image_size: int, train: bool,
-                  mix: bool = False) -> dict[str, np.ndarray]:
+                  mix: bool = False, decode: str = "cpu") -> dict[str, np.ndarray]:
     """Ray Data map_batches function: a batch of pieces (columns of Piece's fields) -> their
     rows as {"image": N x S x S x 3 uint8, "label": int64, "checksum": int64 crc32 of the
     encoded image}. A piece's seed (with its start) fixes its augmentation draws; with `mix`
     the rows of all the pieces are shuffled together, in an order their seeds fix (the
-    shuffle a consumer-side buffer would do, here on the decode task's CPU)."""
+    shuffle a consumer-side buffer would do, here on the decode task's CPU). With decode="gpu"
+    the pixels are left to the worker: "jpeg" holds the encoded bytes and "crop" each image's
+    crop and flip draws (ccpcsa.data.jpegdecode), the same draws the CPU decode makes."""
     images, labels, checksums = [], [], []
     for i in range(len(batch["path"])):
         piece = Piece(str(batch["path"][i]), int(batch["group"][i]), int(batch["start"][i]),
@@ -252,20 +255,46 @@ def decode_pieces(batch: dict[str, np.ndarray], image_size: int, train: bool,
         if train and piece.order_seed >= 0:
             torch.manual_seed(int(np.random.SeedSequence([piece.order_seed, piece.start])
                                   .generate_state(1, np.uint64)[0]) % 2**63)
-        images.append(decode_uint8_batch(data, image_size, train))
+        if decode == "gpu":
+            encoded = np.empty(len(data), dtype=object)
+            encoded[:] = data
+            images.append((encoded, draw_crops(data, train)))
+        else:
+            images.append(decode_uint8_batch(data, image_size, train))
         labels.append(piece_labels)
         checksums.append(np.array([zlib.crc32(d) for d in data], dtype=np.int64))
-    if not images:
-        return {"image": np.empty((0, image_size, image_size, 3), np.uint8),
-                "label": np.empty(0, np.int64), "checksum": np.empty(0, np.int64)}
-    out = {"image": np.concatenate(images), "label": np.concatenate(labels),
-           "checksum": np.concatenate(checksums)}
-    if mix:
+    out = {"label": np.concatenate(labels) if labels else np.empty(0, np.int64),
+           "checksum": np.concatenate(checksums) if checksums else np.empty(0, np.int64)}
+    if decode == "gpu":
+        out["jpeg"] = (np.concatenate([e for e, _ in images]) if images
+                       else np.empty(0, dtype=object))
+        out["crop"] = (np.concatenate([c for _, c in images]) if images
+                       else np.empty((0, CROP_FIELDS), np.int64))
+    else:
+        out["image"] = (np.concatenate(images) if images
+                        else np.empty((0, image_size, image_size, 3), np.uint8))
+    if mix and len(out["label"]):
         key = [v for i in range(len(batch["path"]))
                for v in (_nonnegative(int(batch["order_seed"][i])), int(batch["start"][i]))]
         order = np.random.default_rng(key).permutation(len(out["label"]))
         out = {k: v[order] for k, v in out.items()}
     return out
+
+
+def decode_task(batch: dict[str, np.ndarray], image_size: int, decode: str = "cpu"
+                ) -> dict[str, np.ndarray]:
+    """Ray Data map_batches function over decode tasks (batch_size=1): each row holds "pieces"
+    (a JSON list of Piece fields), "train" and "mix"; returns decode_pieces' rows. One stream
+    can so carry several segments (epochs, an evaluation), each with its own settings."""
+    outs = []
+    for i in range(len(batch["pieces"])):
+        pieces = json.loads(str(batch["pieces"][i]))
+        columns = {k: np.array([p[k] for p in pieces]) for k in
+                   ("path", "group", "start", "stop", "order_seed")}
+        out = decode_pieces(columns, image_size, bool(batch["train"][i]), bool(batch["mix"][i]),
+                            decode)
+        outs.append(out)
+    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
 
 # ---------------------------------------------------------------- one process

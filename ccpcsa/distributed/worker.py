@@ -42,7 +42,7 @@ from ccpcsa import storage
 from ccpcsa.bn import batch_norms, recalibrate_bn
 from ccpcsa.checkpoint import model_from_payload
 from ccpcsa.data import DataConfig, ShardIndex, build_datasets, dataset_info
-from ccpcsa.distributed.ingest import IngestConfig, ParquetBatches
+from ccpcsa.distributed.ingest import FitStream, IngestConfig, ParquetBatches
 from ccpcsa.syncbn import convert_batchnorm
 from ccpcsa.train import (
     InputWait,
@@ -64,6 +64,9 @@ _CHECKSUM_MOD = (1 << 61) - 1
 # Errors a command raises the same way on every worker (bad input, a diverging loss): reported
 # to the driver, the group stays up. Anything else fails the group, which Ray Train restarts.
 COMMAND_ERRORS = (ValueError, ArithmeticError)
+# Parquet calibration batches (uint8, on the device) kept for the next round's scoring and
+# BatchNorm re-estimation, which read the same rows: no decode, no Ray Data stream start-up.
+CALIBRATION_CACHE_BYTES = 2 << 30
 
 
 @dataclass(frozen=True)
@@ -184,9 +187,11 @@ class Worker:
         wrapped = (ray.train.torch.prepare_model(model, move_to_device=False)
                    if self.world > 1 else model)
         metrics: dict[str, Any] = {}
+        stream = source.fit(range(start_epoch, c.epochs))  # Parquet: one Ray Data stream
         for epoch in range(start_epoch, c.epochs):
             started = time.perf_counter()
-            batches = InputWait(_maybe_kill(source.epoch(epoch), c.kill, self.rank, epoch))
+            batches = InputWait(_maybe_kill(source.epoch(epoch, stream), c.kill, self.rank,
+                                            epoch))
             loss, seen = run_epoch(wrapped, batches, opt, sched, self.device, self.cfg)
             loss, seen, checksum = all_reduce([loss * seen, seen, source.checksum()],
                                               self.device)
@@ -208,7 +213,7 @@ class Worker:
         self.version = c.seq
         if self.rank == 0:
             self._finished.append(run_dir)
-        correct, total = self.count_correct()
+        correct, total = self.count_correct(stream)
         accuracy = 100.0 * correct / max(total, 1)
         return {"payload": self.payload() if self.rank == 0 else None, "accuracy": accuracy,
                 "metrics": {**metrics, "epoch": c.epochs, "start_epoch": start_epoch,
@@ -253,14 +258,17 @@ class Worker:
             self._train = TrainSource(self.setup, self.rank, self.world, self.device)
         return self._train
 
-    def count_correct(self) -> tuple[int, int]:
+    def count_correct(self, stream: FitStream | None = None) -> tuple[int, int]:
         """Top-1 over the whole test split, each sample on exactly one worker (an even split:
-        counts differ by at most one), summed over the workers."""
+        counts differ by at most one), summed over the workers. After a Parquet fit the val
+        rows come from the end of the fit's own stream (no new stream start-up)."""
         assert self.model is not None
         if self.setup.parquet is not None:
-            source = parquet_batches(self.setup, self.device, self.world)
-            batches = ((source.normalize(x), y) for x, y in source.evaluation(self.rank,
-                                                                              self.world))
+            source = self.train_source().parquet
+            assert source is not None
+            rows = stream.evaluation() if stream is not None else source.evaluation(
+                self.rank, self.world)
+            batches = ((source.normalize(x), y) for x, y in rows)
         else:
             if self._test_batches is None:
                 test_set = build_datasets(self.setup.data)[1]
@@ -278,9 +286,18 @@ class Worker:
         global_batch = self.cfg.batch_size
         per_worker = global_batch // self.world
         if self.setup.parquet is not None:
-            source = parquet_batches(self.setup, self.device, self.world)
-            for images, labels in source.calibration(count * global_batch, per_worker,
-                                                     self.rank, self.world):
+            source = self.train_source().parquet
+            assert source is not None
+            if count not in self._calibration_batches:  # decoded once, reused every round
+                uint8 = list(source.calibration(count * global_batch, per_worker, self.rank,
+                                                self.world))
+                if _nbytes(uint8) > CALIBRATION_CACHE_BYTES:
+                    self._calibration_batches.clear()
+                else:
+                    self._calibration_batches = {count: uint8}
+            else:
+                uint8 = self._calibration_batches[count]
+            for images, labels in uint8:
                 yield source.normalize(images), labels
             return
         if count not in self._calibration_batches:
@@ -346,9 +363,20 @@ class TrainSource:
                                  batch_size=self.batch_size)
             self.steps_per_epoch = len(self.loader)
 
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def fit(self, epochs: range) -> FitStream | None:
+        """Parquet: one stream for the fit's epochs and its closing evaluation (with Ray Data's
+        local shuffle buffer on, a stream per epoch instead: the buffer would mix epochs)."""
+        if self.parquet is None or self.parquet.cfg.shuffle_buffer or not len(epochs):
+            return None
+        return self.parquet.fit(epochs, self.rank, self.world,
+                                evaluate=self.parquet.val is not None)
+
+    def epoch(self, epoch: int, stream: FitStream | None = None
+              ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.parquet is not None:
-            for images, labels in self.parquet.epoch(epoch, self.rank, self.world):
+            rows = (stream.epoch(epoch) if stream is not None
+                    else self.parquet.epoch(epoch, self.rank, self.world))
+            for images, labels in rows:
                 yield self.parquet.normalize(images), labels
             return
         self.sampler.set_epoch(epoch)
@@ -363,11 +391,17 @@ class TrainSource:
         return self._checksum
 
 
+def _nbytes(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    return sum(x.numel() * x.element_size() + y.numel() * y.element_size() for x, y in batches)
+
+
 def parquet_batches(setup: GroupSetup, device: torch.device, world: int) -> ParquetBatches:
     """The Parquet stream of a group: the epoch plans, decode tasks and device normalisation."""
     assert setup.parquet is not None
     cfg = IngestConfig(dataset_info(setup.data).image_size, setup.train.batch_size // world,
-                       setup.train.seed, setup.data.augment)
+                       setup.train.seed, setup.data.augment,
+                       prefetch_batches=setup.data.prefetch_batches,
+                       host_copy=setup.data.host_copy, decode=setup.data.decode)
     return ParquetBatches(*setup.parquet, cfg, device)
 
 
