@@ -159,7 +159,7 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode", choices=("cpu", "gpu"), default="cpu",
                    help="parquet with --workers > 1: decode JPEGs in Ray Data tasks on the "
                         "CPUs, or on each worker's GPU (nvJPEG) (default: %(default)s)")
-    p.add_argument("--host-copy", choices=("ring", "ray_pin", "pageable"), default="pageable",
+    p.add_argument("--host-copy", choices=("ring", "ray_pin", "pageable"), default="ring",
                    help="parquet with --workers > 1 on GPUs: how batches reach the GPU (a ring "
                         "of reused pinned buffers, Ray Data's fresh pinned copies, pageable "
                         "memory) (default: %(default)s)")

@@ -40,7 +40,7 @@ class SearchConfig:
     # parquet only (ccpcsa.distributed.ingest): where JPEGs are decoded (cpu: Ray Data tasks;
     # gpu: each worker's GPU, nvJPEG), how batches reach the GPU, Ray Data's prefetch
     decode: str = "cpu"
-    host_copy: str = "pageable"
+    host_copy: str = "ring"
     prefetch_batches: int = 2
     # the search
     num_samples: int = 8

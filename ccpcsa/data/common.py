@@ -44,7 +44,7 @@ class DataConfig:
     # decoded ("cpu": Ray Data tasks; "gpu": the training worker's device), how batches reach
     # the device ("ring", "ray_pin", "pageable") and how many batches Ray Data prefetches
     decode: str = "cpu"
-    host_copy: str = "pageable"
+    host_copy: str = "ring"
     prefetch_batches: int = 2
 
 
