@@ -6,7 +6,7 @@ import argparse
 import logging
 import math
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from ccpcsa import exits, storage, validation
@@ -100,7 +100,16 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
                    help="stop when top-1 falls more than this many percentage points below the "
                         "reference; the last model within it is returned (default: %(default)s)")
     p.add_argument("--max-rounds", type=int, default=10,
-                   help="at most this many prune + fine-tune rounds (default: %(default)s)")
+                   help="at most this many prune + fine-tune rounds; with --target-flops the "
+                        "pace m is set to reach the target in about this many, and the rounds "
+                        "it takes to get there are allowed (default: %(default)s)")
+    p.add_argument("--target-flops", type=finite_float, default=None, metavar="FRACTION",
+                   help="fraction of the baseline's FLOPs to reach, in (0, 1): 0.33 = -67 %% "
+                        "FLOPs. The loop prunes on past --tolerance (those rounds are "
+                        "reported as over tolerance; the final model stays the last round "
+                        "within it) until the model has at most this many FLOPs. Refused when "
+                        "the ratio caps cannot reach it (default: none, stop at the "
+                        "tolerance)")
     p.add_argument("--epochs", type=int, default=1,
                    help="fine-tune epochs after each pruning round (default: %(default)s)")
     p.add_argument("--finetune-lr", type=finite_float, default=0.01,
@@ -179,8 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "reference. Writes rounds.parquet, checkpoints/, final.pt and config.json "
                     "to --out.")
     add_training_flags(p)
-    p.add_argument("--groups-per-round", "-m", type=int, default=8,
-                   help="m: channel groups removed per round (default: %(default)s)")
+    p.add_argument("--groups-per-round", "-m", type=int, default=None,
+                   help="m: channel groups removed per round (default: 8; with "
+                        "--target-flops, the channels the target takes over --max-rounds)")
     p.add_argument("--max-ratio", type=finite_float, default=0.9,
                    help="default cap on the fraction of a layer's original channels that may be "
                         "removed, in [0, 1) (default: %(default)s)")
@@ -266,6 +276,42 @@ def check_layer_caps(layer_caps: dict[str, float], prep_cfg: PrepareConfig) -> N
                          f"{prep_cfg.model}; groups (by root layer): {shown}")
 
 
+def plan_target(args: argparse.Namespace, prep_cfg: PrepareConfig, limits: PruneLimits
+                ) -> tuple[int, int]:
+    """(m, rounds) that reach --target-flops under the caps; UsageError when they cannot."""
+    from ccpcsa.depth import (
+        TargetError,
+        check_target,
+        flops_at_caps,
+        per_round_for,
+        ratio_for_target,
+        rounds_to_reach,
+        unpruned_flops,
+    )
+
+    try:
+        check_target(args.target_flops, "--target-flops")
+    except TargetError as exc:
+        raise UsageError(str(exc)) from None
+    name, classes, shape = prep_cfg.model, prep_cfg.num_classes, prep_cfg.input_shape
+    round_to = args.round_to or 1
+    flops, _removed, total = flops_at_caps(name, classes, shape, limits, round_to)
+    baseline = unpruned_flops(name, classes, shape)
+    if flops > args.target_flops * baseline:
+        raise UsageError(f"--target-flops {args.target_flops} cannot be reached: pruned as far "
+                         f"as the caps allow, {name} keeps {flops / baseline:.3f} of its FLOPs; "
+                         "raise --max-ratio / --stage-cap / --residual-cap or the fraction")
+    plan = ratio_for_target(name, classes, shape, args.target_flops, args.min_channels,
+                            round_to, max_ratio=max(limits.max_ratio, 0.05))
+    m = args.groups_per_round or per_round_for(plan, args.max_rounds)
+    caps = [limits.max_ratio, *limits.stage_caps.values(), *limits.layer_caps.values(),
+            *([] if limits.residual_cap is None else [limits.residual_cap])]
+    rounds = max(args.max_rounds, rounds_to_reach(total, max(caps), m))
+    print(f"target: {args.target_flops:g} of the baseline's FLOPs; m = {m} channels per "
+          f"round, up to {rounds} rounds", flush=True)
+    return m, rounds
+
+
 def prepare_out_folder(out: str, overwrite: bool) -> None:
     """Refuse an --out holding an earlier run's results, or with --overwrite remove them, so
     no round of another run is left beside this one's."""
@@ -309,9 +355,14 @@ def run_prune(args: argparse.Namespace) -> int:
     if unknown:
         raise UsageError(f"--stage-cap names unknown stage(s) {', '.join(unknown)} of "
                          f"{args.model}; stages: {', '.join(spec.stages)}")
-    loop_cfg = loop_config_from_args(args, args.groups_per_round, args.max_ratio, stage_caps,
-                                     layer_caps)
     check_layer_caps(layer_caps, configs["prepare"])
+    groups_per_round = 8 if args.groups_per_round is None else args.groups_per_round
+    if args.target_flops is not None:
+        groups_per_round, args.max_rounds = plan_target(
+            args, configs["prepare"], PruneLimits(args.max_ratio, stage_caps, layer_caps,
+                                                  args.min_channels, args.residual_cap))
+    loop_cfg = loop_config_from_args(args, groups_per_round, args.max_ratio, stage_caps,
+                                     layer_caps)
     try:
         storage.check_writable(args.out)
     except OSError as exc:
@@ -331,6 +382,9 @@ def _prune_locked(args: argparse.Namespace, configs: dict[str, Any], loop_cfg: L
                          storage.join(args.out, "ray"), gpus_per_worker=args.gpus_per_worker,
                          cpus_per_worker=args.cpus_per_worker, sync_bn=args.sync_bn)
     prepared = prepare(prep_cfg, runner, storage.join(args.out, "prepared"))
+    if args.target_flops is not None:
+        loop_cfg = replace(loop_cfg,
+                           target_flops=int(args.target_flops * prepared.baseline_flops))
     reference = prepared.reference_accuracy(loop_cfg.reference)
     rows: list[dict[str, Any]] = []
     print(f"baseline {prepared.baseline_accuracy:.2f}%  with BAM "

@@ -40,7 +40,8 @@ def stage0_point(prepared: Prepared) -> dict[str, Any]:
             "flops": int(metrics["flops"]), "params": int(metrics["params"]),
             "accuracy_pruned": prepared.attention_accuracy, "compute_s": None,
             "compute_unit": None, "checkpoint": prepared.attention_checkpoint,
-            "status": "stage0", "phase": "stage0", "deployable": True, "screened_trial": ""}
+            "status": "stage0", "phase": "stage0", "deployable": True, "screened_trial": "",
+            "within_tolerance": True}
 
 
 def trial_points(trials: list[TrialOnDisk]) -> list[dict[str, Any]]:

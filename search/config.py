@@ -83,6 +83,9 @@ class SearchConfig:
     lr: float = 0.05
     batch_size: int = 64
     # each trial's loop (steps 3-11)
+    # fraction of the baseline's FLOPs to reach (0.33 = -67 %): every trial prunes on past
+    # the tolerance down to it (search/space.py); None = each trial stops at the tolerance
+    target_flops: float | None = None
     tolerance: float = 0.5
     max_rounds: int = 6
     epochs: int = 1
@@ -162,6 +165,8 @@ class SearchConfig:
         check.whole("batch_size", self.batch_size, 2)
         check.per_worker_batch(self.batch_size, self.workers_per_trial)
         check.number("tolerance", self.tolerance, low=0)
+        if self.target_flops is not None:
+            check.number("target_flops", self.target_flops, above=0, below=1)
         for name in ("lr", "finetune_lr", "cpus_per_worker"):
             check.number(name, getattr(self, name), above=0)
         check.gpus("gpus_per_worker", self.gpus_per_worker)

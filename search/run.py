@@ -206,7 +206,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tolerance", type=float,
                    help=f"allowed top-1 drop in points before a trial stops "
                         f"(default {d.tolerance})")
-    g.add_argument("--max-rounds", type=int, help=f"rounds per trial (default {d.max_rounds})")
+    g.add_argument("--target-flops", type=float, metavar="FRACTION",
+                   help="fraction of the baseline's FLOPs to reach, in (0, 1): 0.33 = -67 %% "
+                        "FLOPs. Every trial prunes on past --tolerance (those rounds are "
+                        "reported, marked past the tolerance: not deployable at it) until it "
+                        "has at most this many FLOPs, so the frontier spans baseline -> "
+                        "target. The ratio caps are searched from the smallest all-equal ratio "
+                        "that reaches it, m (unless --m-range) from the channels that takes "
+                        "over --max-rounds, and each trial gets the rounds its m needs "
+                        "(default: none, each trial stops at the tolerance)")
+    g.add_argument("--max-rounds", type=int, help=f"rounds per trial; with --target-flops the "
+                   f"pace m is set to reach it in about this many (default {d.max_rounds})")
     g.add_argument("--epochs", type=int,
                    help=f"fine-tune epochs per round (default {d.epochs})")
     g.add_argument("--finetune-lr", type=float,
@@ -357,10 +367,12 @@ def make_sampler(cfg: SearchConfig, num_samples: int):
 
 def make_tuner(cfg: SearchConfig, trainable, space: dict[str, Any], plan,
                phase: Phase | None = None, configs: list[dict[str, Any]] | None = None,
-               points: list[tuple[str, float, int]] | None = None):
+               points: list[tuple[str, float, int]] | None = None,
+               rounds: int | None = None):
     """Tune's restored run (plan.restore) or a new one of plan.num_samples trials: sampled by
     Optuna over `space`, or (phase 2) the given `configs`, one trial each. `points` (trial id,
-    accuracy, FLOPs) already on disk seed the early-stopping scheduler."""
+    accuracy, FLOPs) already on disk seed the early-stopping scheduler; `rounds`: the most
+    rounds a trial may run (default --max-rounds)."""
     from ray import tune
 
     from search.early_stop import make_scheduler
@@ -398,7 +410,8 @@ def make_tuner(cfg: SearchConfig, trainable, space: dict[str, Any], plan,
         param_space=param_space,
         tune_config=tune.TuneConfig(
             search_alg=search, num_samples=plan.num_samples,
-            scheduler=make_scheduler(early_stop, phase.folder, cfg.max_rounds, points or ()),
+            scheduler=make_scheduler(early_stop, phase.folder, rounds or cfg.max_rounds,
+                                     points or ()),
             max_concurrent_trials=cfg.max_concurrent_trials),
         run_config=tune.RunConfig(
             name=name, storage_path=storage_path,
@@ -490,6 +503,8 @@ def _run_locked(cfg: SearchConfig, fail: frozenset[int], termination) -> int:
     print(f"stage 0: baseline {prepared.baseline_accuracy:.2f}% top-1, "
           f"with BAM {prepared.attention_accuracy:.2f}%", flush=True)
     layout = describe_model(cfg.model, info.num_classes, input_shape)
+    if cfg.target_flops is not None:
+        layout = plan_target(cfg, layout, info.num_classes, input_shape)
     space = build_space(cfg, layout)
     context = PhaseContext(cfg, fail, termination, space, layout, prepared,
                            info.num_classes, input_shape)
@@ -570,6 +585,7 @@ def run_phase(ctx: PhaseContext, phase: Phase, finalists=None) -> PhaseOutcome:
     from search.finalists import SCREENED_TRIAL, finalist_config
     from search.ondisk import counts, remove_unstarted, scan_trials
     from search.resume import Plan, plan_resume
+    from search.space import search_rounds
     from search.trial import TrialSettings
 
     cfg = ctx.cfg
@@ -604,7 +620,8 @@ def run_phase(ctx: PhaseContext, phase: Phase, finalists=None) -> PhaseOutcome:
                   for p in t.rounds.values()]
         ctx.termination.forward_to_sigint = True  # SIGTERM: Tune saves its state and stops
         try:
-            make_tuner(cfg, trainable, ctx.space, plan, phase, configs, points).fit()
+            make_tuner(cfg, trainable, ctx.space, plan, phase, configs, points,
+                       search_rounds(cfg, ctx.layout)).fit()
         finally:
             ctx.termination.forward_to_sigint = False
     trials = scan_trials(phase.folder, phase.name)
@@ -614,6 +631,27 @@ def run_phase(ctx: PhaseContext, phase: Phase, finalists=None) -> PhaseOutcome:
     if complete:  # an unfinished phase's not-started trials may be in Tune's state to restore
         trials = remove_unstarted(trials)
     return PhaseOutcome(phase, trials, plan.adopted, complete)
+
+
+def plan_target(cfg: SearchConfig, layout, num_classes: int,
+                input_shape: tuple[int, int, int]):
+    """The layout with what --target-flops takes (search/space.py); ConfigError when the
+    caps cannot reach it."""
+    from ccpcsa.depth import TargetError, ratio_for_target
+    from search.space import m_bounds, search_rounds, with_target
+
+    try:
+        plan = ratio_for_target(cfg.model, num_classes, input_shape, cfg.target_flops,
+                                cfg.min_channels, cfg.round_to or 1, max_ratio=cfg.cap_range[1])
+    except TargetError as exc:
+        raise ConfigError(f"{exc} (--cap-range high)") from None
+    layout = with_target(layout, plan)
+    low, high = m_bounds(cfg, layout)
+    print(f"target: {cfg.target_flops:g} of the baseline's FLOPs ({plan.target_flops:,}); "
+          f"caps from {plan.ratio:.3f} (every group at that ratio keeps "
+          f"{plan.flops_at_ratio / plan.baseline_flops:.3f}), m in [{low}, {high}], up to "
+          f"{search_rounds(cfg, layout)} rounds per trial", flush=True)
+    return layout
 
 
 def check_model_and_weights(prep_cfg: PrepareConfig) -> None:
