@@ -41,7 +41,7 @@ def stage0_point(prepared: Prepared) -> dict[str, Any]:
             "accuracy_pruned": prepared.attention_accuracy, "compute_s": None,
             "compute_unit": None, "checkpoint": prepared.attention_checkpoint,
             "status": "stage0", "phase": "stage0", "deployable": True, "screened_trial": "",
-            "within_tolerance": True}
+            "within_tolerance": True, "importance": ""}
 
 
 def trial_points(trials: list[TrialOnDisk]) -> list[dict[str, Any]]:
@@ -112,7 +112,7 @@ def write_results(trials: list[TrialOnDisk], cfg: SearchConfig, prepared: Prepar
         frame, baseline = add_latency(frame, baseline, cfg, prepared, input_shape)
         write_frontier(frame, run_dir, baseline)
     plot = plot_frontier(frame, storage.join(run_dir, "frontier.png"), baseline,
-                         title=f"{cfg.model} on {cfg.dataset}: CCPCSA schedules")
+                         title=plot_title(cfg, frame))
     table = format_table(frame, baseline)
     per_trial = "".join(f"\n{line}" for line in trial_lines(trials, set(adopted)))
     screened = int((frame["phase"] == "screen").sum())
@@ -121,6 +121,21 @@ def write_results(trials: list[TrialOnDisk], cfg: SearchConfig, prepared: Prepar
     return (f"{summary_counts(trials, owed)}; {points}, "
             f"{int(frame['pareto'].sum())} on the frontier{per_trial}\n{table}\n"
             f"frontier: {storage.join(run_dir, 'frontier.parquet')}\nplot: {plot}")
+
+
+def plot_title(cfg: SearchConfig, frame: pd.DataFrame) -> str:
+    """Model, data, the criterion the frontier's points were pruned with (and those searched),
+    and the FLOPs target."""
+    front = frame[frame["pareto"].astype(bool)] if "pareto" in frame.columns else frame
+    used = sorted({c for c in front.get("importance", pd.Series(dtype=str)).dropna() if c})
+    if len(cfg.importances) > 1:
+        criterion = (f"criteria searched {', '.join(cfg.importances)}; on the frontier "
+                     f"{', '.join(used) or '-'}")
+    else:
+        criterion = f"criterion {cfg.importances[0]}"
+    target = ("" if cfg.target_flops is None
+              else f", target {100 * cfg.target_flops:.0f}% of the baseline's FLOPs")
+    return f"{cfg.model} on {cfg.dataset}: {criterion}{target}"
 
 
 def add_latency(frame: pd.DataFrame, baseline: dict[str, Any], cfg: SearchConfig,

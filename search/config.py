@@ -90,6 +90,7 @@ class SearchConfig:
     max_rounds: int = 6
     epochs: int = 1
     finetune_lr: float = 0.01
+    # a criterion, or a comma list (l1,ccpcsa,taylor) that the search treats as a parameter
     importance: str = DEFAULT_IMPORTANCE
     allocation: str = "uniform"
     calibration_batches: int = 4
@@ -126,7 +127,11 @@ class SearchConfig:
             check.whole("image_size", self.image_size, MIN_IMAGE_SIZE)
         check.choice("sampler", self.sampler, SAMPLERS)
         check.choice("early_stop", self.early_stop, EARLY_STOPS)
-        check.choice("importance", self.importance, IMPORTANCES)
+        check.text("importance", self.importance)
+        for name in self.importances:
+            check.choice("importance", name, IMPORTANCES)
+        if len(set(self.importances)) != len(self.importances):
+            raise ConfigError(f"importance {self.importance!r} names a criterion twice")
         check.choice("allocation", self.allocation, ALLOCATIONS)
         check.choice("reference", self.reference, REFERENCES)
         for name in ("num_samples", "max_concurrent_trials", "workers_per_trial", "max_rounds",
@@ -190,6 +195,11 @@ class SearchConfig:
                     0)
         check.location("storage", self.storage)
         check.run_name("name", self.name)
+
+    @property
+    def importances(self) -> tuple[str, ...]:
+        """The criteria: one, or a comma list that the search samples from (search/space.py)."""
+        return tuple(part.strip() for part in str(self.importance).split(","))
 
     @property
     def finalist_count(self) -> int:

@@ -432,8 +432,12 @@ def format_table(df: pd.DataFrame, baseline: dict | None = None, only_pareto: bo
              "latency": has_latency(df),
              "tolerance": "within_tolerance" in df.columns
              and not bool(_within_tolerance(df).all())}
+    extra["criterion"] = "importance" in df.columns and bool(
+        df["importance"].fillna("").astype(str).str.len().gt(0).any())
     if extra["tolerance"]:
         columns.insert(6, ("tolerance", "<"))
+    if extra["criterion"]:
+        columns.insert(2, ("criterion", "<"))
     if extra["phase"]:
         columns.insert(2, ("phase", "<"))
     if extra["compute"]:
@@ -451,6 +455,8 @@ def format_table(df: pd.DataFrame, baseline: dict | None = None, only_pareto: bo
         row = _table_row(rec, baseline)
         if extra["tolerance"]:
             row.insert(6, "within" if ok else "past")
+        if extra["criterion"]:
+            row.insert(2, str(rec.get("importance") or "-"))
         if extra["phase"]:
             row.insert(2, str(rec.get("phase") or "-"))
         if extra["compute"]:

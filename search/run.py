@@ -221,8 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"fine-tune epochs per round (default {d.epochs})")
     g.add_argument("--finetune-lr", type=float,
                    help=f"fine-tune learning rate (default {d.finetune_lr})")
-    g.add_argument("--importance", help=f"channel criterion: {', '.join(IMPORTANCES)} "
-                   f"(default {d.importance}; see python -m ccpcsa prune --help)")
+    g.add_argument("--importance", metavar="NAME[,NAME...]",
+                   help=f"channel criterion: {', '.join(IMPORTANCES)}; a comma list (e.g. "
+                        "l1,ccpcsa,taylor) makes it a categorical parameter of the search, "
+                        "each frontier point naming the criterion it was pruned with "
+                        f"(default {d.importance}; see python -m ccpcsa prune --help)")
     g.add_argument("--allocation", help=f"channels per layer each round: "
                    f"{', '.join(ALLOCATIONS)}; uniform = the searched ratios shape the "
                    f"pruning, the criterion ranks within a layer (default {d.allocation})")

@@ -30,6 +30,7 @@ M_PARAM = "groups_per_round"
 RESIDUAL_PARAM = "cap_residual"
 LR_PARAM = "finetune_lr"
 EPOCHS_PARAM = "finetune_epochs"
+IMPORTANCE_PARAM = "importance"  # searched when --importance lists several criteria
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,8 @@ def build_space(cfg: SearchConfig, layout: ModelLayout) -> dict[str, Any]:
         space[cap_param(name)] = optuna.distributions.FloatDistribution(cap_low, cap_high)
     if _residual_param(cfg, layout):
         space[RESIDUAL_PARAM] = optuna.distributions.FloatDistribution(cap_low, cap_high)
+    if len(cfg.importances) > 1:
+        space[IMPORTANCE_PARAM] = optuna.distributions.CategoricalDistribution(cfg.importances)
     if cfg.search_finetune:
         lr_low, lr_high = cfg.lr_range
         space[LR_PARAM] = optuna.distributions.FloatDistribution(lr_low, lr_high, log=True)
@@ -148,6 +151,7 @@ class Schedule:
     finetune_lr: float
     finetune_epochs: int
     residual_cap: float | None = None
+    importance: str = ""  # the channel criterion
 
 
 def decode(params: dict[str, Any], cfg: SearchConfig, layout: ModelLayout) -> Schedule:
@@ -161,6 +165,7 @@ def decode(params: dict[str, Any], cfg: SearchConfig, layout: ModelLayout) -> Sc
         finetune_lr=float(params.get(LR_PARAM, cfg.finetune_lr)),
         finetune_epochs=int(params.get(EPOCHS_PARAM, cfg.epochs)),
         residual_cap=None if residual is None else float(residual),
+        importance=str(params.get(IMPORTANCE_PARAM, cfg.importances[0])),
     )
 
 
@@ -170,4 +175,6 @@ def uniform_params(cfg: SearchConfig, layout: ModelLayout, m: int, cap: float
     params = {M_PARAM: m, **{cap_param(name): cap for name in searched_caps(cfg, layout)}}
     if _residual_param(cfg, layout):
         params[RESIDUAL_PARAM] = cap
+    if len(cfg.importances) > 1:
+        params[IMPORTANCE_PARAM] = cfg.importances[0]
     return params

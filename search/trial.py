@@ -77,7 +77,7 @@ def run_trial(params: dict[str, Any], settings: TrialSettings) -> None:
         groups_per_round=schedule.groups_per_round, tolerance=cfg.tolerance,
         max_rounds=trial_rounds(cfg, settings.layout, schedule.groups_per_round),
         finetune_epochs=schedule.finetune_epochs,
-        finetune_lr=schedule.finetune_lr, importance=cfg.importance,
+        finetune_lr=schedule.finetune_lr, importance=schedule.importance,
         calibration_batches=cfg.calibration_batches, allocation=cfg.allocation,
         bn_batches=cfg.bn_batches, round_to=cfg.round_to,
         limits=PruneLimits(cap_bounds(cfg, settings.layout)[1], schedule.stage_caps,
@@ -92,6 +92,7 @@ def run_trial(params: dict[str, Any], settings: TrialSettings) -> None:
 
     def metrics(record: RoundRecord) -> dict[str, Any]:
         return {**_metrics(record, prepared), "phase": settings.phase,
+                "importance": schedule.importance,
                 "compute_s": meter.seconds(), "compute_unit": meter.unit}
 
     def on_round(record: RoundRecord, pruned: torch.nn.Module) -> None:
@@ -102,6 +103,7 @@ def run_trial(params: dict[str, Any], settings: TrialSettings) -> None:
         info = CheckpointInfo(cfg.model, settings.num_classes, True, settings.input_shape,
                               cfg.dataset, numbers,
                               {"round": record.round, "widths": record.widths,
+                               "importance": schedule.importance,
                                "within_tolerance": record.within_tolerance,
                                "phase": settings.phase, "compute_unit": meter.unit})
         with tempfile.TemporaryDirectory() as tmp:
