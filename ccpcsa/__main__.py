@@ -31,7 +31,8 @@ class UsageError(validation.SettingError):
     pass
 
 
-RESULT_FILES = ("rounds.parquet", "final.pt", "final_nobam.pt")  # what one prune run writes
+# what one prune run writes
+RESULT_FILES = ("rounds.parquet", "final.pt", "final_nobam.pt", "target.pt")
 
 
 def finite_float(text: str) -> float:
@@ -201,6 +202,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--residual-cap", type=finite_float, default=None, metavar="RATIO",
                    help="cap for every residual-stream group (channels summed by skip "
                         "connections), instead of its stage's (default: the stage's)")
+    p.add_argument("--final-epochs", type=int, default=0, metavar="N",
+                   help="after the loop, fine-tune the final model N more epochs (with "
+                        "--target-flops, the model that reached the target too, written to "
+                        "target.pt); final.pt is then the fine-tuned model and records its "
+                        "accuracy before (accuracy_before_final). Costs N epochs of training "
+                        "per model (default: %(default)s, none)")
+    p.add_argument("--final-lr", type=finite_float, default=None,
+                   help="learning rate of the final fine-tune (default: --finetune-lr)")
+    p.add_argument("--distill", action="store_true",
+                   help="knowledge distillation from the unpruned model (step 1's) in the "
+                        "final fine-tune: loss = (1 - w) x cross-entropy + w x T^2 x KL of "
+                        "the temperature-softened outputs; needs --final-epochs")
+    p.add_argument("--distill-rounds", action="store_true",
+                   help="also distil in every round's fine-tune")
+    p.add_argument("--distill-weight", type=finite_float, default=0.5, metavar="W",
+                   help="w, weight of the soft-target term, in [0, 1] (default: %(default)s)")
+    p.add_argument("--distill-temperature", type=finite_float, default=4.0, metavar="T",
+                   help="T, softmax temperature of the soft targets (default: %(default)s)")
     p.add_argument("--strip-bam", action="store_true",
                    help="also write final_nobam.pt: the final model without BAM, fine-tuned")
     p.add_argument("--latency-batch", type=int, default=BATCH,
@@ -229,8 +248,16 @@ def configs_from_args(args: argparse.Namespace) -> dict[str, Any]:
         args.baseline_epochs = 0 if args.weights else 10
     data_cfg = DataConfig(args.dataset, args.data_root, args.image_size)
     train_cfg = TrainConfig(batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                            device=args.device, loader_workers=args.loader_workers)
+                            device=args.device, loader_workers=args.loader_workers,
+                            distill_weight=args.distill_weight,
+                            distill_temperature=args.distill_temperature)
     train_cfg.validate()
+    validation.whole("--final-epochs", args.final_epochs, 0)
+    if args.final_lr is not None:
+        validation.number("--final-lr", args.final_lr, above=0)
+    if args.distill and not args.final_epochs:
+        raise UsageError("--distill distils in the final fine-tune: it needs --final-epochs N "
+                         "(--distill-rounds distils in every round)")
     pick_device(args.device)
     if args.workers < 1:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
@@ -386,6 +413,12 @@ def _prune_locked(args: argparse.Namespace, configs: dict[str, Any], loop_cfg: L
         loop_cfg = replace(loop_cfg,
                            target_flops=int(args.target_flops * prepared.baseline_flops))
     reference = prepared.reference_accuracy(loop_cfg.reference)
+    teacher_cfg = replace(configs["train"], teacher=prepared.baseline_checkpoint)
+    if args.distill_rounds:  # the teacher exists only now: the rounds get their own runner
+        runner.close()
+        runner = make_runner(configs["data"], teacher_cfg, args.workers,
+                             storage.join(args.out, "ray"), gpus_per_worker=args.gpus_per_worker,
+                             cpus_per_worker=args.cpus_per_worker, sync_bn=args.sync_bn)
     rows: list[dict[str, Any]] = []
     print(f"baseline {prepared.baseline_accuracy:.2f}%  with BAM "
           f"{prepared.attention_accuracy:.2f}%  reference ({loop_cfg.reference}) "
@@ -404,7 +437,27 @@ def _prune_locked(args: argparse.Namespace, configs: dict[str, Any], loop_cfg: L
                         initial_accuracy=prepared.attention_accuracy)
     final = record_of(result, result.final_round)
     final_path = storage.join(args.out, "final.pt")
-    save_checkpoint(result.model, checkpoint_info(prep_cfg, True, final, reference), final_path)
+    info = checkpoint_info(prep_cfg, True, final, reference)
+    if args.final_epochs:
+        if args.distill != args.distill_rounds:
+            runner.close()
+            runner = make_runner(configs["data"],
+                                 teacher_cfg if args.distill else configs["train"],
+                                 args.workers, storage.join(args.out, "ray"),
+                                 gpus_per_worker=args.gpus_per_worker,
+                                 cpus_per_worker=args.cpus_per_worker, sync_bn=args.sync_bn)
+        final, info = final_finetune(result.model, final, info, runner, args, "final")
+        deepest = result.records[-1]
+        if args.target_flops is not None and deepest.round != result.final_round:
+            from ccpcsa.checkpoint import load_checkpoint
+
+            model = load_checkpoint(storage.join(args.out, "checkpoints",
+                                                 f"round_{deepest.round:03d}.pt")).train()
+            record, target_info = final_finetune(
+                model, deepest, checkpoint_info(prep_cfg, True, deepest, reference), runner,
+                args, f"round {deepest.round} (target)")
+            save_checkpoint(model, target_info, storage.join(args.out, "target.pt"))
+    save_checkpoint(result.model, info, final_path)
     print(f"stopped: {result.stop_reason}; final model = round {result.final_round}: "
           f"{final.accuracy:.2f}% top-1, FLOPs {rows[result.final_round]['flops_reduction']:.1f}% "
           f"and params {rows[result.final_round]['params_reduction']:.1f}% below the baseline "
@@ -418,6 +471,23 @@ def _prune_locked(args: argparse.Namespace, configs: dict[str, Any], loop_cfg: L
         write_stripped(result.model, runner, prep_cfg, loop_cfg, args.out)
     runner.close()  # Ray Train workers, if any (also closed at exit after an error)
     return 0
+
+
+def final_finetune(model, record, info: CheckpointInfo, runner, args: argparse.Namespace,
+                   label: str):
+    """Fine-tune `model` in place for --final-epochs; returns its record and checkpoint info
+    with the accuracy after, the accuracy before kept as accuracy_before_final."""
+    from dataclasses import replace as replace_record
+
+    lr = args.final_lr if args.final_lr is not None else args.finetune_lr
+    runner.fit(model, args.final_epochs, lr, label=f"final fine-tune {label}")
+    accuracy = runner.evaluate(model)
+    print(f"final fine-tune of {label}: {args.final_epochs} epoch(s)"
+          f"{' distilled from the unpruned model' if args.distill else ''}: "
+          f"{record.accuracy:.2f}% -> {accuracy:.2f}% top-1", flush=True)
+    info.metrics.update(accuracy=accuracy, accuracy_before_final=record.accuracy)
+    info.extra.update(final_epochs=args.final_epochs, final_distill=bool(args.distill))
+    return replace_record(record, accuracy=accuracy), info
 
 
 def report_latency(prepared, model, final, rows, final_round: int, prep_cfg: PrepareConfig,

@@ -97,15 +97,21 @@ def summary_counts(trials: list[TrialOnDisk], owed: dict[str, int]) -> str:
 def write_results(trials: list[TrialOnDisk], cfg: SearchConfig, prepared: Prepared,
                   run_dir: str, adopted: set[str] = frozenset(),
                   owed: dict[str, int] | None = None,
-                  input_shape: tuple[int, int, int] | None = None) -> str:
+                  input_shape: tuple[int, int, int] | None = None,
+                  finals: dict | None = None) -> str:
     """frontier.parquet, frontier.png and frontier/*.pt from every point on disk; returns the
     summary to print. `owed`: trials each phase owes (default: the one-phase search's). With
     input_shape (the search ran to its end) and cfg.latency_batch, the frontier's latency is
-    measured too (add_latency); an interrupted search is not kept waiting for it."""
+    measured too (add_latency); an interrupted search is not kept waiting for it. `finals`:
+    the final fine-tunes done (search/final.py), whose results replace their points'."""
     owed = owed or {"full": cfg.num_samples}
     frame = pd.DataFrame([stage0_point(prepared), *trial_points(trials)])
     baseline = baseline_of(prepared)
     frame = mark_frontier(frame, baseline)
+    if finals:
+        from search.final import apply_finals
+
+        frame = mark_frontier(apply_finals(frame, finals), baseline)
     frame = collect_checkpoints(frame, run_dir)
     write_frontier(frame, run_dir, baseline)  # first without latency: nothing is lost
     if cfg.latency_batch and input_shape is not None:

@@ -100,6 +100,17 @@ class SearchConfig:
     reference: str = "baseline"
     # inference latency of each frontier point, batch 1 and this batch (0: not measured)
     latency_batch: int = 8
+    # the final fine-tune of frontier points after the search (search/final.py): epochs (0 =
+    # none), how many frontier points (0 = all), its lr (None: finetune_lr)
+    final_epochs: int = 0
+    final_top: int = 3
+    final_lr: float | None = None
+    # knowledge distillation from the unpruned model (step 1's): in the final fine-tune, and
+    # with distill_rounds in every round's fine-tune too
+    distill: bool = False
+    distill_rounds: bool = False
+    distill_weight: float = 0.5
+    distill_temperature: float = 4.0
 
     def __post_init__(self) -> None:
         if self.baseline_epochs is None:
@@ -193,6 +204,17 @@ class SearchConfig:
         check.number("lr_range low", check.pair("lr_range", self.lr_range)[0], above=0)
         check.whole("epochs_range low", int(check.pair("epochs_range", self.epochs_range, int)[0]),
                     0)
+        check.whole("final_epochs", self.final_epochs, 0)
+        check.whole("final_top", self.final_top, 0)
+        if self.final_lr is not None:
+            check.number("final_lr", self.final_lr, above=0)
+        check.flag("distill", self.distill)
+        check.flag("distill_rounds", self.distill_rounds)
+        check.number("distill_weight", self.distill_weight, low=0, high=1)
+        check.number("distill_temperature", self.distill_temperature, above=0)
+        if self.distill and not self.final_epochs:
+            raise ConfigError("distill needs final_epochs >= 1: it distils in the final "
+                              "fine-tune (--final-epochs N; --distill-rounds for every round)")
         check.location("storage", self.storage)
         check.run_name("name", self.name)
 

@@ -196,6 +196,37 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(0 = skip; default {d.latency_batch})")
     g.add_argument("--dry-run", action="store_true", default=False,
                    help="validate the configuration, print it, and exit")
+    g = p.add_argument_group("final fine-tune of the frontier (after the search)")
+    g.add_argument("--final-epochs", type=int, metavar="N",
+                   help="fine-tune the chosen frontier points N more epochs after the search "
+                        "(the paper and published pruning results fine-tune the final model "
+                        "for many epochs); the frontier then records accuracy before "
+                        "(accuracy_before_final) and after, and frontier/*.pt are the "
+                        "fine-tuned models. Each point runs as a Ray task with one trial's "
+                        "resources, through the trials' runner (Ray Train with "
+                        "--workers-per-trial > 1); --resume skips points already done. Costs "
+                        "about N epochs of training per point (default "
+                        f"{d.final_epochs}: none)")
+    g.add_argument("--final-top", type=int, metavar="K",
+                   help="frontier points that get the final fine-tune: K spread evenly along "
+                        "the frontier by FLOPs, the deepest always among them; 0 = every "
+                        f"frontier point (default {d.final_top})")
+    g.add_argument("--final-lr", type=float,
+                   help="learning rate of the final fine-tune, cosine-annealed (default: "
+                        "--finetune-lr)")
+    g.add_argument("--distill", action="store_true", default=None,
+                   help="knowledge distillation from the unpruned model (step 1's) in the "
+                        "final fine-tune: loss = (1 - w) x cross-entropy + w x T^2 x KL of "
+                        "the temperature-softened outputs; needs --final-epochs")
+    g.add_argument("--distill-rounds", action="store_true", default=None,
+                   help="also distil in every round's fine-tune (one more forward pass of the "
+                        "unpruned model per batch)")
+    g.add_argument("--distill-weight", type=float, metavar="W",
+                   help=f"w, the weight of the soft-target term in [0, 1] "
+                        f"(default {d.distill_weight})")
+    g.add_argument("--distill-temperature", type=float, metavar="T",
+                   help=f"T, the softmax temperature of the soft targets "
+                        f"(default {d.distill_temperature})")
     g = p.add_argument_group("stage 0 (once per search) and each trial's loop")
     g.add_argument("--baseline-epochs", type=int,
                    help="step 1 epochs, model without BAM (default 10; 0 with --weights)")
@@ -518,8 +549,17 @@ def _run_locked(cfg: SearchConfig, fail: frozenset[int], termination) -> int:
     owed = {o.phase.name: o.phase.num_samples for o in outcomes}
     adopted = {t for outcome in outcomes for t in outcome.adopted}
     interrupted = not outcomes[-1].complete or len(outcomes) < len(phases_of(cfg))
+    final_due = cfg.final_epochs > 0 and not interrupted
     print(collect.write_results(trials, cfg, prepared, run_dir, adopted, owed,
-                                input_shape=None if interrupted else input_shape), flush=True)
+                                input_shape=None if interrupted or final_due else input_shape),
+          flush=True)
+    if final_due:  # the search's frontier is on disk first: a kill here loses nothing of it
+        from search.final import run_final_finetunes
+        from search.pareto import read_frontier
+
+        finals = run_final_finetunes(ray, cfg, prepared, run_dir, read_frontier(run_dir)[0])
+        print(collect.write_results(trials, cfg, prepared, run_dir, adopted, owed,
+                                    input_shape=input_shape, finals=finals), flush=True)
     if interrupted:
         print(f"search interrupted after {time.time() - started:.0f}s; what finished is in "
               f"{run_dir}; continue with: python search/run.py --storage {cfg.storage} "

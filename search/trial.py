@@ -50,16 +50,21 @@ def data_config(cfg: SearchConfig, phase: str = "full") -> DataConfig:
                       test_subset=cfg.screen_eval_images if phase == "screen" else 0)
 
 
-def train_config(cfg: SearchConfig) -> TrainConfig:
+def train_config(cfg: SearchConfig, teacher: str | None = None) -> TrainConfig:
+    """Training settings; with `teacher` (a checkpoint) fine-tunes distil from it."""
     return TrainConfig(batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
-                       loader_workers=cfg.loader_workers)
+                       loader_workers=cfg.loader_workers, teacher=teacher,
+                       distill_weight=cfg.distill_weight,
+                       distill_temperature=cfg.distill_temperature)
 
 
-def make_runner(cfg: SearchConfig, storage_path: str, phase: str = "full"):
+def make_runner(cfg: SearchConfig, storage_path: str, phase: str = "full",
+                teacher: str | None = None):
     """One process when workers_per_trial == 1, else Ray Train over that many workers."""
-    return runners.make_runner(data_config(cfg, phase), train_config(cfg), cfg.workers_per_trial,
-                             storage_path, gpus_per_worker=cfg.gpus_per_worker,
-                             cpus_per_worker=cfg.cpus_per_worker)
+    return runners.make_runner(data_config(cfg, phase), train_config(cfg, teacher),
+                               cfg.workers_per_trial, storage_path,
+                               gpus_per_worker=cfg.gpus_per_worker,
+                               cpus_per_worker=cfg.cpus_per_worker)
 
 
 def run_trial(params: dict[str, Any], settings: TrialSettings) -> None:
@@ -84,7 +89,9 @@ def run_trial(params: dict[str, Any], settings: TrialSettings) -> None:
                            schedule.layer_caps, cfg.min_channels, schedule.residual_cap),
         reference=cfg.reference, seed=cfg.seed, screen=screen, target_flops=target)
     reference = prepared.reference_accuracy(cfg.reference)
-    runner = make_runner(cfg, storage.join(settings.run_dir, "train", trial_id), settings.phase)
+    teacher = prepared.baseline_checkpoint if cfg.distill_rounds and not screen else None
+    runner = make_runner(cfg, storage.join(settings.run_dir, "train", trial_id), settings.phase,
+                         teacher)
 
     # with a target, rounds past the tolerance are part of the walk: a retry goes on from them
     model, start_round, accuracy, meter.offset = _starting_point(prepared,
