@@ -111,7 +111,8 @@ def write_results(trials: list[TrialOnDisk], cfg: SearchConfig, prepared: Prepar
     if finals:
         from search.final import apply_finals
 
-        frame = mark_frontier(apply_finals(frame, finals), baseline)
+        reference = prepared.reference_accuracy(cfg.reference)
+        frame = mark_frontier(apply_finals(frame, finals, reference, cfg.tolerance), baseline)
     frame = collect_checkpoints(frame, run_dir)
     write_frontier(frame, run_dir, baseline)  # first without latency: nothing is lost
     if cfg.latency_batch and input_shape is not None:

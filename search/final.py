@@ -160,11 +160,13 @@ def finetune_point(cfg: SearchConfig, point: FinalPoint, run_dir: str,
     return done
 
 
-def apply_finals(frame: pd.DataFrame, finals: dict[tuple[str, int], FinalPoint]
+def apply_finals(frame: pd.DataFrame, finals: dict[tuple[str, int], FinalPoint],
+                 reference: float | None = None, tolerance: float | None = None
                  ) -> pd.DataFrame:
     """The points with the final fine-tune's results: `accuracy` after it,
     `accuracy_before_final` (NaN where none ran), `checkpoint` the fine-tuned model (the
-    search's in `search_checkpoint`), `final_epochs` and `final_distill`; the frontier is
+    search's in `search_checkpoint`), `final_epochs` and `final_distill`; with `reference`
+    and `tolerance`, `within_tolerance` judged again on the new accuracy. The frontier is
     then marked again by the caller."""
     out = frame.drop(columns=[c for c in ("pareto", "duplicate_of", "flops_reduction",
                                           "frontier_checkpoint") if c in frame.columns]).copy()
@@ -180,6 +182,9 @@ def apply_finals(frame: pd.DataFrame, finals: dict[tuple[str, int], FinalPoint]
             continue
         before.append(point.accuracy_before)
         accuracy[i], checkpoint[i] = point.accuracy, point.checkpoint
+        if reference is not None and tolerance is not None and "within_tolerance" in out:
+            out.iloc[i, out.columns.get_loc("within_tolerance")] = (
+                reference - point.accuracy <= tolerance)
         epochs.append(point.epochs)
         distill.append(point.distill)
     out["accuracy_before_final"] = before

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from matplotlib.figure import Figure
-from matplotlib.ticker import Formatter, FuncFormatter, LogFormatter
+from matplotlib.ticker import FixedLocator, Formatter, FuncFormatter, LogFormatter
 
 from ccpcsa import storage
 
@@ -288,8 +288,12 @@ def _percent_axis(ax: Any, base_flops: float) -> None:
     top = ax.secondary_xaxis("top", functions=(lambda f: 100.0 * f / base_flops,
                                                lambda p: p * base_flops / 100.0))
     top.set_xlabel("FLOPs (% of the baseline)")
+    low, high = (100.0 * f / base_flops for f in ax.get_xlim())
+    step = 10.0 if high / max(low, 1e-9) < 20 else 25.0
+    ticks = [t for t in np.arange(step, 1000.0 + step, step) if low <= t <= high]
+    top.xaxis.set_major_locator(FixedLocator(ticks or [100.0]))
     top.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:.0f}%"))
-    top.xaxis.set_minor_formatter(FuncFormatter(lambda v, _pos: ""))
+    top.xaxis.set_minor_locator(FixedLocator([]))
 
 
 def _plottable(df: pd.DataFrame) -> pd.DataFrame:
@@ -317,6 +321,7 @@ def _draw_points(ax: Any, df: pd.DataFrame) -> None:
     if front.empty:
         return
     ax.step(front["flops"], front["accuracy"], where="post", color="tab:blue", linewidth=1.5)
+    _draw_final_finetune(ax, pts)
     within = _within_tolerance(front)
     ax.scatter(front.loc[within, "flops"], front.loc[within, "accuracy"], s=30,
                color="tab:blue", zorder=3,
@@ -326,6 +331,20 @@ def _draw_points(ax: Any, df: pd.DataFrame) -> None:
         ax.scatter(front.loc[~within, "flops"], front.loc[~within, "accuracy"], s=36,
                    facecolors="white", edgecolors="tab:blue", linewidths=1.5, zorder=3,
                    label=f"frontier, past the tolerance ({int((~within).sum())})")
+
+
+def _draw_final_finetune(ax: Any, pts: pd.DataFrame) -> None:
+    """Points that had the final fine-tune: their accuracy before it, joined to after."""
+    if "accuracy_before_final" not in pts.columns:
+        return
+    tuned = pts[pts["accuracy_before_final"].notna()]
+    if tuned.empty:
+        return
+    ax.vlines(tuned["flops"], tuned["accuracy_before_final"], tuned["accuracy"],
+              colors="tab:green", linestyles="dotted", linewidth=1.2, zorder=2)
+    ax.scatter(tuned["flops"], tuned["accuracy_before_final"], s=22, marker="v",
+               color="tab:green", zorder=2,
+               label=f"before the final fine-tune ({len(tuned)})")
 
 
 def _within_tolerance(df: pd.DataFrame) -> pd.Series:
