@@ -105,9 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def write_line(path: str, record: dict[str, Any]) -> None:
+    """Append one record, synced; a line an earlier kill cut short is ended first, so it
+    costs only itself."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    cut = False
+    if os.path.exists(path) and os.path.getsize(path):
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            cut = f.read(1) != b"\n"
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
+        f.write(("\n" if cut else "") + json.dumps(record, sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
