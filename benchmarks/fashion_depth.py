@@ -311,7 +311,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     done = done_keys(args.out)
     common = {"train_subset": args.train_subset, "test_subset": args.test_subset,
-              "device": device_name(args), "command": " ".join(sys.argv),
+              "device": device_name(args), "command": "python " + " ".join(sys.argv),
               "epochs": args.epochs, "final_epochs": args.final_epochs,
               "round_epochs": args.round_epochs}
     for model_name in models:
