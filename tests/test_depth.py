@@ -159,3 +159,16 @@ def test_frontier_table_names_the_criterion_and_the_tolerance():
     assert "criterion" in header and "tolerance" in header
     assert "ccpcsa" in first and "past" in first and "60.0" in first
     assert "l1" in second and "within" in second
+
+
+def test_prune_refuses_a_target_its_caps_cannot_reach(tmp_path, capsys):
+    from ccpcsa.__main__ import main
+
+    code = main(["prune", "--dataset", "digits", "--image-size", "8", "--out",
+                 str(tmp_path / "out"), "--target-flops", "0.2", "--max-ratio", "0.3"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "--target-flops 0.2 cannot be reached" in err and "--max-ratio" in err
+    assert main(["prune", "--dataset", "digits", "--out", str(tmp_path / "o2"),
+                 "--distill"]) == 2
+    assert "--distill distils in the final fine-tune" in capsys.readouterr().err
