@@ -113,6 +113,8 @@ class SearchConfig:
     distill_temperature: float = 4.0
 
     def __post_init__(self) -> None:
+        if isinstance(self.importance, list | tuple):  # YAML: importance: [l1, ccpcsa]
+            self.importance = ",".join(map(str, self.importance))
         if self.baseline_epochs is None:
             self.baseline_epochs = 0 if self.weights else 10
 

@@ -372,6 +372,18 @@ def _draw_baseline(ax: Any, baseline: dict | None) -> None:
         )
 
 
+def criteria_text(df: pd.DataFrame) -> str:
+    """", criterion l1" / ", criteria l1, taylor": what the frontier's points were pruned
+    with ("" when the points do not say)."""
+    if "importance" not in df.columns:
+        return ""
+    front = df[df["pareto"].astype(bool)] if "pareto" in df.columns else df
+    used = sorted({str(c) for c in front["importance"].dropna() if c})
+    if not used:
+        return ""
+    return f", criteri{'a' if len(used) > 1 else 'on'} {', '.join(used)}"
+
+
 def has_latency(df: pd.DataFrame) -> bool:
     return "latency_ms" in df.columns and bool(df["latency_ms"].notna().any())
 
