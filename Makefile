@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 # The product's main job: the pruning-schedule search on the embedded digits, a few minutes on
 # a laptop; results in runs/search/demo/ (frontier.parquet, frontier.png, frontier/*.pt).
 run: $(STAMP)
-	$(BIN)/python search/run.py --name demo $(RUN_ARGS)
+	$(BIN)/python search/run.py --name demo --target-flops 0.5 --final-epochs 3 --final-top 3 --distill $(RUN_ARGS)
 
 test: $(STAMP)
 	$(BIN)/ruff check .

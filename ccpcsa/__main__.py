@@ -6,7 +6,7 @@ import argparse
 import logging
 import math
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from ccpcsa import exits, storage, validation
@@ -31,7 +31,8 @@ class UsageError(validation.SettingError):
     pass
 
 
-RESULT_FILES = ("rounds.parquet", "final.pt", "final_nobam.pt")  # what one prune run writes
+# what one prune run writes
+RESULT_FILES = ("rounds.parquet", "final.pt", "final_nobam.pt", "target.pt")
 
 
 def finite_float(text: str) -> float:
@@ -100,7 +101,16 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
                    help="stop when top-1 falls more than this many percentage points below the "
                         "reference; the last model within it is returned (default: %(default)s)")
     p.add_argument("--max-rounds", type=int, default=10,
-                   help="at most this many prune + fine-tune rounds (default: %(default)s)")
+                   help="at most this many prune + fine-tune rounds; with --target-flops the "
+                        "pace m is set to reach the target in about this many, and the rounds "
+                        "it takes to get there are allowed (default: %(default)s)")
+    p.add_argument("--target-flops", type=finite_float, default=None, metavar="FRACTION",
+                   help="fraction of the baseline's FLOPs to reach, in (0, 1): 0.33 = -67 %% "
+                        "FLOPs. The loop prunes on past --tolerance (those rounds are "
+                        "reported as over tolerance; the final model stays the last round "
+                        "within it) until the model has at most this many FLOPs. Refused when "
+                        "the ratio caps cannot reach it (default: none, stop at the "
+                        "tolerance)")
     p.add_argument("--epochs", type=int, default=1,
                    help="fine-tune epochs after each pruning round (default: %(default)s)")
     p.add_argument("--finetune-lr", type=finite_float, default=0.01,
@@ -189,8 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "reference. Writes rounds.parquet, checkpoints/, final.pt and config.json "
                     "to --out.")
     add_training_flags(p)
-    p.add_argument("--groups-per-round", "-m", type=int, default=8,
-                   help="m: channel groups removed per round (default: %(default)s)")
+    p.add_argument("--groups-per-round", "-m", type=int, default=None,
+                   help="m: channel groups removed per round (default: 8; with "
+                        "--target-flops, the channels the target takes over --max-rounds)")
     p.add_argument("--max-ratio", type=finite_float, default=0.9,
                    help="default cap on the fraction of a layer's original channels that may be "
                         "removed, in [0, 1) (default: %(default)s)")
@@ -201,6 +212,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--residual-cap", type=finite_float, default=None, metavar="RATIO",
                    help="cap for every residual-stream group (channels summed by skip "
                         "connections), instead of its stage's (default: the stage's)")
+    p.add_argument("--final-epochs", type=int, default=0, metavar="N",
+                   help="after the loop, fine-tune the final model N more epochs (with "
+                        "--target-flops, the model that reached the target too, written to "
+                        "target.pt); final.pt is then the fine-tuned model and records its "
+                        "accuracy before (accuracy_before_final). Costs N epochs of training "
+                        "per model (default: %(default)s, none)")
+    p.add_argument("--final-lr", type=finite_float, default=None,
+                   help="learning rate of the final fine-tune (default: --finetune-lr)")
+    p.add_argument("--distill", action="store_true",
+                   help="knowledge distillation from the unpruned model (step 1's) in the "
+                        "final fine-tune: loss = (1 - w) x cross-entropy + w x T^2 x KL of "
+                        "the temperature-softened outputs; needs --final-epochs")
+    p.add_argument("--distill-rounds", action="store_true",
+                   help="also distil in every round's fine-tune")
+    p.add_argument("--distill-weight", type=finite_float, default=0.5, metavar="W",
+                   help="w, weight of the soft-target term, in [0, 1] (default: %(default)s)")
+    p.add_argument("--distill-temperature", type=finite_float, default=4.0, metavar="T",
+                   help="T, softmax temperature of the soft targets (default: %(default)s)")
     p.add_argument("--strip-bam", action="store_true",
                    help="also write final_nobam.pt: the final model without BAM, fine-tuned")
     p.add_argument("--latency-batch", type=int, default=BATCH,
@@ -231,8 +260,16 @@ def configs_from_args(args: argparse.Namespace) -> dict[str, Any]:
     data_cfg = DataConfig(args.dataset, args.data_root, args.image_size, decode=args.decode,
                           host_copy=args.host_copy, prefetch_batches=args.prefetch_batches)
     train_cfg = TrainConfig(batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                            device=args.device, loader_workers=args.loader_workers)
+                            device=args.device, loader_workers=args.loader_workers,
+                            distill_weight=args.distill_weight,
+                            distill_temperature=args.distill_temperature)
     train_cfg.validate()
+    validation.whole("--final-epochs", args.final_epochs, 0)
+    if args.final_lr is not None:
+        validation.number("--final-lr", args.final_lr, above=0)
+    if args.distill and not args.final_epochs:
+        raise UsageError("--distill distils in the final fine-tune: it needs --final-epochs N "
+                         "(--distill-rounds distils in every round)")
     pick_device(args.device)
     if args.workers < 1:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
@@ -278,6 +315,42 @@ def check_layer_caps(layer_caps: dict[str, float], prep_cfg: PrepareConfig) -> N
                          f"{prep_cfg.model}; groups (by root layer): {shown}")
 
 
+def plan_target(args: argparse.Namespace, prep_cfg: PrepareConfig, limits: PruneLimits
+                ) -> tuple[int, int]:
+    """(m, rounds) that reach --target-flops under the caps; UsageError when they cannot."""
+    from ccpcsa.depth import (
+        TargetError,
+        check_target,
+        flops_at_caps,
+        per_round_for,
+        ratio_for_target,
+        rounds_to_reach,
+        unpruned_flops,
+    )
+
+    try:
+        check_target(args.target_flops, "--target-flops")
+    except TargetError as exc:
+        raise UsageError(str(exc)) from None
+    name, classes, shape = prep_cfg.model, prep_cfg.num_classes, prep_cfg.input_shape
+    round_to = args.round_to or 1
+    flops, _removed, total = flops_at_caps(name, classes, shape, limits, round_to)
+    baseline = unpruned_flops(name, classes, shape)
+    if flops > args.target_flops * baseline:
+        raise UsageError(f"--target-flops {args.target_flops} cannot be reached: pruned as far "
+                         f"as the caps allow, {name} keeps {flops / baseline:.3f} of its FLOPs; "
+                         "raise --max-ratio / --stage-cap / --residual-cap or the fraction")
+    plan = ratio_for_target(name, classes, shape, args.target_flops, args.min_channels,
+                            round_to, max_ratio=max(limits.max_ratio, 0.05))
+    m = args.groups_per_round or per_round_for(plan, args.max_rounds)
+    caps = [limits.max_ratio, *limits.stage_caps.values(), *limits.layer_caps.values(),
+            *([] if limits.residual_cap is None else [limits.residual_cap])]
+    rounds = max(args.max_rounds, rounds_to_reach(total, max(caps), m))
+    print(f"target: {args.target_flops:g} of the baseline's FLOPs; m = {m} channels per "
+          f"round, up to {rounds} rounds", flush=True)
+    return m, rounds
+
+
 def prepare_out_folder(out: str, overwrite: bool) -> None:
     """Refuse an --out holding an earlier run's results, or with --overwrite remove them, so
     no round of another run is left beside this one's."""
@@ -321,9 +394,14 @@ def run_prune(args: argparse.Namespace) -> int:
     if unknown:
         raise UsageError(f"--stage-cap names unknown stage(s) {', '.join(unknown)} of "
                          f"{args.model}; stages: {', '.join(spec.stages)}")
-    loop_cfg = loop_config_from_args(args, args.groups_per_round, args.max_ratio, stage_caps,
-                                     layer_caps)
     check_layer_caps(layer_caps, configs["prepare"])
+    groups_per_round = 8 if args.groups_per_round is None else args.groups_per_round
+    if args.target_flops is not None:
+        groups_per_round, args.max_rounds = plan_target(
+            args, configs["prepare"], PruneLimits(args.max_ratio, stage_caps, layer_caps,
+                                                  args.min_channels, args.residual_cap))
+    loop_cfg = loop_config_from_args(args, groups_per_round, args.max_ratio, stage_caps,
+                                     layer_caps)
     try:
         storage.check_writable(args.out)
     except OSError as exc:
@@ -343,7 +421,16 @@ def _prune_locked(args: argparse.Namespace, configs: dict[str, Any], loop_cfg: L
                          storage.join(args.out, "ray"), gpus_per_worker=args.gpus_per_worker,
                          cpus_per_worker=args.cpus_per_worker, sync_bn=args.sync_bn)
     prepared = prepare(prep_cfg, runner, storage.join(args.out, "prepared"))
+    if args.target_flops is not None:
+        loop_cfg = replace(loop_cfg,
+                           target_flops=int(args.target_flops * prepared.baseline_flops))
     reference = prepared.reference_accuracy(loop_cfg.reference)
+    teacher_cfg = replace(configs["train"], teacher=prepared.baseline_checkpoint)
+    if args.distill_rounds:  # the teacher exists only now: the rounds get their own runner
+        runner.close()
+        runner = make_runner(configs["data"], teacher_cfg, args.workers,
+                             storage.join(args.out, "ray"), gpus_per_worker=args.gpus_per_worker,
+                             cpus_per_worker=args.cpus_per_worker, sync_bn=args.sync_bn)
     rows: list[dict[str, Any]] = []
     print(f"baseline {prepared.baseline_accuracy:.2f}%  with BAM "
           f"{prepared.attention_accuracy:.2f}%  reference ({loop_cfg.reference}) "
@@ -362,7 +449,27 @@ def _prune_locked(args: argparse.Namespace, configs: dict[str, Any], loop_cfg: L
                         initial_accuracy=prepared.attention_accuracy)
     final = record_of(result, result.final_round)
     final_path = storage.join(args.out, "final.pt")
-    save_checkpoint(result.model, checkpoint_info(prep_cfg, True, final, reference), final_path)
+    info = checkpoint_info(prep_cfg, True, final, reference)
+    if args.final_epochs:
+        if args.distill != args.distill_rounds:
+            runner.close()
+            runner = make_runner(configs["data"],
+                                 teacher_cfg if args.distill else configs["train"],
+                                 args.workers, storage.join(args.out, "ray"),
+                                 gpus_per_worker=args.gpus_per_worker,
+                                 cpus_per_worker=args.cpus_per_worker, sync_bn=args.sync_bn)
+        final, info = final_finetune(result.model, final, info, runner, args, "final")
+        deepest = result.records[-1]
+        if args.target_flops is not None and deepest.round != result.final_round:
+            from ccpcsa.checkpoint import load_checkpoint
+
+            model = load_checkpoint(storage.join(args.out, "checkpoints",
+                                                 f"round_{deepest.round:03d}.pt")).train()
+            record, target_info = final_finetune(
+                model, deepest, checkpoint_info(prep_cfg, True, deepest, reference), runner,
+                args, f"round {deepest.round} (target)")
+            save_checkpoint(model, target_info, storage.join(args.out, "target.pt"))
+    save_checkpoint(result.model, info, final_path)
     print(f"stopped: {result.stop_reason}; final model = round {result.final_round}: "
           f"{final.accuracy:.2f}% top-1, FLOPs {rows[result.final_round]['flops_reduction']:.1f}% "
           f"and params {rows[result.final_round]['params_reduction']:.1f}% below the baseline "
@@ -376,6 +483,23 @@ def _prune_locked(args: argparse.Namespace, configs: dict[str, Any], loop_cfg: L
         write_stripped(result.model, runner, prep_cfg, loop_cfg, args.out)
     runner.close()  # Ray Train workers, if any (also closed at exit after an error)
     return 0
+
+
+def final_finetune(model, record, info: CheckpointInfo, runner, args: argparse.Namespace,
+                   label: str):
+    """Fine-tune `model` in place for --final-epochs; returns its record and checkpoint info
+    with the accuracy after, the accuracy before kept as accuracy_before_final."""
+    from dataclasses import replace as replace_record
+
+    lr = args.final_lr if args.final_lr is not None else args.finetune_lr
+    runner.fit(model, args.final_epochs, lr, label=f"final fine-tune {label}")
+    accuracy = runner.evaluate(model)
+    print(f"final fine-tune of {label}: {args.final_epochs} epoch(s)"
+          f"{' distilled from the unpruned model' if args.distill else ''}: "
+          f"{record.accuracy:.2f}% -> {accuracy:.2f}% top-1", flush=True)
+    info.metrics.update(accuracy=accuracy, accuracy_before_final=record.accuracy)
+    info.extra.update(final_epochs=args.final_epochs, final_distill=bool(args.distill))
+    return replace_record(record, accuracy=accuracy), info
 
 
 def report_latency(prepared, model, final, rows, final_round: int, prep_cfg: PrepareConfig,

@@ -96,6 +96,10 @@ class LoopConfig:
     # is prunable) whatever that accuracy: screened accuracies rank schedules against each
     # other, they are far below the reference and not held to the tolerance.
     screen: bool = False
+    # FLOPs to reach (--target-flops x the baseline's): rounds go on past the tolerance, still
+    # reported (not within it), until the model has at most this many; None = stop at the
+    # tolerance
+    target_flops: int | None = None
 
     def validate(self) -> None:
         # `not x >= low` also refuses NaN, which every comparison calls False
@@ -129,6 +133,9 @@ class LoopConfig:
         if self.reference not in REFERENCES:
             raise ValueError(f"unknown reference {self.reference!r}; choose one of: "
                              f"{', '.join(REFERENCES)}")
+        if self.target_flops is not None and not (isinstance(self.target_flops, int)
+                                                  and self.target_flops > 0):
+            raise ValueError(f"target FLOPs must be a whole number > 0, got {self.target_flops!r}")
         self.limits.validate()
 
 
@@ -299,6 +306,9 @@ def prune_loop(
     fine-tune -> evaluate, until the accuracy falls more than `tolerance` below the reference,
     max_rounds pass, or nothing is prunable. With cfg.screen there is no fine-tune: a round's
     accuracy is its adaptive-BN accuracy and only max_rounds or nothing prunable stop it.
+    With cfg.target_flops the tolerance does not stop the loop: it goes on (rounds past the
+    tolerance are reported as such) until the model has at most that many FLOPs; the model
+    returned is still the last one within the tolerance.
 
     To continue an interrupted loop, pass the model of round `start_round` and the group widths
     of the unpruned model (`original_widths`, which the ratio caps refer to); the record of the
@@ -363,12 +373,19 @@ def prune_loop(
                      reference_accuracy, _flops_text((accuracy, record.flops, record.params)))
         if on_round:
             on_round(record, model)
-        if not within and not cfg.screen:
+        reached = cfg.target_flops is not None and record.flops <= cfg.target_flops
+        if within or cfg.screen:
+            best, best_round = copy.deepcopy(model).cpu(), rnd
+        elif cfg.target_flops is None:
             reason = "tolerance"
             log.info("round %d dropped %.2f points (> %.2f): returning round %d", rnd,
                      reference_accuracy - accuracy, cfg.tolerance, best_round)
             break
-        best, best_round = copy.deepcopy(model).cpu(), rnd
+        if reached:
+            reason = "target"
+            log.info("round %d reached the FLOPs target (%s <= %s); the last round within the "
+                     "tolerance is %d", rnd, record.flops, cfg.target_flops, best_round)
+            break
     return LoopResult(best, best_round, records, reason)
 
 

@@ -38,12 +38,23 @@ class TrainConfig:
     channels_last: bool = True  # CUDA only
     device: str | None = None  # None = cuda if available, else cpu
     seed: int = 0
+    # knowledge distillation: a ccpcsa checkpoint (path or URI) of the teacher, usually the
+    # unpruned model; the loss is (1 - w) x cross-entropy + w x T^2 x KL(teacher || student)
+    # on logits softened by the temperature T (Hinton et al. 2015)
+    teacher: str | None = None
+    distill_weight: float = 0.5
+    distill_temperature: float = 4.0
 
     def validate(self) -> None:
         if self.batch_size < 2:
             raise ValueError(f"batch size must be >= 2, got {self.batch_size}")
         if not self.lr > 0:
             raise ValueError(f"learning rate must be > 0, got {self.lr}")
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise ValueError(f"distillation weight must be in [0, 1], got {self.distill_weight}")
+        if not self.distill_temperature > 0:
+            raise ValueError(f"distillation temperature must be > 0, got "
+                             f"{self.distill_temperature}")
 
 
 def pick_device(preferred: str | None = None) -> torch.device:
@@ -96,6 +107,31 @@ def input_memory_format(device: torch.device, cfg: TrainConfig) -> torch.memory_
             else torch.contiguous_format)
 
 
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
+                      weight: float, temperature: float, label_smoothing: float = 0.0
+                      ) -> torch.Tensor:
+    """(1 - weight) x cross-entropy + weight x T^2 x KL(softmax(teacher/T) || softmax(student/T));
+    T^2 keeps the soft term's gradients on the scale of the hard one's."""
+    hard = nn.functional.cross_entropy(student, labels, label_smoothing=label_smoothing)
+    soft = nn.functional.kl_div(
+        nn.functional.log_softmax(student.float() / temperature, dim=1),
+        nn.functional.log_softmax(teacher.float() / temperature, dim=1),
+        reduction="batchmean", log_target=True) * temperature ** 2
+    return (1.0 - weight) * hard + weight * soft
+
+
+def load_teacher(cfg: TrainConfig, device: torch.device) -> nn.Module | None:
+    """The distillation teacher of cfg.teacher on `device`, in eval mode; None without one."""
+    if not cfg.teacher:
+        return None
+    from ccpcsa.checkpoint import load_checkpoint
+
+    teacher = to_device(load_checkpoint(cfg.teacher).eval(), device, cfg)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
 def run_epoch(
     model: nn.Module,
     batches,
@@ -104,8 +140,10 @@ def run_epoch(
     device: torch.device,
     cfg: TrainConfig,
     progress: str = "",
+    teacher: nn.Module | None = None,
 ) -> tuple[float, int]:
-    """One pass over `batches` of (x, y); returns (mean loss, samples seen)."""
+    """One pass over `batches` of (x, y); returns (mean loss, samples seen). With a teacher
+    the loss is distillation_loss against its logits."""
     model.train()
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     memory_format = input_memory_format(device, cfg)
@@ -115,7 +153,14 @@ def run_epoch(
         x = x.to(device, non_blocking=True, memory_format=memory_format)
         y = y.to(device, non_blocking=True)
         with autocast(device, cfg):
-            loss = loss_fn(model(x), y)
+            logits = model(x)
+            if teacher is None:
+                loss = loss_fn(logits, y)
+            else:
+                with torch.no_grad():
+                    soft_targets = teacher(x)
+                loss = distillation_loss(logits, soft_targets, y, cfg.distill_weight,
+                                         cfg.distill_temperature, cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -211,12 +256,13 @@ def fit(model: nn.Module, dataset: Dataset, cfg: TrainConfig, epochs: int, lr: f
     sampler = train_sampler(dataset, cfg)
     batches = loader(dataset, cfg, train=True, sampler=sampler)
     opt, sched = make_optimizer(model, cfg, lr, epochs * len(batches))
+    teacher = load_teacher(cfg, device)
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
         start = time.perf_counter()
         waited = InputWait(batches)
         loss, seen = run_epoch(model, waited, opt, sched, device, cfg,
-                               progress=f"{label} epoch {epoch + 1}/{epochs}")
+                               progress=f"{label} epoch {epoch + 1}/{epochs}", teacher=teacher)
         log_epoch(label, epoch, epochs, loss, seen, time.perf_counter() - start, waited.seconds)
     return model
 

@@ -40,7 +40,8 @@ def stage0_point(prepared: Prepared) -> dict[str, Any]:
             "flops": int(metrics["flops"]), "params": int(metrics["params"]),
             "accuracy_pruned": prepared.attention_accuracy, "compute_s": None,
             "compute_unit": None, "checkpoint": prepared.attention_checkpoint,
-            "status": "stage0", "phase": "stage0", "deployable": True, "screened_trial": ""}
+            "status": "stage0", "phase": "stage0", "deployable": True, "screened_trial": "",
+            "within_tolerance": True, "importance": ""}
 
 
 def trial_points(trials: list[TrialOnDisk]) -> list[dict[str, Any]]:
@@ -96,22 +97,29 @@ def summary_counts(trials: list[TrialOnDisk], owed: dict[str, int]) -> str:
 def write_results(trials: list[TrialOnDisk], cfg: SearchConfig, prepared: Prepared,
                   run_dir: str, adopted: set[str] = frozenset(),
                   owed: dict[str, int] | None = None,
-                  input_shape: tuple[int, int, int] | None = None) -> str:
+                  input_shape: tuple[int, int, int] | None = None,
+                  finals: dict | None = None) -> str:
     """frontier.parquet, frontier.png and frontier/*.pt from every point on disk; returns the
     summary to print. `owed`: trials each phase owes (default: the one-phase search's). With
     input_shape (the search ran to its end) and cfg.latency_batch, the frontier's latency is
-    measured too (add_latency); an interrupted search is not kept waiting for it."""
+    measured too (add_latency); an interrupted search is not kept waiting for it. `finals`:
+    the final fine-tunes done (search/final.py), whose results replace their points'."""
     owed = owed or {"full": cfg.num_samples}
     frame = pd.DataFrame([stage0_point(prepared), *trial_points(trials)])
     baseline = baseline_of(prepared)
     frame = mark_frontier(frame, baseline)
+    if finals:
+        from search.final import apply_finals
+
+        reference = prepared.reference_accuracy(cfg.reference)
+        frame = mark_frontier(apply_finals(frame, finals, reference, cfg.tolerance), baseline)
     frame = collect_checkpoints(frame, run_dir)
     write_frontier(frame, run_dir, baseline)  # first without latency: nothing is lost
     if cfg.latency_batch and input_shape is not None:
         frame, baseline = add_latency(frame, baseline, cfg, prepared, input_shape)
         write_frontier(frame, run_dir, baseline)
     plot = plot_frontier(frame, storage.join(run_dir, "frontier.png"), baseline,
-                         title=f"{cfg.model} on {cfg.dataset}: CCPCSA schedules")
+                         title=plot_title(cfg, frame))
     table = format_table(frame, baseline)
     per_trial = "".join(f"\n{line}" for line in trial_lines(trials, set(adopted)))
     screened = int((frame["phase"] == "screen").sum())
@@ -120,6 +128,21 @@ def write_results(trials: list[TrialOnDisk], cfg: SearchConfig, prepared: Prepar
     return (f"{summary_counts(trials, owed)}; {points}, "
             f"{int(frame['pareto'].sum())} on the frontier{per_trial}\n{table}\n"
             f"frontier: {storage.join(run_dir, 'frontier.parquet')}\nplot: {plot}")
+
+
+def plot_title(cfg: SearchConfig, frame: pd.DataFrame) -> str:
+    """Model, data, the criterion the frontier's points were pruned with (and those searched),
+    and the FLOPs target."""
+    front = frame[frame["pareto"].astype(bool)] if "pareto" in frame.columns else frame
+    used = sorted({c for c in front.get("importance", pd.Series(dtype=str)).dropna() if c})
+    if len(cfg.importances) > 1:
+        criterion = (f"criteria searched {', '.join(cfg.importances)}; on the frontier "
+                     f"{', '.join(used) or '-'}")
+    else:
+        criterion = f"criterion {cfg.importances[0]}"
+    target = ("" if cfg.target_flops is None
+              else f", target {100 * cfg.target_flops:.0f}% of the baseline's FLOPs")
+    return f"{cfg.model} on {cfg.dataset}: {criterion}{target}"
 
 
 def add_latency(frame: pd.DataFrame, baseline: dict[str, Any], cfg: SearchConfig,

@@ -90,10 +90,14 @@ class SearchConfig:
     lr: float = 0.05
     batch_size: int = 64
     # each trial's loop (steps 3-11)
+    # fraction of the baseline's FLOPs to reach (0.33 = -67 %): every trial prunes on past
+    # the tolerance down to it (search/space.py); None = each trial stops at the tolerance
+    target_flops: float | None = None
     tolerance: float = 0.5
     max_rounds: int = 6
     epochs: int = 1
     finetune_lr: float = 0.01
+    # a criterion, or a comma list (l1,ccpcsa,taylor) that the search treats as a parameter
     importance: str = DEFAULT_IMPORTANCE
     allocation: str = "uniform"
     calibration_batches: int = 4
@@ -103,8 +107,21 @@ class SearchConfig:
     reference: str = "baseline"
     # inference latency of each frontier point, batch 1 and this batch (0: not measured)
     latency_batch: int = 8
+    # the final fine-tune of frontier points after the search (search/final.py): epochs (0 =
+    # none), how many frontier points (0 = all), its lr (None: finetune_lr)
+    final_epochs: int = 0
+    final_top: int = 3
+    final_lr: float | None = None
+    # knowledge distillation from the unpruned model (step 1's): in the final fine-tune, and
+    # with distill_rounds in every round's fine-tune too
+    distill: bool = False
+    distill_rounds: bool = False
+    distill_weight: float = 0.5
+    distill_temperature: float = 4.0
 
     def __post_init__(self) -> None:
+        if isinstance(self.importance, list | tuple):  # YAML: importance: [l1, ccpcsa]
+            self.importance = ",".join(map(str, self.importance))
         if self.baseline_epochs is None:
             self.baseline_epochs = 0 if self.weights else 10
 
@@ -133,7 +150,11 @@ class SearchConfig:
         check.whole("prefetch_batches", self.prefetch_batches, 0)
         check.choice("sampler", self.sampler, SAMPLERS)
         check.choice("early_stop", self.early_stop, EARLY_STOPS)
-        check.choice("importance", self.importance, IMPORTANCES)
+        check.text("importance", self.importance)
+        for name in self.importances:
+            check.choice("importance", name, IMPORTANCES)
+        if len(set(self.importances)) != len(self.importances):
+            raise ConfigError(f"importance {self.importance!r} names a criterion twice")
         check.choice("allocation", self.allocation, ALLOCATIONS)
         check.choice("reference", self.reference, REFERENCES)
         for name in ("num_samples", "max_concurrent_trials", "workers_per_trial", "max_rounds",
@@ -172,6 +193,8 @@ class SearchConfig:
         check.whole("batch_size", self.batch_size, 2)
         check.per_worker_batch(self.batch_size, self.workers_per_trial)
         check.number("tolerance", self.tolerance, low=0)
+        if self.target_flops is not None:
+            check.number("target_flops", self.target_flops, above=0, below=1)
         for name in ("lr", "finetune_lr", "cpus_per_worker"):
             check.number(name, getattr(self, name), above=0)
         check.gpus("gpus_per_worker", self.gpus_per_worker)
@@ -193,8 +216,24 @@ class SearchConfig:
         check.number("lr_range low", check.pair("lr_range", self.lr_range)[0], above=0)
         check.whole("epochs_range low", int(check.pair("epochs_range", self.epochs_range, int)[0]),
                     0)
+        check.whole("final_epochs", self.final_epochs, 0)
+        check.whole("final_top", self.final_top, 0)
+        if self.final_lr is not None:
+            check.number("final_lr", self.final_lr, above=0)
+        check.flag("distill", self.distill)
+        check.flag("distill_rounds", self.distill_rounds)
+        check.number("distill_weight", self.distill_weight, low=0, high=1)
+        check.number("distill_temperature", self.distill_temperature, above=0)
+        if self.distill and not self.final_epochs:
+            raise ConfigError("distill needs final_epochs >= 1: it distils in the final "
+                              "fine-tune (--final-epochs N; --distill-rounds for every round)")
         check.location("storage", self.storage)
         check.run_name("name", self.name)
+
+    @property
+    def importances(self) -> tuple[str, ...]:
+        """The criteria: one, or a comma list that the search samples from (search/space.py)."""
+        return tuple(part.strip() for part in str(self.importance).split(","))
 
     @property
     def finalist_count(self) -> int:

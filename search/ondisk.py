@@ -146,7 +146,9 @@ def _point(report: dict[str, Any], checkpoint: str) -> dict[str, Any]:
             "params": int(report["params"]),
             "accuracy_pruned": None if pruned is None else float(pruned),
             "compute_s": None if compute is None else float(compute),
-            "compute_unit": report.get("compute_unit"), "checkpoint": checkpoint}
+            "compute_unit": report.get("compute_unit"), "checkpoint": checkpoint,
+            "within_tolerance": bool(report.get("within_tolerance", True)),
+            "importance": report.get("importance") or ""}
 
 
 def _add_unreported_checkpoint(trial: TrialOnDisk, path: str) -> None:
@@ -156,7 +158,9 @@ def _add_unreported_checkpoint(trial: TrialOnDisk, path: str) -> None:
         payload = read_payload(path)
         rnd = int(payload["extra"]["round"])
         metrics = {**payload["metrics"],
-                   "compute_unit": payload["extra"].get("compute_unit")}
+                   "compute_unit": payload["extra"].get("compute_unit"),
+                   "within_tolerance": payload["extra"].get("within_tolerance", True),
+                   "importance": payload["extra"].get("importance", "")}
     except (CheckpointError, KeyError, TypeError, ValueError) as exc:
         log.warning("skipping %s: %s", path, exc)
         return

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from matplotlib.figure import Figure
-from matplotlib.ticker import Formatter, LogFormatter
+from matplotlib.ticker import FixedLocator, Formatter, FuncFormatter, LogFormatter
 
 from ccpcsa import storage
 
@@ -271,13 +271,29 @@ def plot_frontier(
     ax.set_xlabel("FLOPs (multiply-accumulates)")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.grid(True, which="both", alpha=0.3)
+    _percent_axis(ax, _baseline_value(baseline, "flops"))
     if title:
         ax.set_title(title)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="lower right")
+        ax.legend(loc="lower right", fontsize="small")
     fig.tight_layout()
     _save_figure(fig, path)
     return path
+
+
+def _percent_axis(ax: Any, base_flops: float) -> None:
+    """A top axis with FLOPs as % of the baseline's."""
+    if not (math.isfinite(base_flops) and base_flops > 0):
+        return
+    top = ax.secondary_xaxis("top", functions=(lambda f: 100.0 * f / base_flops,
+                                               lambda p: p * base_flops / 100.0))
+    top.set_xlabel("FLOPs (% of the baseline)")
+    low, high = (100.0 * f / base_flops for f in ax.get_xlim())
+    step = 10.0 if high / max(low, 1e-9) < 20 else 25.0
+    ticks = [t for t in np.arange(step, 1000.0 + step, step) if low <= t <= high]
+    top.xaxis.set_major_locator(FixedLocator(ticks or [100.0]))
+    top.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:.0f}%"))
+    top.xaxis.set_minor_locator(FixedLocator([]))
 
 
 def _plottable(df: pd.DataFrame) -> pd.DataFrame:
@@ -305,14 +321,39 @@ def _draw_points(ax: Any, df: pd.DataFrame) -> None:
     if front.empty:
         return
     ax.step(front["flops"], front["accuracy"], where="post", color="tab:blue", linewidth=1.5)
-    ax.scatter(
-        front["flops"],
-        front["accuracy"],
-        s=30,
-        color="tab:blue",
-        zorder=3,
-        label=f"Pareto frontier ({len(front)})",
-    )
+    _draw_final_finetune(ax, pts)
+    within = _within_tolerance(front)
+    ax.scatter(front.loc[within, "flops"], front.loc[within, "accuracy"], s=30,
+               color="tab:blue", zorder=3,
+               label=f"Pareto frontier ({len(front)})" if within.all()
+               else f"frontier, within tolerance: deployable ({int(within.sum())})")
+    if not within.all():
+        ax.scatter(front.loc[~within, "flops"], front.loc[~within, "accuracy"], s=36,
+                   facecolors="white", edgecolors="tab:blue", linewidths=1.5, zorder=3,
+                   label=f"frontier, past the tolerance ({int((~within).sum())})")
+
+
+def _draw_final_finetune(ax: Any, pts: pd.DataFrame) -> None:
+    """Points that had the final fine-tune: their accuracy before it, joined to after."""
+    if "accuracy_before_final" not in pts.columns:
+        return
+    tuned = pts[pts["accuracy_before_final"].notna()]
+    if tuned.empty:
+        return
+    ax.vlines(tuned["flops"], tuned["accuracy_before_final"], tuned["accuracy"],
+              colors="tab:green", linestyles="dotted", linewidth=1.2, zorder=2)
+    ax.scatter(tuned["flops"], tuned["accuracy_before_final"], s=22, marker="v",
+               color="tab:green", zorder=2,
+               label=f"before the final fine-tune ({len(tuned)})")
+
+
+def _within_tolerance(df: pd.DataFrame) -> pd.Series:
+    """Per row: within the search's accuracy tolerance (True where not recorded)."""
+    if "within_tolerance" not in df.columns:
+        return pd.Series(True, index=df.index)
+    return df["within_tolerance"].map(lambda v: True if v is None or v is pd.NA
+                                      or (isinstance(v, float) and math.isnan(v))
+                                      else bool(v)).astype(bool)
 
 
 def _draw_baseline(ax: Any, baseline: dict | None) -> None:
@@ -329,6 +370,18 @@ def _draw_baseline(ax: Any, baseline: dict | None) -> None:
             zorder=4,
             label="baseline (unpruned)",
         )
+
+
+def criteria_text(df: pd.DataFrame) -> str:
+    """", criterion l1" / ", criteria l1, taylor": what the frontier's points were pruned
+    with ("" when the points do not say)."""
+    if "importance" not in df.columns:
+        return ""
+    front = df[df["pareto"].astype(bool)] if "pareto" in df.columns else df
+    used = sorted({str(c) for c in front["importance"].dropna() if c})
+    if not used:
+        return ""
+    return f", criteri{'a' if len(used) > 1 else 'on'} {', '.join(used)}"
 
 
 def has_latency(df: pd.DataFrame) -> bool:
@@ -399,7 +452,7 @@ def format_table(df: pd.DataFrame, baseline: dict | None = None, only_pareto: bo
     """Aligned plain-text table sorted by FLOPs (pareto rows only unless only_pareto=False, in
     which case a leading `pareto` column marks frontier rows with "*"). A `phase` column and
     the compute each point cost appear when the points carry them; with every row listed, so
-    does `deployable`."""
+    does `deployable`; `tolerance` (within / past) when some row is past the tolerance."""
     df = _ensure_marked(df, baseline)
     if only_pareto:
         df = df[df["pareto"].astype(bool)]
@@ -407,7 +460,15 @@ def format_table(df: pd.DataFrame, baseline: dict | None = None, only_pareto: bo
     columns = list(_TABLE_COLUMNS)
     extra = {"phase": "phase" in df.columns, "compute": "compute_s" in df.columns,
              "deployable": not only_pareto and "deployable" in df.columns,
-             "latency": has_latency(df)}
+             "latency": has_latency(df),
+             "tolerance": "within_tolerance" in df.columns
+             and not bool(_within_tolerance(df).all())}
+    extra["criterion"] = "importance" in df.columns and bool(
+        df["importance"].fillna("").astype(str).str.len().gt(0).any())
+    if extra["tolerance"]:
+        columns.insert(6, ("tolerance", "<"))
+    if extra["criterion"]:
+        columns.insert(2, ("criterion", "<"))
     if extra["phase"]:
         columns.insert(2, ("phase", "<"))
     if extra["compute"]:
@@ -420,8 +481,13 @@ def format_table(df: pd.DataFrame, baseline: dict | None = None, only_pareto: bo
     if not only_pareto:
         columns.insert(0, ("pareto", "<"))
     rows = []
-    for rec in df.to_dict("records"):
+    within = _within_tolerance(df).tolist()
+    for rec, ok in zip(df.to_dict("records"), within, strict=True):
         row = _table_row(rec, baseline)
+        if extra["tolerance"]:
+            row.insert(6, "within" if ok else "past")
+        if extra["criterion"]:
+            row.insert(2, str(rec.get("importance") or "-"))
         if extra["phase"]:
             row.insert(2, str(rec.get("phase") or "-"))
         if extra["compute"]:

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     print(pareto.format_table(df, baseline, only_pareto=not args.all))
     default_name = "frontier_latency.png" if args.x == "latency" else "frontier.png"
     plot_path = args.plot or pareto.join_path(args.run_dir, default_name)
-    title = f"Pareto frontier: {args.run_dir}"
+    title = f"Pareto frontier: {args.run_dir}" + pareto.criteria_text(df)
     draw = pareto.plot_latency if args.x == "latency" else pareto.plot_frontier
     try:
         draw(df, plot_path, baseline=baseline, title=title)

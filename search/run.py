@@ -206,6 +206,37 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(0 = skip; default {d.latency_batch})")
     g.add_argument("--dry-run", action="store_true", default=False,
                    help="validate the configuration, print it, and exit")
+    g = p.add_argument_group("final fine-tune of the frontier (after the search)")
+    g.add_argument("--final-epochs", type=int, metavar="N",
+                   help="fine-tune the chosen frontier points N more epochs after the search "
+                        "(the paper and published pruning results fine-tune the final model "
+                        "for many epochs); the frontier then records accuracy before "
+                        "(accuracy_before_final) and after, and frontier/*.pt are the "
+                        "fine-tuned models. Each point runs as a Ray task with one trial's "
+                        "resources, through the trials' runner (Ray Train with "
+                        "--workers-per-trial > 1); --resume skips points already done. Costs "
+                        "about N epochs of training per point (default "
+                        f"{d.final_epochs}: none)")
+    g.add_argument("--final-top", type=int, metavar="K",
+                   help="frontier points that get the final fine-tune: K spread evenly along "
+                        "the frontier by FLOPs, the deepest always among them; 0 = every "
+                        f"frontier point (default {d.final_top})")
+    g.add_argument("--final-lr", type=float,
+                   help="learning rate of the final fine-tune, cosine-annealed (default: "
+                        "--finetune-lr)")
+    g.add_argument("--distill", action="store_true", default=None,
+                   help="knowledge distillation from the unpruned model (step 1's) in the "
+                        "final fine-tune: loss = (1 - w) x cross-entropy + w x T^2 x KL of "
+                        "the temperature-softened outputs; needs --final-epochs")
+    g.add_argument("--distill-rounds", action="store_true", default=None,
+                   help="also distil in every round's fine-tune (one more forward pass of the "
+                        "unpruned model per batch)")
+    g.add_argument("--distill-weight", type=float, metavar="W",
+                   help=f"w, the weight of the soft-target term in [0, 1] "
+                        f"(default {d.distill_weight})")
+    g.add_argument("--distill-temperature", type=float, metavar="T",
+                   help=f"T, the softmax temperature of the soft targets "
+                        f"(default {d.distill_temperature})")
     g = p.add_argument_group("stage 0 (once per search) and each trial's loop")
     g.add_argument("--baseline-epochs", type=int,
                    help="step 1 epochs, model without BAM (default 10; 0 with --weights)")
@@ -216,13 +247,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tolerance", type=float,
                    help=f"allowed top-1 drop in points before a trial stops "
                         f"(default {d.tolerance})")
-    g.add_argument("--max-rounds", type=int, help=f"rounds per trial (default {d.max_rounds})")
+    g.add_argument("--target-flops", type=float, metavar="FRACTION",
+                   help="fraction of the baseline's FLOPs to reach, in (0, 1): 0.33 = -67 %% "
+                        "FLOPs. Every trial prunes on past --tolerance (those rounds are "
+                        "reported, marked past the tolerance: not deployable at it) until it "
+                        "has at most this many FLOPs, so the frontier spans baseline -> "
+                        "target. The ratio caps are searched from the smallest all-equal ratio "
+                        "that reaches it, m (unless --m-range) from the channels that takes "
+                        "over --max-rounds, and each trial gets the rounds its m needs "
+                        "(default: none, each trial stops at the tolerance)")
+    g.add_argument("--max-rounds", type=int, help=f"rounds per trial; with --target-flops the "
+                   f"pace m is set to reach it in about this many (default {d.max_rounds})")
     g.add_argument("--epochs", type=int,
                    help=f"fine-tune epochs per round (default {d.epochs})")
     g.add_argument("--finetune-lr", type=float,
                    help=f"fine-tune learning rate (default {d.finetune_lr})")
-    g.add_argument("--importance", help=f"channel criterion: {', '.join(IMPORTANCES)} "
-                   f"(default {d.importance}; see python -m ccpcsa prune --help)")
+    g.add_argument("--importance", metavar="NAME[,NAME...]",
+                   help=f"channel criterion: {', '.join(IMPORTANCES)}; a comma list (e.g. "
+                        "l1,ccpcsa,taylor) makes it a categorical parameter of the search, "
+                        "each frontier point naming the criterion it was pruned with "
+                        f"(default {d.importance}; see python -m ccpcsa prune --help)")
     g.add_argument("--allocation", help=f"channels per layer each round: "
                    f"{', '.join(ALLOCATIONS)}; uniform = the searched ratios shape the "
                    f"pruning, the criterion ranks within a layer (default {d.allocation})")
@@ -369,10 +413,12 @@ def make_sampler(cfg: SearchConfig, num_samples: int):
 
 def make_tuner(cfg: SearchConfig, trainable, space: dict[str, Any], plan,
                phase: Phase | None = None, configs: list[dict[str, Any]] | None = None,
-               points: list[tuple[str, float, int]] | None = None):
+               points: list[tuple[str, float, int]] | None = None,
+               rounds: int | None = None):
     """Tune's restored run (plan.restore) or a new one of plan.num_samples trials: sampled by
     Optuna over `space`, or (phase 2) the given `configs`, one trial each. `points` (trial id,
-    accuracy, FLOPs) already on disk seed the early-stopping scheduler."""
+    accuracy, FLOPs) already on disk seed the early-stopping scheduler; `rounds`: the most
+    rounds a trial may run (default --max-rounds)."""
     from ray import tune
 
     from search.early_stop import make_scheduler
@@ -410,7 +456,8 @@ def make_tuner(cfg: SearchConfig, trainable, space: dict[str, Any], plan,
         param_space=param_space,
         tune_config=tune.TuneConfig(
             search_alg=search, num_samples=plan.num_samples,
-            scheduler=make_scheduler(early_stop, phase.folder, cfg.max_rounds, points or ()),
+            scheduler=make_scheduler(early_stop, phase.folder, rounds or cfg.max_rounds,
+                                     points or ()),
             max_concurrent_trials=cfg.max_concurrent_trials),
         run_config=tune.RunConfig(
             name=name, storage_path=storage_path,
@@ -502,6 +549,8 @@ def _run_locked(cfg: SearchConfig, fail: frozenset[int], termination) -> int:
     print(f"stage 0: baseline {prepared.baseline_accuracy:.2f}% top-1, "
           f"with BAM {prepared.attention_accuracy:.2f}%", flush=True)
     layout = describe_model(cfg.model, info.num_classes, input_shape)
+    if cfg.target_flops is not None:
+        layout = plan_target(cfg, layout, info.num_classes, input_shape)
     space = build_space(cfg, layout)
     context = PhaseContext(cfg, fail, termination, space, layout, prepared,
                            info.num_classes, input_shape)
@@ -512,8 +561,17 @@ def _run_locked(cfg: SearchConfig, fail: frozenset[int], termination) -> int:
     owed = {o.phase.name: o.phase.num_samples for o in outcomes}
     adopted = {t for outcome in outcomes for t in outcome.adopted}
     interrupted = not outcomes[-1].complete or len(outcomes) < len(phases_of(cfg))
+    final_due = cfg.final_epochs > 0 and not interrupted
     print(collect.write_results(trials, cfg, prepared, run_dir, adopted, owed,
-                                input_shape=None if interrupted else input_shape), flush=True)
+                                input_shape=None if interrupted or final_due else input_shape),
+          flush=True)
+    if final_due:  # the search's frontier is on disk first: a kill here loses nothing of it
+        from search.final import run_final_finetunes
+        from search.pareto import read_frontier
+
+        finals = run_final_finetunes(ray, cfg, prepared, run_dir, read_frontier(run_dir)[0])
+        print(collect.write_results(trials, cfg, prepared, run_dir, adopted, owed,
+                                    input_shape=input_shape, finals=finals), flush=True)
     if interrupted:
         print(f"search interrupted after {time.time() - started:.0f}s; what finished is in "
               f"{run_dir}; continue with: python search/run.py --storage {cfg.storage} "
@@ -582,6 +640,7 @@ def run_phase(ctx: PhaseContext, phase: Phase, finalists=None) -> PhaseOutcome:
     from search.finalists import SCREENED_TRIAL, finalist_config
     from search.ondisk import counts, remove_unstarted, scan_trials
     from search.resume import Plan, plan_resume
+    from search.space import search_rounds
     from search.trial import TrialSettings
 
     cfg = ctx.cfg
@@ -616,7 +675,8 @@ def run_phase(ctx: PhaseContext, phase: Phase, finalists=None) -> PhaseOutcome:
                   for p in t.rounds.values()]
         ctx.termination.forward_to_sigint = True  # SIGTERM: Tune saves its state and stops
         try:
-            make_tuner(cfg, trainable, ctx.space, plan, phase, configs, points).fit()
+            make_tuner(cfg, trainable, ctx.space, plan, phase, configs, points,
+                       search_rounds(cfg, ctx.layout)).fit()
         finally:
             ctx.termination.forward_to_sigint = False
     trials = scan_trials(phase.folder, phase.name)
@@ -626,6 +686,27 @@ def run_phase(ctx: PhaseContext, phase: Phase, finalists=None) -> PhaseOutcome:
     if complete:  # an unfinished phase's not-started trials may be in Tune's state to restore
         trials = remove_unstarted(trials)
     return PhaseOutcome(phase, trials, plan.adopted, complete)
+
+
+def plan_target(cfg: SearchConfig, layout, num_classes: int,
+                input_shape: tuple[int, int, int]):
+    """The layout with what --target-flops takes (search/space.py); ConfigError when the
+    caps cannot reach it."""
+    from ccpcsa.depth import TargetError, ratio_for_target
+    from search.space import m_bounds, search_rounds, with_target
+
+    try:
+        plan = ratio_for_target(cfg.model, num_classes, input_shape, cfg.target_flops,
+                                cfg.min_channels, cfg.round_to or 1, max_ratio=cfg.cap_range[1])
+    except TargetError as exc:
+        raise ConfigError(f"{exc} (--cap-range high)") from None
+    layout = with_target(layout, plan)
+    low, high = m_bounds(cfg, layout)
+    print(f"target: {cfg.target_flops:g} of the baseline's FLOPs ({plan.target_flops:,}); "
+          f"caps from {plan.ratio:.3f} (every group at that ratio keeps "
+          f"{plan.flops_at_ratio / plan.baseline_flops:.3f}), m in [{low}, {high}], up to "
+          f"{search_rounds(cfg, layout)} rounds per trial", flush=True)
+    return layout
 
 
 def check_model_and_weights(prep_cfg: PrepareConfig) -> None:

@@ -24,7 +24,7 @@ from ccpcsa.prune import PruneLimits
 from ccpcsa.train import TrainConfig
 from search.compute import ComputeMeter
 from search.config import SearchConfig
-from search.space import ModelLayout, decode
+from search.space import ModelLayout, cap_bounds, decode, trial_rounds
 
 CHECKPOINT_FILE = "model.pt"
 # full: the one-phase search; screen / finetune: the two phases of --screen N --finalists K
@@ -52,16 +52,21 @@ def data_config(cfg: SearchConfig, phase: str = "full") -> DataConfig:
                       prefetch_batches=cfg.prefetch_batches)
 
 
-def train_config(cfg: SearchConfig) -> TrainConfig:
+def train_config(cfg: SearchConfig, teacher: str | None = None) -> TrainConfig:
+    """Training settings; with `teacher` (a checkpoint) fine-tunes distil from it."""
     return TrainConfig(batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
-                       loader_workers=cfg.loader_workers)
+                       loader_workers=cfg.loader_workers, teacher=teacher,
+                       distill_weight=cfg.distill_weight,
+                       distill_temperature=cfg.distill_temperature)
 
 
-def make_runner(cfg: SearchConfig, storage_path: str, phase: str = "full"):
+def make_runner(cfg: SearchConfig, storage_path: str, phase: str = "full",
+                teacher: str | None = None):
     """One process when workers_per_trial == 1, else Ray Train over that many workers."""
-    return runners.make_runner(data_config(cfg, phase), train_config(cfg), cfg.workers_per_trial,
-                             storage_path, gpus_per_worker=cfg.gpus_per_worker,
-                             cpus_per_worker=cfg.cpus_per_worker)
+    return runners.make_runner(data_config(cfg, phase), train_config(cfg, teacher),
+                               cfg.workers_per_trial, storage_path,
+                               gpus_per_worker=cfg.gpus_per_worker,
+                               cpus_per_worker=cfg.cpus_per_worker)
 
 
 def run_trial(params: dict[str, Any], settings: TrialSettings) -> None:
@@ -73,22 +78,30 @@ def run_trial(params: dict[str, Any], settings: TrialSettings) -> None:
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     schedule = decode(params, cfg, settings.layout)
     screen = settings.phase == "screen"
+    target = (int(cfg.target_flops * prepared.baseline_flops) if cfg.target_flops is not None
+              else None)
     loop_cfg = LoopConfig(
         groups_per_round=schedule.groups_per_round, tolerance=cfg.tolerance,
-        max_rounds=cfg.max_rounds, finetune_epochs=schedule.finetune_epochs,
-        finetune_lr=schedule.finetune_lr, importance=cfg.importance,
+        max_rounds=trial_rounds(cfg, settings.layout, schedule.groups_per_round),
+        finetune_epochs=schedule.finetune_epochs,
+        finetune_lr=schedule.finetune_lr, importance=schedule.importance,
         calibration_batches=cfg.calibration_batches, allocation=cfg.allocation,
         bn_batches=cfg.bn_batches, round_to=cfg.round_to,
-        limits=PruneLimits(max(cfg.cap_range), schedule.stage_caps, schedule.layer_caps,
-                           cfg.min_channels, schedule.residual_cap),
-        reference=cfg.reference, seed=cfg.seed, screen=screen)
+        limits=PruneLimits(cap_bounds(cfg, settings.layout)[1], schedule.stage_caps,
+                           schedule.layer_caps, cfg.min_channels, schedule.residual_cap),
+        reference=cfg.reference, seed=cfg.seed, screen=screen, target_flops=target)
     reference = prepared.reference_accuracy(cfg.reference)
-    runner = make_runner(cfg, storage.join(settings.run_dir, "train", trial_id), settings.phase)
+    teacher = prepared.baseline_checkpoint if cfg.distill_rounds and not screen else None
+    runner = make_runner(cfg, storage.join(settings.run_dir, "train", trial_id), settings.phase,
+                         teacher)
 
-    model, start_round, accuracy, meter.offset = _starting_point(prepared, screen)
+    # with a target, rounds past the tolerance are part of the walk: a retry goes on from them
+    model, start_round, accuracy, meter.offset = _starting_point(prepared,
+                                                                 screen or target is not None)
 
     def metrics(record: RoundRecord) -> dict[str, Any]:
         return {**_metrics(record, prepared), "phase": settings.phase,
+                "importance": schedule.importance,
                 "compute_s": meter.seconds(), "compute_unit": meter.unit}
 
     def on_round(record: RoundRecord, pruned: torch.nn.Module) -> None:
@@ -99,6 +112,7 @@ def run_trial(params: dict[str, Any], settings: TrialSettings) -> None:
         info = CheckpointInfo(cfg.model, settings.num_classes, True, settings.input_shape,
                               cfg.dataset, numbers,
                               {"round": record.round, "widths": record.widths,
+                               "importance": schedule.importance,
                                "within_tolerance": record.within_tolerance,
                                "phase": settings.phase, "compute_unit": meter.unit})
         with tempfile.TemporaryDirectory() as tmp:
@@ -117,16 +131,17 @@ def run_trial(params: dict[str, Any], settings: TrialSettings) -> None:
                  "final_round": result.final_round, "stop_reason": result.stop_reason})
 
 
-def _starting_point(prepared: Prepared, screen: bool
+def _starting_point(prepared: Prepared, any_round: bool
                     ) -> tuple[torch.nn.Module, int, float, float]:
     """(model, round, accuracy, compute seconds spent): M' for a new trial; the last reported
     round when Tune retries a failed trial (or M' again if that round had already broken the
-    tolerance: its predecessor was not kept; a screening trial goes on from any round)."""
+    tolerance: its predecessor was not kept; a screening trial, or one walking to a FLOPs
+    target (any_round), goes on from any round)."""
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             payload = read_payload(os.path.join(folder, CHECKPOINT_FILE))
-        if screen or payload["extra"].get("within_tolerance", False):
+        if any_round or payload["extra"].get("within_tolerance", False):
             model = model_from_payload(payload).train()
             metrics = payload["metrics"]
             return (model, int(payload["extra"]["round"]), float(metrics["accuracy"]),

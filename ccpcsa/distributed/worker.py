@@ -49,6 +49,7 @@ from ccpcsa.train import (
     TrainConfig,
     calibration_indices,
     count_correct,
+    load_teacher,
     loader,
     log_epoch,
     make_optimizer,
@@ -184,6 +185,7 @@ class Worker:
         opt, sched = make_optimizer(model, self.cfg, c.lr,
                                     max(c.epochs * source.steps_per_epoch, 1))
         start_epoch = _restore(model, opt, sched, self.device, run_dir)
+        teacher = load_teacher(self.cfg, self.device)  # distillation (TrainConfig.teacher)
         wrapped = (ray.train.torch.prepare_model(model, move_to_device=False)
                    if self.world > 1 else model)
         metrics: dict[str, Any] = {}
@@ -192,7 +194,8 @@ class Worker:
             started = time.perf_counter()
             batches = InputWait(_maybe_kill(source.epoch(epoch, stream), c.kill, self.rank,
                                             epoch))
-            loss, seen = run_epoch(wrapped, batches, opt, sched, self.device, self.cfg)
+            loss, seen = run_epoch(wrapped, batches, opt, sched, self.device, self.cfg,
+                                   teacher=teacher)
             loss, seen, checksum = all_reduce([loss * seen, seen, source.checksum()],
                                               self.device)
             loss /= max(seen, 1)
