@@ -169,15 +169,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"Ray Train data-parallel workers per trial; 1 = train inside the trial "
                         f"process (default {d.workers_per_trial})")
     g.add_argument("--gpus-per-worker", type=float,
-                   help="GPUs per training worker (default: 1 if the cluster has GPUs, else 0)")
+                   help="GPUs per training worker (default: 1 if any node type of the cluster "
+                        "has GPUs, the autoscaler's included, else 0)")
     g.add_argument("--cpus-per-worker", type=float,
                    help=f"CPUs per training worker (default {d.cpus_per_worker})")
     g.add_argument("--loader-workers", type=int,
                    help="DataLoader processes that decode map-style images per training process "
                         "(default: one per CPU it may use, minus one, at most 8; 0 for digits)")
     g.add_argument("--max-failures", type=int,
-                   help=f"retries of a crashed trial, from its last checkpoint "
-                        f"(default {d.max_failures})")
+                   help=f"retries of a crashed trial, from its last checkpoint, and restarts of "
+                        f"a trial's Ray Train worker group after a lost worker or node, from its "
+                        f"last epoch (default {d.max_failures})")
+    g.add_argument("--placement", help=f"how a trial's Ray Train workers are placed: "
+                   f"STRICT_PACK (all on one node), PACK, SPREAD, STRICT_SPREAD "
+                   f"(default {d.placement})")
+    g.add_argument("--wait-for-resources", type=float, metavar="SECONDS",
+                   help=f"before stage 0, ask the autoscaler for one trial's resources and wait "
+                        f"this long for them (a trial no node type can hold is refused at once) "
+                        f"(default {d.wait_for_resources:g})")
     g = p.add_argument_group("results")
     g.add_argument("--storage", help=f"results folder or URI: local path, file://, s3://, "
                    f"gs://, NFS (default {d.storage})")
@@ -286,19 +295,46 @@ def read_saved_config(path: str) -> dict[str, Any]:
 
 def connect_ray(cfg: SearchConfig):
     """The running cluster (RAY_ADDRESS, as under `ray job submit`) or a local instance on
-    127.0.0.1; checks that one trial's workers fit in it."""
-    from ccpcsa.distributed import DistributedError, check_cluster, connect_ray
+    127.0.0.1; checks that one trial fits a node type the cluster can ever have, asks the
+    autoscaler for it and waits (--wait-for-resources); on a cluster without an autoscaler,
+    caps the concurrent trials at what its nodes hold."""
+    from ccpcsa.distributed import (
+        DistributedError,
+        capacity,
+        check_cluster,
+        connect_ray,
+        plan_of,
+        started_locally,
+    )
 
     try:
-        cfg.gpus_per_worker = check_cluster(cfg.workers_per_trial, cfg.gpus_per_worker,
-                                            cfg.cpus_per_worker)
+        cfg.gpus_per_worker = check_cluster(
+            cfg.workers_per_trial, cfg.gpus_per_worker, cfg.cpus_per_worker,
+            placement=cfg.placement, decode_cpus=decode_cpus_of(cfg),
+            wait_s=cfg.wait_for_resources, say=lambda line: print(line, flush=True))
     except DistributedError as exc:
         raise ConfigError(f"a trial does not fit the cluster: {exc}") from None
     ray = connect_ray()
+    shape = capacity.cluster_shape(ray, local=started_locally())
+    plan = plan_of(cfg.workers_per_trial, cfg.gpus_per_worker, cfg.cpus_per_worker,
+                   cfg.placement, decode_cpus_of(cfg))
+    most = capacity.concurrent_cap(plan, shape, cfg.max_concurrent_trials)
+    if most < cfg.max_concurrent_trials:
+        log.warning("the Ray cluster holds %d trial(s) of %s at once (no autoscaler): running "
+                    "%d at a time instead of %d", most, plan.describe(), most,
+                    cfg.max_concurrent_trials)
+        cfg.max_concurrent_trials = most
     resources = ray.cluster_resources()
-    log.info("Ray cluster: %g CPUs, %g GPUs", resources.get("CPU", 0.0),
-             resources.get("GPU", 0.0))
+    log.info("Ray cluster: %g CPUs, %g GPUs; %s", resources.get("CPU", 0.0),
+             resources.get("GPU", 0.0), shape.source)
     return ray
+
+
+def decode_cpus_of(cfg: SearchConfig) -> float:
+    """CPUs a trial's Ray Data decode tasks need beside its workers (Parquet only)."""
+    from ccpcsa.distributed.ingest import DECODE_CPUS
+
+    return DECODE_CPUS if cfg.dataset == "parquet" and cfg.workers_per_trial > 1 else 0.0
 
 
 def run_stage0(ray, cfg: SearchConfig, prep_cfg: PrepareConfig, run_dir: str) -> Prepared:
@@ -309,7 +345,8 @@ def run_stage0(ray, cfg: SearchConfig, prep_cfg: PrepareConfig, run_dir: str) ->
 
     def stage0() -> Prepared:
         logging.basicConfig(level=logging.INFO)
-        runner = make_runner(cfg, storage.join(run_dir, "train", "stage0"))
+        # stable fit folders: a driver started again resumes a fit from its last epoch
+        runner = make_runner(cfg, storage.join(run_dir, "train", "stage0"), stable_fits=True)
         try:
             return prepare(prep_cfg, runner, storage.join(run_dir, "stage0"))
         finally:
@@ -408,10 +445,27 @@ def make_tuner(cfg: SearchConfig, trainable, space: dict[str, Any], plan,
     )
 
 
-def trial_resources(cfg: SearchConfig) -> dict[str, float]:
+def trial_resources(cfg: SearchConfig, driver_nodes: bool = False) -> dict[str, float]:
+    """The trial process's own reservation. With Ray Train workers it only drives them: no
+    CPU (a fraction would strand the rest of a CPU that decode tasks need), one byte of
+    memory (Tune needs a non-empty request) and, where the cluster files set it, one unit of
+    the driver resource that keeps drivers on the head/CPU nodes."""
+    from ccpcsa.distributed.capacity import DRIVER_RESOURCE
+
     if cfg.workers_per_trial == 1:
         return {"cpu": cfg.cpus_per_worker, "gpu": cfg.gpus_per_worker or 0.0}
-    return {"cpu": 0.01}  # the trial only drives Ray Train, whose workers reserve their own
+    driver = {"cpu": 0, "memory": 1}
+    if driver_nodes:
+        driver[DRIVER_RESOURCE] = 1
+    return driver
+
+
+def driver_nodes() -> bool:
+    """Whether the cluster's nodes (or node types) offer the trial-driver resource."""
+    from ccpcsa.distributed import capacity, connect_ray, started_locally
+
+    ray = connect_ray()
+    return capacity.has_driver_resource(ray, capacity.cluster_shape(ray, started_locally()))
 
 
 def fail_numbers_from_env() -> frozenset[int]:
@@ -486,7 +540,12 @@ def _run_locked(cfg: SearchConfig, fail: frozenset[int], termination) -> int:
     started = time.time()
     print(f"stage 0: baseline and BAM training for {cfg.model} on {cfg.dataset} "
           f"(cached in {storage.join(run_dir, 'stage0')})", flush=True)
-    prepared = run_stage0(ray, cfg, prep_cfg, run_dir)
+    try:
+        prepared = run_stage0(ray, cfg, prep_cfg, run_dir)
+    finally:  # from here the trials' own demands drive the autoscaler
+        from ccpcsa.distributed.capacity import release_request
+
+        release_request()
     print(f"stage 0: baseline {prepared.baseline_accuracy:.2f}% top-1, "
           f"with BAM {prepared.attention_accuracy:.2f}%", flush=True)
     layout = describe_model(cfg.model, info.num_classes, input_shape)
@@ -598,7 +657,7 @@ def run_phase(ctx: PhaseContext, phase: Phase, finalists=None) -> PhaseOutcome:
                              run_dir_of(cfg), phase=phase.name)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, settings=settings, fail_numbers=ctx.fail),
-        trial_resources(cfg))
+        trial_resources(cfg, driver_nodes()))
     if plan.restore or plan.num_samples > 0:
         points = [(t.trial_id, p["accuracy"], p["flops"]) for t in trials
                   for p in t.rounds.values()]
