@@ -107,3 +107,19 @@ def test_a_fixed_cluster_refuses_at_once_in_one_line(two_cpus):
         check_cluster(2, 0, 1.0, decode_cpus=1.0)
     # what fits is accepted, GPUs decided from the (GPU-less) nodes
     assert check_cluster(2, None, 0.5, decode_cpus=1.0, wait_s=600) == 0.0
+
+
+def test_a_stream_that_gets_no_batch_says_so(caplog):
+    with caplog.at_level("WARNING", logger="ccpcsa.distributed"):
+        with cap.StarvationWatch("a stream of 3 row groups", 1.0, after_s=0.3):
+            time.sleep(1.0)  # the watch looks every min(after_s, 5) s
+    warned = [r.getMessage() for r in caplog.records]
+    assert warned and warned[0].startswith("a stream of 3 row groups: no batch from Ray Data")
+    assert "decode tasks need 1 CPU each" in warned[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ccpcsa.distributed"):
+        with cap.StarvationWatch("busy", 1.0, after_s=0.5) as watch:
+            for _ in range(20):
+                watch.seen()
+                time.sleep(0.1)
+    assert not caplog.records

@@ -306,3 +306,56 @@ def concurrent_cap(plan: TrialPlan, shape: ClusterShape, wanted: int) -> int:
         return wanted
     return max(1, trials_that_fit(plan, shape.types, wanted))
 
+
+
+STARVED_AFTER_S = 60.0
+
+
+class StarvationWatch:
+    """Warns (once a minute, not silently forever) while a Ray Data stream delivers no batch:
+    what a decode task waiting for a CPU looks like from the worker.
+
+        with StarvationWatch("train epoch 1", decode_cpus) as watch:
+            for batch in stream:
+                watch.seen()
+    """
+
+    def __init__(self, what: str, decode_cpus: float, after_s: float = STARVED_AFTER_S) -> None:
+        import threading
+
+        self.what, self.decode_cpus, self.after_s = what, decode_cpus, after_s
+        self._last = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True,
+                                        name="ccpcsa-starvation-watch")
+
+    def __enter__(self) -> StarvationWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+
+    def seen(self) -> None:
+        self._last = time.monotonic()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(self.after_s, 5.0)):
+            idle = time.monotonic() - self._last
+            if idle >= self.after_s:
+                log.warning(self.message(idle))
+                self._last = time.monotonic()  # the next warning a period later
+
+    def message(self, idle: float) -> str:
+        try:
+            import ray
+
+            free, total = (ray.available_resources().get("CPU", 0.0),
+                           ray.cluster_resources().get("CPU", 0.0))
+            cpus = f"the cluster has {free:g} of {total:g} CPUs free"
+        except Exception:  # not connected: say what we know
+            cpus = "the cluster's free CPUs are unknown"
+        return (f"{self.what}: no batch from Ray Data for {idle:.0f}s; its decode tasks need "
+                f"{self.decode_cpus:g} CPU each and {cpus} (`ray status` shows pending "
+                "demands); free CPUs (lower --cpus-per-worker or --max-concurrent-trials) or "
+                "add nodes")

@@ -46,6 +46,7 @@ from ccpcsa.data import (
     steps_per_epoch,
     train_pieces,
 )
+from ccpcsa.distributed.capacity import StarvationWatch
 
 DECODE_CPUS = 1.0  # CPUs per decode task: PIL decodes one image at a time
 
@@ -147,5 +148,8 @@ class ParquetBatches:
         if shuffle_seed is not None and self.cfg.shuffle_buffer != 0:
             options["local_shuffle_buffer_size"] = max(self.cfg.shuffle_buffer, batch_size)
             options["local_shuffle_seed"] = shuffle_seed
-        for batch in ds.iter_torch_batches(**options):
-            yield batch["image"], batch["label"], batch["checksum"]
+        with StarvationWatch(f"a stream of {len(pieces)} row groups",
+                             self.cfg.decode_cpus) as watch:
+            for batch in ds.iter_torch_batches(**options):
+                watch.seen()
+                yield batch["image"], batch["label"], batch["checksum"]
