@@ -506,11 +506,12 @@ def run_search(cfg: SearchConfig, termination) -> int:
     fail = fail_numbers_from_env()
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", STATE_PERIOD_S)
     cfg = resolve_storage(cfg)
-    with RunLock(run_dir_of(cfg), "search/run.py"):
-        return _run_locked(cfg, fail, termination)
+    with RunLock(run_dir_of(cfg), "search/run.py") as lock:
+        return _run_locked(cfg, fail, termination, lock)
 
 
-def _run_locked(cfg: SearchConfig, fail: frozenset[int], termination) -> int:
+def _run_locked(cfg: SearchConfig, fail: frozenset[int], termination,
+                lock: RunLock | None = None) -> int:
     cfg = check_run_folder(cfg)
     if cfg.weights and not storage.is_uri(cfg.weights) and os.path.exists(cfg.weights):
         cfg.weights = os.path.abspath(cfg.weights)  # stage 0 runs in a Ray worker's folder
@@ -534,6 +535,8 @@ def _run_locked(cfg: SearchConfig, fail: frozenset[int], termination) -> int:
     from search.space import build_space, describe_model
 
     ray = connect_ray(cfg)
+    if lock is not None:  # a driver on a fresh head can now tell when this one is gone
+        lock.record_ray()
     if not cfg.resume:
         storage.write_json(storage.join(run_dir, CONFIG_FILE),
                            {"config": cfg.to_dict(), "versions": versions()})

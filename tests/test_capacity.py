@@ -123,3 +123,54 @@ def test_a_stream_that_gets_no_batch_says_so(caplog):
                 watch.seen()
                 time.sleep(0.1)
     assert not caplog.records
+
+
+# --------------------------------------------------------------------------- head loss: the lock
+
+
+def test_a_lock_whose_ray_cluster_is_gone_is_taken_over(tmp_path, caplog):
+    import json
+    import socket
+
+    from ccpcsa.runlock import LOCK_FILE, Holder, RunInUseError, RunLock, ray_gone
+
+    with socket.socket() as listening:  # a live "GCS": something answers at its address
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        alive = f"127.0.0.1:{listening.getsockname()[1]}"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            gone = f"127.0.0.1:{s.getsockname()[1]}"  # bound, not listening: refused
+            old_head = Holder("old-head", 4242, "2026-01-01T00:00:00", "search/run.py", "t",
+                              "", "c0ffee", gone, "01000000")
+            assert ray_gone(old_head)
+            live_head = Holder(**{**old_head.__dict__, "ray_gcs": alive})
+            assert not ray_gone(live_head)
+            # without Ray details (an older lock), another host's holder is never taken over
+            assert not ray_gone(Holder(**{**old_head.__dict__, "ray_gcs": ""}))
+
+            (tmp_path / LOCK_FILE).write_text(json.dumps(live_head.__dict__))
+            with pytest.raises(RunInUseError, match="in use by pid 4242 on host old-head"):
+                RunLock(str(tmp_path), "test").acquire()
+            (tmp_path / LOCK_FILE).write_text(json.dumps(old_head.__dict__))
+            with caplog.at_level("WARNING", logger="ccpcsa.runlock"):
+                with RunLock(str(tmp_path), "test") as lock:
+                    assert lock.held
+            assert any("took over the stale lock of pid 4242 on host old-head" in r.getMessage()
+                       and "Ray cluster or job is gone" in r.getMessage()
+                       for r in caplog.records)
+
+
+def test_the_lock_records_the_ray_cluster_and_job(two_cpus, tmp_path):
+    import json
+
+    from ccpcsa.runlock import LOCK_FILE, Holder, RunLock, ray_gone
+
+    with RunLock(str(tmp_path), "test") as lock:
+        lock.record_ray()
+        body = json.loads((tmp_path / LOCK_FILE).read_text())
+        assert body["ray_gcs"] == ray.get_runtime_context().gcs_address
+        assert body["ray_job"] == ray.get_runtime_context().get_job_id()
+        assert body["ray_cluster"] and body["token"] == lock.holder.token
+        # the same cluster, seen from another host: this job is alive, so the lock is not stale
+        assert not ray_gone(Holder(**{**body, "host": "another-host"}))
