@@ -394,10 +394,11 @@ def make_sampler(cfg: SearchConfig, num_samples: int):
 
 def make_tuner(cfg: SearchConfig, trainable, space: dict[str, Any], plan,
                phase: Phase | None = None, configs: list[dict[str, Any]] | None = None,
-               points: list[tuple[str, float, int]] | None = None):
+               points: list[tuple[str, float, int]] | None = None, callbacks=None):
     """Tune's restored run (plan.restore) or a new one of plan.num_samples trials: sampled by
     Optuna over `space`, or (phase 2) the given `configs`, one trial each. `points` (trial id,
-    accuracy, FLOPs) already on disk seed the early-stopping scheduler."""
+    accuracy, FLOPs) already on disk seed the early-stopping scheduler. `callbacks`: Tune
+    callbacks of a new run (a restored run keeps the ones it was saved with)."""
     from ray import tune
 
     from search.early_stop import make_scheduler
@@ -441,7 +442,7 @@ def make_tuner(cfg: SearchConfig, trainable, space: dict[str, Any], plan,
             name=name, storage_path=storage_path,
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
-            verbose=1),
+            callbacks=callbacks, verbose=1),
     )
 
 
@@ -665,8 +666,14 @@ def run_phase(ctx: PhaseContext, phase: Phase, finalists=None) -> PhaseOutcome:
         points = [(t.trial_id, p["accuracy"], p["flops"]) for t in trials
                   for p in t.rounds.values()]
         ctx.termination.forward_to_sigint = True  # SIGTERM: Tune saves its state and stops
+        from search.watch import FrontierWriter
+
+        so_far = [(p.folder, p.name) for p in phases_of(cfg)]
+        so_far = so_far[:[f for f, _ in so_far].index(phase.folder) + 1]
+        writer = FrontierWriter(cfg, ctx.prepared, run_dir_of(cfg), so_far)
         try:
-            make_tuner(cfg, trainable, ctx.space, plan, phase, configs, points).fit()
+            make_tuner(cfg, trainable, ctx.space, plan, phase, configs, points,
+                       [writer]).fit()
         finally:
             ctx.termination.forward_to_sigint = False
     trials = scan_trials(phase.folder, phase.name)
