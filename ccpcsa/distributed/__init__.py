@@ -220,7 +220,13 @@ class _WorkerGroup:
 
         self._ray = ray
         name = f"group-{uuid.uuid4().hex[:8]}"
-        self.coordinator = ray.remote(num_cpus=0)(Coordinator).remote()
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # beside the driver (on the head/CPU node with the driver resource), not on a worker
+        # node whose loss would take the group's commands and results with it
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        self.coordinator = ray.remote(num_cpus=0)(Coordinator).options(
+            scheduling_strategy=here).remote()
         fits = "fits" if runner.stable_fits else name
         setup = GroupSetup(runner.data, runner.train_cfg,
                            storage.join(runner.storage_path, fits), runner.sync_bn,
