@@ -168,34 +168,50 @@ class Cluster:
 
     def cli(self, args: list[str], check: bool = True, timeout: float = 120
             ) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "ray"), *args, "--address",
-                               f"http://127.0.0.1:{self.dashboard}"], env=self.env(),
+        return subprocess.run([str(BIN / "ray"), *args[:2], "--address",
+                               f"http://127.0.0.1:{self.dashboard}", *args[2:]], env=self.env(),
                               capture_output=True, text=True, check=check, timeout=timeout,
                               cwd=REPO)
 
     def submit(self, submission_id: str, flags: list[str]) -> None:
-        """`ray job submit` as cluster/README.md does: this checkout as the working dir (the
-        guide's excludes; its pip list is installed here already), --no-wait."""
+        """`ray job submit` as cluster/README.md does, with the guide's runtime env minus two
+        things one machine cannot have: its pip list (no package index; this venv holds
+        the project, installed) and its working_dir (every fake node shares one session
+        folder, so a node's runtime-env agent deletes the unpacked copy the others run in).
+        """
         import yaml
 
         runtime_env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
-        runtime_env.pop("pip", None)  # no package index here: the venv has them
-        runtime_env["working_dir"] = str(REPO)
-        env_file = self.work / "runtime_env.json"
-        env_file.write_text(json.dumps(runtime_env))
+        runtime_env = {"env_vars": runtime_env.get("env_vars", {})}
         self.cli(["job", "submit", "--submission-id", submission_id, "--no-wait",
-                  "--runtime-env-json", env_file.read_text(), "--", "python", "search/run.py",
-                  *flags])
+                  "--runtime-env-json", json.dumps(runtime_env), "--", "python",
+                  str(REPO / "search" / "run.py"), *flags])
         say(f"submitted {submission_id}: python search/run.py {' '.join(flags)}")
 
+    def jobs(self):
+        """Ray's job client on the dashboard, with the cluster's token."""
+        from ray.job_submission import JobSubmissionClient
+
+        return JobSubmissionClient(f"http://127.0.0.1:{self.dashboard}")
+
     def job_status(self, submission_id: str) -> str:
-        done = self.cli(["job", "status", submission_id], check=False, timeout=60)
-        found = re.search(r"status for '[^']+': (\w+)", done.stdout + done.stderr)
-        return found.group(1) if found else "UNKNOWN"
+        try:
+            return str(self.jobs().get_job_status(submission_id).value)
+        except Exception:  # the head is busy or restarting: ask again later
+            return "UNKNOWN"
 
     def job_logs(self, submission_id: str) -> str:
-        done = self.cli(["job", "logs", submission_id], check=False, timeout=60)
-        return done.stdout
+        return self.jobs().get_job_logs(submission_id)
+
+    def training_nodes(self) -> set[str]:
+        """Nodes with a live Ray Train worker (Ray's state API, through the dashboard)."""
+        done = self.cli(["list", "actors", "--filter", "class_name=RayTrainWorker",
+                         "--filter", "state=ALIVE", "--format", "json", "--limit", "1000"],
+                        check=False, timeout=60)
+        try:
+            return {a["node_id"] for a in json.loads(done.stdout)}
+        except (ValueError, KeyError, TypeError):
+            return set()
 
     def worker_nodes(self) -> dict[str, set[int]]:
         """Fake worker nodes: node id -> the pids of its processes (raylet and workers)."""
@@ -230,12 +246,21 @@ def finished_trials(run_dir: Path) -> int:
     return sum(t.status == "finished" for t in scan_trials(str(run_dir)))
 
 
-def wait_for(what: str, test, timeout: float, poll: float = 0.2):
+def wait_for(what: str, test, timeout: float, poll: float = 0.2, job=None):
+    """Poll test() until it returns something true; `job` (cluster, submission id): give up
+    as soon as that job has ended."""
     deadline = time.monotonic() + timeout
+    looked = time.monotonic()
     while time.monotonic() < deadline:
         found = test()
         if found:
             return found
+        if job is not None and time.monotonic() - looked > 5:
+            looked = time.monotonic()
+            status = job[0].job_status(job[1])
+            if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+                print(job[0].job_logs(job[1])[-3000:], file=sys.stderr)
+                raise RuntimeError(f"job {job[1]} ended {status} while waiting for {what}")
         time.sleep(poll)
     raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
 
@@ -243,28 +268,30 @@ def wait_for(what: str, test, timeout: float, poll: float = 0.2):
 # --------------------------------------------------------------------------- the day
 
 
-def rehearse(work: Path, marker: str) -> tuple[int, int, int, int, int, int]:
+def rehearse(work: Path, marker: str, token: str) -> tuple[int, int, int, int, int, int]:
     storage = work / "storage"
     run_dir = storage / NAME
     flags = [*SEARCH, "--storage", str(storage), "--name", NAME]
-    cluster = Cluster(work, marker, secrets.token_hex(32), max_nodes=2)
+    cluster = Cluster(work, marker, token, max_nodes=2)
     cluster.start_head()
     listening = loopback_only(marker)
     cluster.submit("day-1", flags)
 
     # a worker node lost while a trial fine-tunes
     wait_for("a trial's fine-tune to checkpoint an epoch", lambda: finetune_epoch_written(
-        run_dir), timeout=420)
+        run_dir), timeout=420, job=(cluster, "day-1"))
     nodes = cluster.worker_nodes()
     say(f"fine-tune running; worker nodes up: {len(nodes)}")
-    training = [n for n, pids in nodes.items()
-                if any("RayTrainWorker" in cmdline(p) for p in pids)]
-    victim = sorted(training or nodes)[0]
+    training = sorted(set(nodes) & cluster.training_nodes())
+    if not training:
+        raise RuntimeError(f"no worker node runs a Ray Train worker (nodes: {sorted(nodes)})")
+    victim = training[0]
     nodes_killed = 1 if kill_all(nodes[victim]) else 0
     say(f"killed worker node {victim[-5:]} ({len(nodes[victim])} processes)")
 
     # then the driver and the head, once a trial has finished and before all have
-    wait_for("a finished trial", lambda: finished_trials(run_dir) >= 1, timeout=600, poll=1)
+    wait_for("a finished trial", lambda: finished_trials(run_dir) >= 1, timeout=600, poll=1,
+             job=(cluster, "day-1"))
     before = reported_rounds(run_dir)
     if cluster.job_status("day-1") == "SUCCEEDED":
         raise RuntimeError("the search finished before the head could be killed")
@@ -306,7 +333,7 @@ def loopback_only(marker: str) -> set[str]:
         pids = {int(p) for p in re.findall(r"pid=(\d+)", line)}
         if pids & ours:
             found.add(line.split()[3].rsplit(":", 1)[0])
-    if found - {"127.0.0.1"}:
+    if found - {"127.0.0.1", "[::ffff:127.0.0.1]", "[::1]"}:
         raise RuntimeError(f"a rehearsal process listens beyond loopback: {sorted(found)}")
     return found
 
@@ -316,10 +343,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="rh-", dir="/tmp"))  # short: Ray's socket paths
-    marker = uuid.uuid4().hex
+    marker, token = uuid.uuid4().hex, secrets.token_hex(32)
+    # this process's own Ray clients (job and state APIs) read the token when Ray is imported
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     say(f"work folder {work}")
     try:
-        finished, trials, killed, restarts, points, lost = rehearse(work, marker)
+        finished, trials, killed, restarts, points, lost = rehearse(work, marker, token)
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -222,9 +222,11 @@ class _WorkerGroup:
         name = f"group-{uuid.uuid4().hex[:8]}"
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        # beside the driver (on the head/CPU node with the driver resource), not on a worker
-        # node whose loss would take the group's commands and results with it
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        # on the driver's node (the head/CPU node with the driver resource), never on a worker
+        # node whose loss would take the group's commands and results with it; hard, as a
+        # soft affinity was seen to spill it to a worker node
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                              soft=False)
         self.coordinator = ray.remote(num_cpus=0)(Coordinator).options(
             scheduling_strategy=here).remote()
         fits = "fits" if runner.stable_fits else name
