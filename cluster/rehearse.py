@@ -6,7 +6,9 @@
    listens on 127.0.0.1 only, with free ports, token authentication on.
 2. Submits the search with `ray job submit` as cluster/README.md does (the smoke test's shape,
    `--workers-per-trial 2`): the pre-flight asks the autoscaler for a node and waits for it.
-3. Kills a worker node (its raylet and every process on it) while a trial fine-tunes.
+3. Kills the worker nodes that run Ray Train workers (raylet and every process on them) while
+   a trial fine-tunes, and waits until a worker group has resumed its fit on a new node from
+   the last epoch checkpoint.
 4. Kills the job's driver and the head (and with it the cluster), starts a fresh head over the
    same storage and submits the same command with --resume.
 5. Checks the result on storage, then prints as its last line:
@@ -40,6 +42,7 @@ BIN = Path(sys.executable).parent
 MARK = "CCPCSA_REHEARSAL"  # in the environment of every process the rehearsal starts
 DRIVER_RESOURCE = "ccpcsa_driver"
 NAME = "rehearsal"
+RESUMED_FIT = "resuming training from the checkpoint of epoch"  # ccpcsa.distributed.worker
 TRIALS = 3
 SEARCH = ["--model", "resnet20", "--dataset", "digits", "--image-size", "8",
           "--baseline-epochs", "1", "--attention-epochs", "1", "--max-rounds", "2",
@@ -285,9 +288,14 @@ def rehearse(work: Path, marker: str, token: str) -> tuple[int, int, int, int, i
     training = sorted(set(nodes) & cluster.training_nodes())
     if not training:
         raise RuntimeError(f"no worker node runs a Ray Train worker (nodes: {sorted(nodes)})")
-    victim = training[0]
-    nodes_killed = 1 if kill_all(nodes[victim]) else 0
-    say(f"killed worker node {victim[-5:]} ({len(nodes[victim])} processes)")
+    # every node with a Ray Train worker: the fine-tuning trial's among them
+    nodes_killed = sum(bool(kill_all(nodes[node])) for node in training)
+    say(f"killed {nodes_killed} worker node(s) running Ray Train workers: "
+        f"{', '.join(n[-5:] for n in training)}")
+    # the trial goes on: its worker group restarts on a new node, from the last epoch
+    wait_for("the worker group to resume its fit on another node", lambda: RESUMED_FIT in
+             cluster.job_logs("day-1"), timeout=300, poll=3, job=(cluster, "day-1"))
+    say("the trial's worker group resumed its fit from the last epoch checkpoint")
 
     # then the driver and the head, once a trial has finished and before all have
     wait_for("a finished trial", lambda: finished_trials(run_dir) >= 1, timeout=600, poll=1,
@@ -310,8 +318,10 @@ def rehearse(work: Path, marker: str, token: str) -> tuple[int, int, int, int, i
         else None), timeout=900, poll=3)
     logs = cluster.job_logs("day-1-resumed")
     (work / "resumed.log").write_text(logs)
-    if "took over the stale lock" not in logs:
-        say("note: the resumed driver did not report taking over the lock")
+    took_over = [line for line in logs.splitlines() if "took over the stale lock" in line]
+    if not took_over:
+        raise RuntimeError("the resumed driver did not take over the old driver's lock")
+    say(took_over[0].split("WARNING ", 1)[-1])
     if status != "SUCCEEDED":
         print(logs[-4000:], file=sys.stderr)
         raise RuntimeError(f"the resumed search ended {status}")
