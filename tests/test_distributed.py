@@ -217,7 +217,8 @@ def test_bad_input_fails_before_work(ray_cluster, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--workers", "0"], "--workers must be >= 1, got 0"),
-    (["--workers", "2", "--gpus-per-worker", "1"], "need 2 GPUs but the Ray cluster has 0"),
+    (["--workers", "2", "--gpus-per-worker", "1"],
+     "needs 2 GPUs but this machine's Ray instance has 0"),
 ])
 def test_cli_bad_worker_flags_one_line_error(tmp_path, argv, message):
     proc = subprocess.run(
