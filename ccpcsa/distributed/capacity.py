@@ -145,7 +145,8 @@ def _types_from_gcs() -> list[NodeType] | None:
         return None
     if config is None or not config.node_group_configs:
         return None
-    return [NodeType(g.name, dict(g.resources), g.max_count) for g in config.node_group_configs]
+    return [NodeType(getattr(g, "name", "") or "node group", dict(g.resources), g.max_count)
+            for g in config.node_group_configs]
 
 
 def _monitor_config_path(ray) -> str | None | bool:
