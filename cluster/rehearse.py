@@ -265,7 +265,7 @@ def wait_for(what: str, test, timeout: float, poll: float = 0.2, job=None):
                 print(job[0].job_logs(job[1])[-3000:], file=sys.stderr)
                 raise RuntimeError(f"job {job[1]} ended {status} while waiting for {what}")
         time.sleep(poll)
-    raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 # --------------------------------------------------------------------------- the day
@@ -297,11 +297,15 @@ def rehearse(work: Path, marker: str, token: str) -> tuple[int, int, int, int, i
         "Train workers")
     # the search goes on: the worker group restarts on a new node and resumes its fit from
     # the last epoch (or, outside a fit, Tune retries the trial from its last round)
-    how = wait_for("the search to go on after the node loss", lambda: (
-        "its worker group resumed a fit from the last epoch checkpoint"
-        if RESUMED_FIT in cluster.job_logs("day-1") else
-        "a round was reported after it" if len(reported_rounds(run_dir)) > rounds_then
-        else None), timeout=300, poll=3, job=(cluster, "day-1"))
+    try:
+        how = wait_for("a worker group to resume its fit", lambda: (
+            "its worker group resumed a fit from the last epoch checkpoint"
+            if RESUMED_FIT in cluster.job_logs("day-1") else None),
+            timeout=150, poll=3, job=(cluster, "day-1"))
+    except TimeoutError:  # the node's trial was between fits: Tune retries it instead
+        how = wait_for("the search to go on after the node loss", lambda: (
+            "a round was reported after it" if len(reported_rounds(run_dir)) > rounds_then
+            else None), timeout=300, poll=3, job=(cluster, "day-1"))
     say(f"the search went on after the node loss: {how}")
 
     # then the driver and the head, once a trial has finished and before all have
@@ -366,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"work folder {work}")
     try:
         finished, trials, killed, restarts, points, lost = rehearse(work, marker, token)
-    except RuntimeError as exc:
+    except (RuntimeError, TimeoutError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:

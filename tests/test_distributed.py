@@ -228,3 +228,22 @@ def test_cli_bad_worker_flags_one_line_error(tmp_path, argv, message):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], proc.stderr
     assert not (tmp_path / "out" / "prepared").exists()  # nothing was trained
+
+
+def test_a_restarted_driver_resumes_a_stable_fit_from_its_last_epoch(ray_cluster, tmp_path,
+                                                                    monkeypatch):
+    """Stage 0 after a lost head: its fits keep their epoch checkpoints under a path made of
+    their label (stable_fits), so a new runner over the same storage continues the fit from
+    the last epoch instead of epoch 0."""
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(KILL_ENV, f"1:1:3:{marker}")  # rank 1, second epoch, fourth batch
+    lost = RayRunner(DIGITS, TRAIN, 2, str(tmp_path / "ray"), max_failures=0, stable_fits=True)
+    with pytest.raises(DistributedError, match="worker group stopped"):
+        lost.fit(build_model("resnet20", 10, with_bam=False), 3, 0.05, "baseline")
+    lost.close()
+    assert (tmp_path / "ray" / "fits" / "baseline" / "epoch-0001.pt").exists()
+    monkeypatch.delenv(KILL_ENV)
+    again = RayRunner(DIGITS, TRAIN, 2, str(tmp_path / "ray"), stable_fits=True)
+    again.fit(build_model("resnet20", 10, with_bam=False), 3, 0.05, "baseline")
+    assert again.last_metrics["start_epoch"] == 1 and again.last_metrics["epoch"] == 3
+    again.close()
