@@ -1,10 +1,13 @@
 """One process per run folder: an exclusive lock file, <run folder>/.ccpcsa.lock.
 
 The lock is created atomically (O_CREAT | O_EXCL) and holds the holder's host, pid, process
-start time and a random token. A lock whose holder is gone (same host, pid no longer running
-or now another process) is stale: it is removed with a warning and taken. A lock held by a
-live process, or by one on another host (whose pid cannot be checked from here), refuses the
-second run with "run X is in use by pid N on host H".
+start time and a random token; once the holder has joined Ray it also records the Ray
+cluster's id, its GCS address and the driver's job id (record_ray). A lock whose holder is
+gone is stale: it is removed with a warning and taken. Gone means: on this host, the pid is
+no longer running (or is now another process); on another host, the holder's Ray cluster no
+longer answers at its GCS address (the head was lost: a fresh head resumes), or, in the same
+cluster, the holder's job has ended. A lock held by a live process, or by one whose liveness
+cannot be told from here, refuses the second run with "run X is in use by pid N on host H".
 
 Object stores (s3://, gs://) have no atomic create in pyarrow.fs (no If-None-Match): there
 the lock is check, write, then read back. It catches a run started while another is running,
@@ -19,6 +22,7 @@ import logging
 import os
 import secrets
 import socket
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -43,9 +47,13 @@ class Holder:
     command: str
     token: str
     process_start: str = ""  # /proc/<pid>/stat start time: tells a reused pid apart
+    ray_cluster: str = ""  # the Ray cluster id the holder's driver joined
+    ray_gcs: str = ""  # that cluster's GCS address (host:port)
+    ray_job: str = ""  # the holder's Ray job id (hex)
 
     def describe(self) -> str:
-        return f"pid {self.pid} on host {self.host} ({self.command}, since {self.started})"
+        ray = f", Ray job {self.ray_job} on cluster {self.ray_gcs}" if self.ray_gcs else ""
+        return f"pid {self.pid} on host {self.host} ({self.command}, since {self.started}{ray})"
 
 
 def _process_start(pid: int) -> str:
@@ -72,15 +80,70 @@ def _pid_running(pid: int) -> bool:
         return True
 
 
+GCS_PROBE_S = 5.0  # how long the GCS of a lock's Ray cluster may take to accept a connection
+
+
 def is_stale(holder: Holder) -> bool:
     """True when the holder is known to be gone: same host, and its pid is not running or now
-    belongs to a process started at another time."""
+    belongs to a process started at another time; another host, and its Ray cluster is gone
+    or its job ended (ray_gone)."""
     if holder.host != socket.gethostname():
-        return False
+        return ray_gone(holder)
     if not _pid_running(holder.pid):
         return True
     return bool(holder.process_start) and _process_start(holder.pid) not in (
         "", holder.process_start)
+
+
+def ray_gone(holder: Holder) -> bool:
+    """Whether the holder's Ray driver is known to be gone: in the cluster this process has
+    joined (same cluster id), its job is dead; otherwise, nothing accepts connections at its
+    cluster's GCS address any more. False when the lock records no Ray cluster."""
+    if not holder.ray_gcs:
+        return False
+    mine = _current_ray()
+    if mine is not None and mine[0] == holder.ray_cluster:
+        return _job_dead(holder.ray_job)
+    host, _, port = holder.ray_gcs.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=GCS_PROBE_S):
+            return False  # something answers there: perhaps the holder's cluster, alive
+    except ValueError:
+        return False
+    except OSError:
+        return True
+
+
+def _current_ray() -> tuple[str, str, str] | None:
+    """(cluster id, GCS address, job id) of the Ray cluster this process has joined."""
+    import sys
+
+    if "ray" not in sys.modules:
+        return None
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    context = ray.get_runtime_context()
+    try:
+        from ray._private.worker import global_worker
+
+        cluster = global_worker.node.cluster_id.hex()
+    except Exception:  # no cluster id where Ray keeps it: the GCS address stands for it
+        cluster = context.gcs_address
+    return cluster, context.gcs_address, context.get_job_id()
+
+
+def _job_dead(job_id: str) -> bool:
+    if not job_id:
+        return False
+    try:
+        import ray
+
+        jobs = ray._private.state.state.job_table()
+    except Exception:
+        return False
+    return any(j.get("JobID") == job_id and j.get("IsDead") for j in jobs)
 
 
 class RunLock:
@@ -124,6 +187,27 @@ class RunLock:
             self._break(holder)
         raise RunInUseError(f"run {self.run_dir}: could not take its lock {self.path} "
                             "(other processes keep taking it)")
+
+    def record_ray(self) -> None:
+        """Once this process has joined Ray: write the cluster id, its GCS address and the job
+        id into the lock, so a driver on a fresh head can tell that this one is gone."""
+        found = _current_ray()
+        if not self.held or found is None:
+            return
+        cluster, gcs, job = found
+        self.holder = Holder(**{**asdict(self.holder), "ray_cluster": cluster, "ray_gcs": gcs,
+                                "ray_job": job})
+        body = json.dumps(asdict(self.holder)).encode()
+        local = storage.local_path(self.path)
+        if local is None:
+            storage.write_bytes(self.path, body)
+            return
+        fd, temp = tempfile.mkstemp(prefix=".ccpcsa.lock.", dir=os.path.dirname(local))
+        with os.fdopen(fd, "wb") as f:
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, local)  # readers see the old body or the new one, never half
 
     def release(self) -> None:
         if not self.held:
@@ -173,8 +257,10 @@ class RunLock:
                 except FileExistsError:
                     pass
             os.unlink(aside)
-        log.warning("removed the stale lock of %s from %s: that process is no longer running",
-                    stale.describe(), self.run_dir)
+        gone = ("its Ray cluster or job is gone" if stale.host != socket.gethostname()
+                else "that process is no longer running")
+        log.warning("took over the stale lock of %s in %s: %s", stale.describe(),
+                    self.run_dir, gone)
 
 
 def _create_local(path: str, body: bytes) -> bool:

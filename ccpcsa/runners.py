@@ -48,11 +48,13 @@ class Runner(Protocol):
 
 def make_runner(data: DataConfig, cfg: TrainConfig, workers: int, storage_path: str, *,
                 gpus_per_worker: float | None = None, cpus_per_worker: float = 1.0,
-                sync_bn: bool = False) -> Runner:
+                sync_bn: bool = False, max_failures: int = 2, placement: str = "STRICT_PACK",
+                stable_fits: bool = False) -> Runner:
     """The loop's training backend: this process for one worker (no Ray), else one group of
     `workers` Ray Train workers (runs under `storage_path`) that trains, evaluates, scores
     channels and re-estimates BatchNorm. Channels are scored and BatchNorm is re-estimated on
-    unaugmented training data."""
+    unaugmented training data. max_failures: restarts of the worker group after a worker
+    or node is lost; placement and stable_fits: see RayRunner."""
     if workers == 1:
         train_set, test_set = build_datasets(data)
         calibration_set = build_datasets(replace(data, augment=False))[0]
@@ -60,4 +62,5 @@ def make_runner(data: DataConfig, cfg: TrainConfig, workers: int, storage_path: 
     from ccpcsa.distributed import RayRunner
 
     return RayRunner(data, cfg, workers, storage_path, gpus_per_worker=gpus_per_worker,
-                     cpus_per_worker=cpus_per_worker, sync_bn=sync_bn)
+                     cpus_per_worker=cpus_per_worker, sync_bn=sync_bn,
+                     max_failures=max_failures, placement=placement, stable_fits=stable_fits)

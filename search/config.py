@@ -12,6 +12,7 @@ from ccpcsa import validation
 from ccpcsa.data import DATASETS, NEEDS_ROOT
 from ccpcsa.data.common import MIN_IMAGE_SIZE
 from ccpcsa.data.jpegdecode import DECODES
+from ccpcsa.distributed.capacity import PLACEMENTS
 from ccpcsa.distributed.hostcopy import HOST_COPIES
 from ccpcsa.importance import DEFAULT_IMPORTANCE, IMPORTANCES
 from ccpcsa.loop import REFERENCES
@@ -79,6 +80,9 @@ class SearchConfig:
     cpus_per_worker: float = 1.0
     loader_workers: int | None = None  # None: one per spare CPU (ccpcsa.train.loader_workers_for)
     max_failures: int = 1
+    # STRICT_PACK: a trial's Ray Train workers on one node (ccpcsa.distributed.capacity)
+    placement: str = "STRICT_PACK"
+    wait_for_resources: float = 600.0  # seconds the pre-flight waits for the autoscaler
     # where results go
     storage: str = "runs/search"
     name: str = "ccpcsa-search"
@@ -157,6 +161,8 @@ class SearchConfig:
             raise ConfigError(f"importance {self.importance!r} names a criterion twice")
         check.choice("allocation", self.allocation, ALLOCATIONS)
         check.choice("reference", self.reference, REFERENCES)
+        check.choice("placement", self.placement, PLACEMENTS)
+        check.number("wait_for_resources", self.wait_for_resources, low=0)
         for name in ("num_samples", "max_concurrent_trials", "workers_per_trial", "max_rounds",
                      "calibration_batches", "min_channels"):
             check.whole(name, getattr(self, name), 1)

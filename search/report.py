@@ -2,12 +2,17 @@
 
 python search/report.py RUN_DIR [--all] [--x flops|latency] [--plot PATH]
 python -m search.report RUN_DIR [--all] [--x flops|latency] [--plot PATH]
+python search/report.py RUN_DIR --follow 60   # a running search: the table each time it changes
+
+A running search rewrites frontier.parquet as its rounds report (search/watch.py), so --follow
+prints the frontier so far and again whenever the file changes, until Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 try:
@@ -54,7 +59,47 @@ def build_parser() -> argparse.ArgumentParser:
         help="where to write the PNG (local path or URI); default RUN_DIR/frontier.png, or "
         "RUN_DIR/frontier_latency.png with --x latency",
     )
+    parser.add_argument(
+        "--follow",
+        metavar="SECONDS",
+        type=float,
+        default=None,
+        help="follow a running search: print the table now and again whenever "
+        "frontier.parquet changes, looking every SECONDS, until Ctrl-C (no plot is drawn)",
+    )
     return parser
+
+
+def follow(run_dir: str, every_s: float, only_pareto: bool, rounds: int | None = None) -> int:
+    """Print the frontier each time frontier.parquet changes (`rounds` looks, else forever)."""
+    fs, root = pareto._resolve(run_dir)
+    path = pareto.join_path(root, pareto.FRONTIER_FILE)
+    seen = None
+    looked = 0
+    try:
+        while rounds is None or looked < rounds:
+            looked += 1
+            info = fs.get_file_info(path)
+            stamp = (info.mtime_ns, info.size) if info.is_file else None
+            if stamp is not None and stamp != seen:
+                seen = stamp
+                try:
+                    df, baseline = pareto.read_frontier(run_dir)
+                except Exception as exc:  # replaced between the look and the read: next time
+                    print(f"report: {_one_line(exc)}", file=sys.stderr)
+                else:
+                    print(f"--- {time.strftime('%H:%M:%S')}: {len(df)} points, "
+                          f"{int(df['pareto'].sum())} on the frontier", flush=True)
+                    print(pareto.format_table(df, baseline, only_pareto=only_pareto),
+                          flush=True)
+            elif stamp is None and looked == 1:
+                print(f"report: no {pareto.FRONTIER_FILE} in {run_dir} yet; waiting",
+                      flush=True)
+            if rounds is None or looked < rounds:
+                time.sleep(every_s)
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def _one_line(exc: BaseException) -> str:
@@ -63,6 +108,12 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.follow is not None:
+        if not args.follow > 0:
+            print(f"report: error: --follow must be > 0 seconds, got {args.follow:g}",
+                  file=sys.stderr)
+            return EXIT_BAD_RUN_DIR
+        return follow(args.run_dir, args.follow, only_pareto=not args.all)
     try:
         df, baseline = pareto.read_frontier(args.run_dir)
     except FileNotFoundError as exc:

@@ -179,15 +179,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"Ray Train data-parallel workers per trial; 1 = train inside the trial "
                         f"process (default {d.workers_per_trial})")
     g.add_argument("--gpus-per-worker", type=float,
-                   help="GPUs per training worker (default: 1 if the cluster has GPUs, else 0)")
+                   help="GPUs per training worker (default: 1 if any node type of the cluster "
+                        "has GPUs, the autoscaler's included, else 0)")
     g.add_argument("--cpus-per-worker", type=float,
                    help=f"CPUs per training worker (default {d.cpus_per_worker})")
     g.add_argument("--loader-workers", type=int,
                    help="DataLoader processes that decode map-style images per training process "
                         "(default: one per CPU it may use, minus one, at most 8; 0 for digits)")
     g.add_argument("--max-failures", type=int,
-                   help=f"retries of a crashed trial, from its last checkpoint "
-                        f"(default {d.max_failures})")
+                   help=f"retries of a crashed trial, from its last checkpoint, and restarts of "
+                        f"a trial's Ray Train worker group after a lost worker or node, from its "
+                        f"last epoch (default {d.max_failures})")
+    g.add_argument("--placement", help=f"how a trial's Ray Train workers are placed: "
+                   f"STRICT_PACK (all on one node), PACK, SPREAD, STRICT_SPREAD "
+                   f"(default {d.placement})")
+    g.add_argument("--wait-for-resources", type=float, metavar="SECONDS",
+                   help=f"before stage 0, ask the autoscaler for one trial's resources and wait "
+                        f"this long for them (a trial no node type can hold is refused at once) "
+                        f"(default {d.wait_for_resources:g})")
     g = p.add_argument_group("results")
     g.add_argument("--storage", help=f"results folder or URI: local path, file://, s3://, "
                    f"gs://, NFS (default {d.storage})")
@@ -340,19 +349,46 @@ def read_saved_config(path: str) -> dict[str, Any]:
 
 def connect_ray(cfg: SearchConfig):
     """The running cluster (RAY_ADDRESS, as under `ray job submit`) or a local instance on
-    127.0.0.1; checks that one trial's workers fit in it."""
-    from ccpcsa.distributed import DistributedError, check_cluster, connect_ray
+    127.0.0.1; checks that one trial fits a node type the cluster can ever have, asks the
+    autoscaler for it and waits (--wait-for-resources); on a cluster without an autoscaler,
+    caps the concurrent trials at what its nodes hold."""
+    from ccpcsa.distributed import (
+        DistributedError,
+        capacity,
+        check_cluster,
+        connect_ray,
+        plan_of,
+        started_locally,
+    )
 
     try:
-        cfg.gpus_per_worker = check_cluster(cfg.workers_per_trial, cfg.gpus_per_worker,
-                                            cfg.cpus_per_worker)
+        cfg.gpus_per_worker = check_cluster(
+            cfg.workers_per_trial, cfg.gpus_per_worker, cfg.cpus_per_worker,
+            placement=cfg.placement, decode_cpus=decode_cpus_of(cfg),
+            wait_s=cfg.wait_for_resources, say=lambda line: print(line, flush=True))
     except DistributedError as exc:
         raise ConfigError(f"a trial does not fit the cluster: {exc}") from None
     ray = connect_ray()
+    shape = capacity.cluster_shape(ray, local=started_locally())
+    plan = plan_of(cfg.workers_per_trial, cfg.gpus_per_worker, cfg.cpus_per_worker,
+                   cfg.placement, decode_cpus_of(cfg))
+    most = capacity.concurrent_cap(plan, shape, cfg.max_concurrent_trials)
+    if most < cfg.max_concurrent_trials:
+        log.warning("the Ray cluster holds %d trial(s) of %s at once (no autoscaler): running "
+                    "%d at a time instead of %d", most, plan.describe(), most,
+                    cfg.max_concurrent_trials)
+        cfg.max_concurrent_trials = most
     resources = ray.cluster_resources()
-    log.info("Ray cluster: %g CPUs, %g GPUs", resources.get("CPU", 0.0),
-             resources.get("GPU", 0.0))
+    log.info("Ray cluster: %g CPUs, %g GPUs; %s", resources.get("CPU", 0.0),
+             resources.get("GPU", 0.0), shape.source)
     return ray
+
+
+def decode_cpus_of(cfg: SearchConfig) -> float:
+    """CPUs a trial's Ray Data decode tasks need beside its workers (Parquet only)."""
+    from ccpcsa.distributed.ingest import DECODE_CPUS
+
+    return DECODE_CPUS if cfg.dataset == "parquet" and cfg.workers_per_trial > 1 else 0.0
 
 
 def run_stage0(ray, cfg: SearchConfig, prep_cfg: PrepareConfig, run_dir: str) -> Prepared:
@@ -363,7 +399,8 @@ def run_stage0(ray, cfg: SearchConfig, prep_cfg: PrepareConfig, run_dir: str) ->
 
     def stage0() -> Prepared:
         logging.basicConfig(level=logging.INFO)
-        runner = make_runner(cfg, storage.join(run_dir, "train", "stage0"))
+        # stable fit folders: a driver started again resumes a fit from its last epoch
+        runner = make_runner(cfg, storage.join(run_dir, "train", "stage0"), stable_fits=True)
         try:
             return prepare(prep_cfg, runner, storage.join(run_dir, "stage0"))
         finally:
@@ -414,11 +451,12 @@ def make_sampler(cfg: SearchConfig, num_samples: int):
 def make_tuner(cfg: SearchConfig, trainable, space: dict[str, Any], plan,
                phase: Phase | None = None, configs: list[dict[str, Any]] | None = None,
                points: list[tuple[str, float, int]] | None = None,
-               rounds: int | None = None):
+               rounds: int | None = None, callbacks=None):
     """Tune's restored run (plan.restore) or a new one of plan.num_samples trials: sampled by
     Optuna over `space`, or (phase 2) the given `configs`, one trial each. `points` (trial id,
     accuracy, FLOPs) already on disk seed the early-stopping scheduler; `rounds`: the most
-    rounds a trial may run (default --max-rounds)."""
+    rounds a trial may run (default --max-rounds). `callbacks`: Tune callbacks of a new run (a
+    restored run keeps the ones it was saved with)."""
     from ray import tune
 
     from search.early_stop import make_scheduler
@@ -463,14 +501,31 @@ def make_tuner(cfg: SearchConfig, trainable, space: dict[str, Any], plan,
             name=name, storage_path=storage_path,
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
-            verbose=1),
+            callbacks=callbacks, verbose=1),
     )
 
 
-def trial_resources(cfg: SearchConfig) -> dict[str, float]:
+def trial_resources(cfg: SearchConfig, driver_nodes: bool = False) -> dict[str, float]:
+    """The trial process's own reservation. With Ray Train workers it only drives them: no
+    CPU (a fraction would strand the rest of a CPU that decode tasks need), one byte of
+    memory (Tune needs a non-empty request) and, where the cluster files set it, one unit of
+    the driver resource that keeps drivers on the head/CPU nodes."""
+    from ccpcsa.distributed.capacity import DRIVER_RESOURCE
+
     if cfg.workers_per_trial == 1:
         return {"cpu": cfg.cpus_per_worker, "gpu": cfg.gpus_per_worker or 0.0}
-    return {"cpu": 0.01}  # the trial only drives Ray Train, whose workers reserve their own
+    driver = {"cpu": 0, "memory": 1}
+    if driver_nodes:
+        driver[DRIVER_RESOURCE] = 1
+    return driver
+
+
+def driver_nodes() -> bool:
+    """Whether the cluster's nodes (or node types) offer the trial-driver resource."""
+    from ccpcsa.distributed import capacity, connect_ray, started_locally
+
+    ray = connect_ray()
+    return capacity.has_driver_resource(ray, capacity.cluster_shape(ray, started_locally()))
 
 
 def fail_numbers_from_env() -> frozenset[int]:
@@ -511,11 +566,12 @@ def run_search(cfg: SearchConfig, termination) -> int:
     fail = fail_numbers_from_env()
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", STATE_PERIOD_S)
     cfg = resolve_storage(cfg)
-    with RunLock(run_dir_of(cfg), "search/run.py"):
-        return _run_locked(cfg, fail, termination)
+    with RunLock(run_dir_of(cfg), "search/run.py") as lock:
+        return _run_locked(cfg, fail, termination, lock)
 
 
-def _run_locked(cfg: SearchConfig, fail: frozenset[int], termination) -> int:
+def _run_locked(cfg: SearchConfig, fail: frozenset[int], termination,
+                lock: RunLock | None = None) -> int:
     cfg = check_run_folder(cfg)
     if cfg.weights and not storage.is_uri(cfg.weights) and os.path.exists(cfg.weights):
         cfg.weights = os.path.abspath(cfg.weights)  # stage 0 runs in a Ray worker's folder
@@ -539,13 +595,20 @@ def _run_locked(cfg: SearchConfig, fail: frozenset[int], termination) -> int:
     from search.space import build_space, describe_model
 
     ray = connect_ray(cfg)
+    if lock is not None:  # a driver on a fresh head can now tell when this one is gone
+        lock.record_ray()
     if not cfg.resume:
         storage.write_json(storage.join(run_dir, CONFIG_FILE),
                            {"config": cfg.to_dict(), "versions": versions()})
     started = time.time()
     print(f"stage 0: baseline and BAM training for {cfg.model} on {cfg.dataset} "
           f"(cached in {storage.join(run_dir, 'stage0')})", flush=True)
-    prepared = run_stage0(ray, cfg, prep_cfg, run_dir)
+    try:
+        prepared = run_stage0(ray, cfg, prep_cfg, run_dir)
+    finally:  # from here the trials' own demands drive the autoscaler
+        from ccpcsa.distributed.capacity import release_request
+
+        release_request()
     print(f"stage 0: baseline {prepared.baseline_accuracy:.2f}% top-1, "
           f"with BAM {prepared.attention_accuracy:.2f}%", flush=True)
     layout = describe_model(cfg.model, info.num_classes, input_shape)
@@ -669,14 +732,19 @@ def run_phase(ctx: PhaseContext, phase: Phase, finalists=None) -> PhaseOutcome:
                              run_dir_of(cfg), phase=phase.name)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, settings=settings, fail_numbers=ctx.fail),
-        trial_resources(cfg))
+        trial_resources(cfg, driver_nodes()))
     if plan.restore or plan.num_samples > 0:
         points = [(t.trial_id, p["accuracy"], p["flops"]) for t in trials
                   for p in t.rounds.values()]
         ctx.termination.forward_to_sigint = True  # SIGTERM: Tune saves its state and stops
+        from search.watch import FrontierWriter
+
+        so_far = [(p.folder, p.name) for p in phases_of(cfg)]
+        so_far = so_far[:[f for f, _ in so_far].index(phase.folder) + 1]
+        writer = FrontierWriter(cfg, ctx.prepared, run_dir_of(cfg), so_far)
         try:
             make_tuner(cfg, trainable, ctx.space, plan, phase, configs, points,
-                       search_rounds(cfg, ctx.layout)).fit()
+                       search_rounds(cfg, ctx.layout), [writer]).fit()
         finally:
             ctx.termination.forward_to_sigint = False
     trials = scan_trials(phase.folder, phase.name)

@@ -61,12 +61,14 @@ def train_config(cfg: SearchConfig, teacher: str | None = None) -> TrainConfig:
 
 
 def make_runner(cfg: SearchConfig, storage_path: str, phase: str = "full",
-                teacher: str | None = None):
+                teacher: str | None = None, stable_fits: bool = False):
     """One process when workers_per_trial == 1, else Ray Train over that many workers."""
     return runners.make_runner(data_config(cfg, phase), train_config(cfg, teacher),
                                cfg.workers_per_trial, storage_path,
                                gpus_per_worker=cfg.gpus_per_worker,
-                               cpus_per_worker=cfg.cpus_per_worker)
+                               cpus_per_worker=cfg.cpus_per_worker,
+                               max_failures=cfg.max_failures, placement=cfg.placement,
+                               stable_fits=stable_fits)
 
 
 def run_trial(params: dict[str, Any], settings: TrialSettings) -> None:

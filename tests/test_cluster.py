@@ -509,3 +509,22 @@ def test_dashboard_on_all_interfaces_only_with_token_auth():
         assert spec.get("authOptions", {}).get("mode") == "token", spec.get("authOptions")
         major, minor = map(int, spec["rayVersion"].split(".")[:2])
         assert (major, minor) >= (2, 52), "Ray token authentication needs Ray >= 2.52"
+
+
+def test_every_cluster_file_keeps_trial_drivers_on_the_head():
+    """The head offers the trial-driver resource (ccpcsa.distributed.capacity.DRIVER_RESOURCE):
+    trial drivers ask for it, so they never hold a GPU node's CPU."""
+    from ccpcsa.distributed.capacity import DRIVER_RESOURCE
+
+    aws = _load_yaml(AWS_YAML)
+    head = aws["available_node_types"][aws["head_node_type"]]
+    assert head["resources"].get(DRIVER_RESOURCE, 0) >= 100
+    assert any(f'"{DRIVER_RESOURCE}": ' in c for c in aws["head_start_ray_commands"])
+    for path in (RAYCLUSTER_YAML, RAYJOB_YAML):
+        for doc in _k8s_docs(path):
+            if doc.get("kind") not in ("RayCluster", "RayJob"):
+                continue
+            spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+            text = spec["headGroupSpec"]["rayStartParams"]["resources"]
+            assert text.startswith('"') and text.endswith('"'), "KubeRay wants the JSON quoted"
+            assert json.loads(json.loads(text))[DRIVER_RESOURCE] >= 100, path  # a JSON string

@@ -205,7 +205,7 @@ def test_killed_worker_is_replaced_and_resumes_from_checkpoint(ray_cluster, tmp_
 def test_bad_input_fails_before_work(ray_cluster, tmp_path):
     with pytest.raises(DistributedError, match="workers must be an integer >= 1, got 0"):
         RayRunner(DIGITS, TRAIN, 0, str(tmp_path))
-    with pytest.raises(DistributedError, match="need 2 GPUs but the Ray cluster has 0"):
+    with pytest.raises(DistributedError, match="needs 2 GPUs but .* has 0"):
         RayRunner(DIGITS, TRAIN, 2, str(tmp_path), gpus_per_worker=1)
     with pytest.raises(DistributedError, match="batch size 64 must split into 3"):
         RayRunner(DIGITS, TRAIN, 3, str(tmp_path))
@@ -217,7 +217,8 @@ def test_bad_input_fails_before_work(ray_cluster, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--workers", "0"], "--workers must be >= 1, got 0"),
-    (["--workers", "2", "--gpus-per-worker", "1"], "need 2 GPUs but the Ray cluster has 0"),
+    (["--workers", "2", "--gpus-per-worker", "1"],
+     "needs 2 GPUs but this machine's Ray instance has 0"),
 ])
 def test_cli_bad_worker_flags_one_line_error(tmp_path, argv, message):
     proc = subprocess.run(
@@ -227,3 +228,22 @@ def test_cli_bad_worker_flags_one_line_error(tmp_path, argv, message):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], proc.stderr
     assert not (tmp_path / "out" / "prepared").exists()  # nothing was trained
+
+
+def test_a_restarted_driver_resumes_a_stable_fit_from_its_last_epoch(ray_cluster, tmp_path,
+                                                                    monkeypatch):
+    """Stage 0 after a lost head: its fits keep their epoch checkpoints under a path made of
+    their label (stable_fits), so a new runner over the same storage continues the fit from
+    the last epoch instead of epoch 0."""
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(KILL_ENV, f"1:1:3:{marker}")  # rank 1, second epoch, fourth batch
+    lost = RayRunner(DIGITS, TRAIN, 2, str(tmp_path / "ray"), max_failures=0, stable_fits=True)
+    with pytest.raises(DistributedError, match="worker group stopped"):
+        lost.fit(build_model("resnet20", 10, with_bam=False), 3, 0.05, "baseline")
+    lost.close()
+    assert (tmp_path / "ray" / "fits" / "baseline" / "epoch-0001.pt").exists()
+    monkeypatch.delenv(KILL_ENV)
+    again = RayRunner(DIGITS, TRAIN, 2, str(tmp_path / "ray"), stable_fits=True)
+    again.fit(build_model("resnet20", 10, with_bam=False), 3, 0.05, "baseline")
+    assert again.last_metrics["start_epoch"] == 1 and again.last_metrics["epoch"] == 3
+    again.close()

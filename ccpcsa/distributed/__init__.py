@@ -38,6 +38,8 @@ from ccpcsa.data import (
     shard_index,
     warn_if_class_sorted,
 )
+from ccpcsa.distributed import capacity
+from ccpcsa.distributed.capacity import PLACEMENTS, TrialPlan
 from ccpcsa.distributed.ingest import DECODE_CPUS
 from ccpcsa.distributed.worker import Command, GroupSetup, worker_loop
 from ccpcsa.prune import ChannelGroup
@@ -71,8 +73,12 @@ class RayRunner:
 
     def __init__(self, data: DataConfig, train: TrainConfig, num_workers: int,
                  storage_path: str, *, gpus_per_worker: float | None = None,
-                 cpus_per_worker: float = 1.0, sync_bn: bool = False, max_failures: int = 2
-                 ) -> None:
+                 cpus_per_worker: float = 1.0, sync_bn: bool = False, max_failures: int = 2,
+                 placement: str = "STRICT_PACK", stable_fits: bool = False) -> None:
+        """placement: how the worker group is placed (PLACEMENTS; STRICT_PACK = one node).
+        stable_fits: every fit keeps its epoch checkpoints under <storage_path>/fits/<label>
+        (labels unique per runner, as in stage 0), so a runner started again after the
+        driver was lost resumes a fit from its last epoch instead of epoch 0."""
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
             raise DistributedError(f"workers must be an integer >= 1, got {num_workers!r}")
         if train.batch_size % num_workers or train.batch_size // num_workers < 2:
@@ -83,15 +89,21 @@ class RayRunner:
             raise DistributedError(f"cpus per worker must be > 0, got {cpus_per_worker}")
         if max_failures < 0:
             raise DistributedError(f"max failures must be >= 0, got {max_failures}")
+        if placement not in PLACEMENTS:
+            raise DistributedError(f"placement must be one of {', '.join(PLACEMENTS)}, got "
+                                   f"{placement!r}")
         self.data, self.train_cfg, self.num_workers = data, train, num_workers
         self.cpus_per_worker, self.sync_bn, self.max_failures = (
             cpus_per_worker, sync_bn, max_failures)
+        self.placement, self.stable_fits = placement, stable_fits
         self.storage_path = storage_path if storage.is_uri(storage_path) else os.path.abspath(
             storage_path)
         storage.check_writable(self.storage_path)
         info = dataset_info(data)  # a bad dataset fails here, before any worker starts
         self.input_shape = (info.channels, info.image_size, info.image_size)
-        self.gpus_per_worker = check_cluster(num_workers, gpus_per_worker, cpus_per_worker)
+        self.gpus_per_worker = check_cluster(
+            num_workers, gpus_per_worker, cpus_per_worker, placement=placement,
+            decode_cpus=DECODE_CPUS if data.name == "parquet" else 0.0)
         self._parquet = _parquet_indexes(data, num_workers, cpus_per_worker)
         self._group: _WorkerGroup | None = None
         self._held: tuple[int, tuple] | None = None  # (version, fingerprint) the workers hold
@@ -208,10 +220,19 @@ class _WorkerGroup:
 
         self._ray = ray
         name = f"group-{uuid.uuid4().hex[:8]}"
-        self.coordinator = ray.remote(num_cpus=0)(Coordinator).remote()
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # on the driver's node (the head/CPU node with the driver resource), never on a worker
+        # node whose loss would take the group's commands and results with it; hard, as a
+        # soft affinity was seen to spill it to a worker node
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                              soft=False)
+        self.coordinator = ray.remote(num_cpus=0)(Coordinator).options(
+            scheduling_strategy=here).remote()
+        fits = "fits" if runner.stable_fits else name
         setup = GroupSetup(runner.data, runner.train_cfg,
-                           storage.join(runner.storage_path, name), runner.sync_bn,
-                           runner._parquet)
+                           storage.join(runner.storage_path, fits), runner.sync_bn,
+                           runner._parquet, fits_by_label=runner.stable_fits)
         resources = {"CPU": runner.cpus_per_worker}
         if runner.uses_cuda:
             resources["GPU"] = runner.gpus_per_worker
@@ -220,7 +241,8 @@ class _WorkerGroup:
             train_loop_config={"setup": setup, "coordinator": self.coordinator},
             scaling_config=ScalingConfig(num_workers=runner.num_workers,
                                          use_gpu=runner.uses_cuda,
-                                         resources_per_worker=resources),
+                                         resources_per_worker=resources,
+                                         placement_strategy=runner.placement),
             run_config=RunConfig(
                 name=name, storage_path=runner.storage_path,
                 failure_config=FailureConfig(max_failures=runner.max_failures),
@@ -369,25 +391,42 @@ def connect_ray():
     return ray
 
 
-def check_cluster(num_workers: int, gpus_per_worker: float | None, cpus_per_worker: float
-                  ) -> float:
-    """Connect to Ray and check the workers fit; returns the GPUs per worker (None = 1 when
-    the cluster has GPUs, else 0)."""
-    resources = connect_ray().cluster_resources()
-    gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
-    if gpus_per_worker is None:
-        gpus_per_worker = 1.0 if gpus > 0 else 0.0
-    if gpus_per_worker < 0:
-        raise DistributedError(f"GPUs per worker must be >= 0, got {gpus_per_worker}")
-    if num_workers * gpus_per_worker > gpus:
-        raise DistributedError(
-            f"{num_workers} workers x {gpus_per_worker:g} GPUs need "
-            f"{num_workers * gpus_per_worker:g} GPUs but the Ray cluster has {gpus:g}")
-    if num_workers * cpus_per_worker > cpus:
-        raise DistributedError(
-            f"{num_workers} workers x {cpus_per_worker:g} CPUs need "
-            f"{num_workers * cpus_per_worker:g} CPUs but the Ray cluster has {cpus:g}")
-    return float(gpus_per_worker)
+def started_locally() -> bool:
+    """Whether this process started its own Ray instance (ray.init without an address): its
+    nodes are then all there is, no autoscaler adds any."""
+    import ray._private.worker as ray_worker
+
+    node = getattr(ray_worker, "_global_node", None)
+    return bool(node is not None and getattr(node, "head", False))
+
+
+def plan_of(num_workers: int, gpus_per_worker: float | None, cpus_per_worker: float,
+            placement: str = "STRICT_PACK", decode_cpus: float = 0.0) -> TrialPlan:
+    return TrialPlan(num_workers, cpus_per_worker, gpus_per_worker or 0.0, decode_cpus,
+                     placement)
+
+
+def check_cluster(num_workers: int, gpus_per_worker: float | None, cpus_per_worker: float,
+                  *, placement: str = "STRICT_PACK", decode_cpus: float = 0.0,
+                  wait_s: float = 0.0, say=print) -> float:
+    """Connect to Ray and check that one trial's workers (and its decode tasks' CPUs) fit a
+    node type the cluster can ever have (capacity.py); returns the GPUs per worker (None:
+    1 when any node type has GPUs, else 0). With wait_s > 0, also ask the autoscaler for
+    them and wait until the nodes that are up hold them. DistributedError, one line, when
+    they never can or did not come in time."""
+    ray = connect_ray()
+    shape = capacity.cluster_shape(ray, local=started_locally())
+    try:
+        gpus = capacity.decide_gpus(gpus_per_worker, shape, ray)
+        plan = TrialPlan(num_workers, cpus_per_worker, gpus, decode_cpus, placement)
+        reason = capacity.refuse_reason(plan, shape)
+        if reason:
+            raise DistributedError(reason)
+        if wait_s > 0 or not shape.autoscaling:
+            capacity.wait_for_capacity(ray, plan, shape, wait_s, say)
+    except capacity.CapacityError as exc:
+        raise DistributedError(str(exc)) from None
+    return gpus
 
 
 def fingerprint(model: nn.Module) -> tuple:
@@ -417,16 +456,9 @@ def _payload_info(model: nn.Module, input_shape: tuple[int, int, int]) -> Checkp
 def _parquet_indexes(data: DataConfig, num_workers: int, cpus_per_worker: float
                      ) -> tuple[ShardIndex, ShardIndex] | None:
     """Parquet: the row groups of train/ and val/, read once per runner (not per run), after
-    checking that the decode tasks have CPUs beside the workers."""
+    the decode tasks' CPUs were checked with the workers' (check_cluster)."""
     if data.name != "parquet":
         return None
-    cpus = connect_ray().cluster_resources().get("CPU", 0.0)
-    spare = cpus - num_workers * cpus_per_worker
-    if spare < DECODE_CPUS:
-        raise DistributedError(
-            f"Parquet images are decoded by Ray Data tasks ({DECODE_CPUS:g} CPU each) on CPUs "
-            f"the workers leave free, but {num_workers} workers x {cpus_per_worker:g} CPUs "
-            f"leave {max(spare, 0):g} of the cluster's {cpus:g}; lower --cpus-per-worker")
     root = str(data.root)
     check_parquet_splits(root)
     train, val = shard_index(root, "train"), shard_index(root, "val")

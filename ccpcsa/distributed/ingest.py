@@ -49,6 +49,7 @@ from ccpcsa.data import (
     train_pieces,
 )
 from ccpcsa.data.jpegdecode import check_decode, decode_on_device
+from ccpcsa.distributed.capacity import StarvationWatch
 from ccpcsa.distributed.hostcopy import DEFAULT_HOST_COPY, HostCopy, check_host_copy
 
 DECODE_CPUS = 1.0  # CPUs per decode task: PIL decodes one image at a time
@@ -204,14 +205,20 @@ class ParquetBatches:
             options["local_shuffle_buffer_size"] = max(self.cfg.shuffle_buffer, batch_size)
             options["local_shuffle_seed"] = shuffle_seed
         self.streams_started += 1
-        if self.cfg.decode == "gpu":  # variable-length bytes: numpy batches, decoded here
-            yield from ahead(self._decoded(ds.iter_batches(batch_format="numpy", **options)),
-                             self.device, max(self.cfg.prefetch_batches, 1))
-            return
-        for batch in ds.iter_torch_batches(**options, **self.copy.ray_options()):
-            if self.copy.ring is not None:
-                batch = self.copy({k: batch[k] for k in ("image", "label", "checksum")})
-            yield batch["image"], batch["label"], batch["checksum"]
+        with StarvationWatch(f"a stream of {len(tasks)} decode tasks",
+                             self.cfg.decode_cpus) as watch:
+            if self.cfg.decode == "gpu":  # variable-length bytes: numpy batches, decoded here
+                batches = ahead(self._decoded(ds.iter_batches(batch_format="numpy", **options)),
+                                self.device, max(self.cfg.prefetch_batches, 1))
+                for batch in batches:
+                    watch.seen()
+                    yield batch
+                return
+            for batch in ds.iter_torch_batches(**options, **self.copy.ray_options()):
+                watch.seen()
+                if self.copy.ring is not None:
+                    batch = self.copy({k: batch[k] for k in ("image", "label", "checksum")})
+                yield batch["image"], batch["label"], batch["checksum"]
 
 
     def _decoded(self, batches) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

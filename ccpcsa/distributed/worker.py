@@ -79,6 +79,7 @@ class GroupSetup:
     run_dir: str  # the Ray Train run's folder; each fit keeps its epoch checkpoints under it
     sync_bn: bool = False
     parquet: tuple[ShardIndex, ShardIndex] | None = None  # (train, val) row groups
+    fits_by_label: bool = False  # fit folders named by label only: found again after a restart
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,8 @@ class Worker:
         assert self.model is not None
         torch.manual_seed(self.cfg.seed * 1000 + self.rank)  # augmentation differs per worker
         model, source = self.model, self.train_source()
-        run_dir = storage.join(self.setup.run_dir, f"{c.seq:04d}-{slug(c.label)}")
+        run_dir = storage.join(self.setup.run_dir, slug(c.label) if self.setup.fits_by_label
+                               else f"{c.seq:04d}-{slug(c.label)}")
         opt, sched = make_optimizer(model, self.cfg, c.lr,
                                     max(c.epochs * source.steps_per_epoch, 1))
         start_epoch = _restore(model, opt, sched, self.device, run_dir)
