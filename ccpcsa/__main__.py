@@ -345,7 +345,7 @@ def _prune_locked(args: argparse.Namespace, configs: dict[str, Any], loop_cfg: L
         write_rows(rows, storage.join(args.out, "rounds.parquet"))
         print(table_line(rows[-1], reference), flush=True)
 
-    result = prune_loop(prepared.load_attention_model(), args.model, prep_cfg.input_shape,
+    result = prune_loop(prepared.load_attention_model(args.model), args.model, prep_cfg.input_shape,
                         reference, runner, loop_cfg, on_round,
                         initial_accuracy=prepared.attention_accuracy)
     final = record_of(result, result.final_round)
@@ -374,8 +374,8 @@ def report_latency(prepared, model, final, rows, final_round: int, prep_cfg: Pre
     from ccpcsa.latency import measure_latency
 
     device = pick_device(args.device)
-    base = measure_latency(load_checkpoint(prepared.baseline_checkpoint), prep_cfg.input_shape,
-                           device, args.latency_batch)
+    baseline = load_checkpoint(prepared.baseline_checkpoint, user_model=prep_cfg.model)
+    base = measure_latency(baseline, prep_cfg.input_shape, device, args.latency_batch)
     ours = measure_latency(model, prep_cfg.input_shape, device, args.latency_batch)
     for row in rows:  # every row gets the columns (Parquet's schema), the final one values
         row.update(ours.columns() if row["round"] == final_round else

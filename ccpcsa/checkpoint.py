@@ -5,6 +5,11 @@ A pruned model is rebuilt by constructing its architecture again from the name i
 and resizing every layer whose stored tensors have other shapes (Conv2d incl. depthwise and
 grouped, Linear, BatchNorm, LayerNorm, GroupNorm, PReLU, and plain parameters such as
 ConvNeXt's layer scale); no module is pickled.
+
+A checkpoint that names `module:callable` would import that module and call it, so such a
+name is refused before anything is imported unless the caller trusts it: `trust_model_code`
+(`--trust-model-code`), or `user_model`, the --model the user named for this run (the
+checkpoints a run writes and reads back name the model the user asked for).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import torch
 from torch import nn
 
 from ccpcsa import storage
-from ccpcsa.models import build_model, get_spec
+from ccpcsa.models import TORCHVISION, build_model, get_spec, is_registered
 
 FORMAT = "ccpcsa-checkpoint/1"
 
@@ -109,11 +114,30 @@ def info_of(payload: dict[str, Any]) -> CheckpointInfo:
     )
 
 
-def model_from_payload(payload: dict[str, Any], source: str = "checkpoint") -> nn.Module:
+def check_model_trusted(name: Any, source: str, *, trust_model_code: bool = False,
+                        user_model: str | None = None) -> str:
+    """`name` if a checkpoint may name it: a registry model, `torchvision:NAME`, or (only when
+    trusted) `module:callable`; CheckpointError otherwise. Imports nothing."""
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(f"{source}: the model name is {name!r}, not a model name")
+    if (is_registered(name) or name.startswith(TORCHVISION) or trust_model_code
+            or name == user_model):
+        return name
+    raise CheckpointError(f"{source} names the model {name!r}, code outside ccpcsa and "
+                          f"torchvision that loading would import and run; refused (pass "
+                          f"--trust-model-code, or trust_model_code=True, only for a file "
+                          f"you trust)")
+
+
+def model_from_payload(payload: dict[str, Any], source: str = "checkpoint", *,
+                       trust_model_code: bool = False, user_model: str | None = None
+                       ) -> nn.Module:
     """The model a payload describes, rebuilt from the name it records with BAM where it
-    records; CheckpointError naming `source` when the weights do not fit the architecture
-    (another model, other classes, missing or extra layers)."""
-    name = payload.get("model")
+    records; CheckpointError naming `source` when the name is not trusted (see
+    check_model_trusted) or the weights do not fit the architecture (another model, other
+    classes, missing or extra layers, tensors of the wrong rank)."""
+    name = check_model_trusted(payload.get("model"), source, trust_model_code=trust_model_code,
+                               user_model=user_model)
     shape = tuple(payload.get("input_shape") or ()) or None
     shape = shape if shape and all(shape) else None  # traced models need it (models.get_spec)
     try:
@@ -134,10 +158,14 @@ def model_from_payload(payload: dict[str, Any], source: str = "checkpoint") -> n
     return model.eval()
 
 
-def load_checkpoint(path: str) -> nn.Module:
+def load_checkpoint(path: str, *, trust_model_code: bool = False,
+                    user_model: str | None = None) -> nn.Module:
     """Rebuild the (pruned) model stored at path, eval-ready, on the CPU; CheckpointError
-    naming the file when it cannot (see read_payload and model_from_payload)."""
-    return model_from_payload(read_payload(path), source=repr(path))
+    naming the file when it cannot (see read_payload and model_from_payload). A checkpoint
+    naming `module:callable` is refused, nothing imported, unless `trust_model_code` is set
+    or it is `user_model` (the --model the user named)."""
+    return model_from_payload(read_payload(path), source=repr(path),
+                              trust_model_code=trust_model_code, user_model=user_model)
 
 
 def resize_to_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

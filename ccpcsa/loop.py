@@ -146,8 +146,9 @@ class Prepared:
     def reference_accuracy(self, reference: str) -> float:
         return self.baseline_accuracy if reference == "baseline" else self.attention_accuracy
 
-    def load_attention_model(self) -> nn.Module:
-        return load_checkpoint(self.attention_checkpoint).train()
+    def load_attention_model(self, user_model: str) -> nn.Module:
+        """M', rebuilt as `user_model` (the --model of this run, see load_checkpoint)."""
+        return load_checkpoint(self.attention_checkpoint, user_model=user_model).train()
 
 
 @dataclass
@@ -239,7 +240,8 @@ def _baseline_model(cfg: PrepareConfig, runner: Runner, cache_dir: str, key: dic
     if cached is not None:
         log.info("step 1: reusing the baseline %s", path)
         accuracy, flops, params = cached["measured"]
-        return load_checkpoint(path).train(), (float(accuracy), int(flops), int(params)), path
+        return (load_checkpoint(path, user_model=cfg.model).train(),
+                (float(accuracy), int(flops), int(params)), path)
     seed_everything(cfg.seed)
     model = build_model(cfg.model, cfg.num_classes, with_bam=False, input_shape=cfg.input_shape)
     if cfg.weights:  # step 1 is the user's training: evaluate it instead

@@ -137,7 +137,8 @@ def add_latency(frame: pd.DataFrame, baseline: dict[str, Any], cfg: SearchConfig
     task = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=gpus)(measure_checkpoints)
     try:
         measured = ray.get(task.remote([baseline_path, *paths] if baseline_path else paths,
-                                       input_shape, cfg.latency_batch, cfg.cpus_per_worker))
+                                       input_shape, cfg.latency_batch, cfg.cpus_per_worker,
+                                       cfg.model))
     except Exception as exc:  # a measurement must not cost the search its results
         log.warning("latency not measured: %s", str(exc).strip().splitlines()[-1])
         return frame, baseline
@@ -153,7 +154,7 @@ def add_latency(frame: pd.DataFrame, baseline: dict[str, Any], cfg: SearchConfig
 
 
 def measure_checkpoints(paths: list[str], input_shape: tuple[int, int, int], batch: int,
-                        cpus: float) -> dict[str, dict[str, Any]]:
+                        cpus: float, model_name: str) -> dict[str, dict[str, Any]]:
     """Each checkpoint's latency_* columns, on this worker's GPU if it has one, else its CPUs
     (as many torch threads as CPUs reserved)."""
     import torch
@@ -164,5 +165,6 @@ def measure_checkpoints(paths: list[str], input_shape: tuple[int, int, int], bat
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cpus)))
-    return {path: measure_latency(load_checkpoint(path), input_shape, device, batch).columns()
+    return {path: measure_latency(load_checkpoint(path, user_model=model_name), input_shape,
+                                  device, batch).columns()
             for path in paths}

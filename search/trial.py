@@ -83,7 +83,7 @@ def run_trial(params: dict[str, Any], settings: TrialSettings) -> None:
     reference = prepared.reference_accuracy(cfg.reference)
     runner = make_runner(cfg, storage.join(settings.run_dir, "train", trial_id), settings.phase)
 
-    model, start_round, accuracy, meter.offset = _starting_point(prepared, screen)
+    model, start_round, accuracy, meter.offset = _starting_point(prepared, screen, cfg.model)
 
     def metrics(record: RoundRecord) -> dict[str, Any]:
         return {**_metrics(record, prepared), "phase": settings.phase,
@@ -115,7 +115,7 @@ def run_trial(params: dict[str, Any], settings: TrialSettings) -> None:
                  "final_round": result.final_round, "stop_reason": result.stop_reason})
 
 
-def _starting_point(prepared: Prepared, screen: bool
+def _starting_point(prepared: Prepared, screen: bool, model_name: str
                     ) -> tuple[torch.nn.Module, int, float, float]:
     """(model, round, accuracy, compute seconds spent): M' for a new trial; the last reported
     round when Tune retries a failed trial (or M' again if that round had already broken the
@@ -125,11 +125,11 @@ def _starting_point(prepared: Prepared, screen: bool
         with checkpoint.as_directory() as folder:
             payload = read_payload(os.path.join(folder, CHECKPOINT_FILE))
         if screen or payload["extra"].get("within_tolerance", False):
-            model = model_from_payload(payload).train()
+            model = model_from_payload(payload, user_model=model_name).train()
             metrics = payload["metrics"]
             return (model, int(payload["extra"]["round"]), float(metrics["accuracy"]),
                     float(metrics.get("compute_s", 0.0)))
-    return prepared.load_attention_model(), 0, prepared.attention_accuracy, 0.0
+    return prepared.load_attention_model(model_name), 0, prepared.attention_accuracy, 0.0
 
 
 def _metrics(record: RoundRecord, prepared: Prepared) -> dict[str, Any]:

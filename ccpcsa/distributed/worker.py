@@ -149,7 +149,8 @@ class Worker:
     # ------------------------------------------------------------------ the model
 
     def load(self, payload: dict[str, Any], version: int) -> None:
-        model = model_from_payload(payload).train()
+        # the driver's own model, sent through the object store (never read from a file)
+        model = model_from_payload(payload, trust_model_code=True).train()
         if self.setup.sync_bn and self.world > 1:  # BatchNorm statistics of the global batch
             model = (nn.SyncBatchNorm.convert_sync_batchnorm(model)
                      if self.device.type == "cuda" else convert_batchnorm(model))

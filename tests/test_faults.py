@@ -1,0 +1,105 @@
+"""Nothing runs that the user did not ask for, a full disk loses nothing, every signal is
+honoured (issue 26).
+
+- A checkpoint naming MODULE:CALLABLE is refused before anything is imported unless the
+  caller trusts it (trust_model_code / --trust-model-code, or it is the user's own --model).
+- Wrong-shaped tensors in a checkpoint or --weights are one line.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ccpcsa.checkpoint import CheckpointError, CheckpointInfo, load_checkpoint, save_checkpoint
+from ccpcsa.models import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env.update(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    return env
+
+
+def _checkpoint(path: Path, **changes) -> Path:
+    """A valid resnet20 checkpoint, its payload changed by `changes` (None deletes a key)."""
+    model = build_model("resnet20", 10)
+    save_checkpoint(model, CheckpointInfo("resnet20", 10, False, (3, 8, 8)), str(path))
+    payload = torch.load(io.BytesIO(path.read_bytes()), weights_only=True)
+    for key, value in changes.items():
+        payload[key] = value
+    torch.save(payload, path)
+    return path
+
+
+def _one_error_line(stderr: str) -> str:
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.strip().splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+# --------------------------------------------------------------------------- 1. model code
+
+@pytest.mark.parametrize("name", ["os:_exit", "antigravity:x"])
+def test_a_checkpoint_naming_code_is_refused_before_any_import(tmp_path, name):
+    path = _checkpoint(tmp_path / "model.pt", model=name)
+    # in a fresh interpreter: which modules the refusal imported, and that it returns at all
+    probe = (f"import sys\nfrom ccpcsa.checkpoint import CheckpointError, load_checkpoint\n"
+             f"try:\n    load_checkpoint({str(path)!r})\nexcept CheckpointError as e:\n"
+             f"    print('refused:', e)\nprint('antigravity' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          env=_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    refused, imported = proc.stdout.strip().splitlines()
+    assert refused.startswith("refused:") and repr(name) in refused, refused
+    assert "--trust-model-code" in refused and str(path) in refused
+    assert imported == "False"
+    # the CLI: one line, exit 2, nothing exported, no browser opened, the process not ended
+    proc = subprocess.run([sys.executable, "-m", "ccpcsa", "export", str(path), "--format",
+                           "torchscript"], capture_output=True, text=True, env=_env(),
+                          timeout=120)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert repr(name) in _one_error_line(proc.stderr)
+    assert not list(tmp_path.glob("*.torchscript.pt"))
+
+
+def test_a_checkpoint_naming_code_loads_when_trusted_or_named_by_the_user(tmp_path,
+                                                                          monkeypatch):
+    (tmp_path / "usernets26.py").write_text(
+        "from ccpcsa.models import CifarResNet\n"
+        "def build(num_classes):\n    return CifarResNet(20, num_classes)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    name = "usernets26:build"
+    path = _checkpoint(tmp_path / "model.pt", model=name)
+    try:
+        with pytest.raises(CheckpointError, match="refused"):
+            load_checkpoint(str(path))
+        assert "usernets26" not in sys.modules
+        assert load_checkpoint(str(path), trust_model_code=True).ccpcsa_model == name
+        assert load_checkpoint(str(path), user_model=name).ccpcsa_model == name
+        with pytest.raises(CheckpointError, match="refused"):  # another user's model: no
+            load_checkpoint(str(path), user_model="other:build")
+    finally:
+        sys.modules.pop("usernets26", None)
+    proc = subprocess.run([sys.executable, "-m", "ccpcsa", "export", str(path), "--format",
+                           "torchscript", "--trust-model-code"], capture_output=True,
+                          text=True, env={**_env(), "PYTHONPATH": f"{REPO}:{tmp_path}"},
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "model.torchscript.pt").is_file()
+
+
+@pytest.mark.parametrize("name", [["resnet20"], 3, ""])
+def test_a_model_name_that_is_not_a_string_is_one_error(tmp_path, name):
+    path = _checkpoint(tmp_path / "model.pt", model=name)
+    with pytest.raises(CheckpointError, match="not a model name"):
+        load_checkpoint(str(path))
