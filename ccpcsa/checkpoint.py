@@ -149,7 +149,10 @@ def model_from_payload(payload: dict[str, Any], source: str = "checkpoint", *,
         resize_to_state_dict(model, state)
         model.load_state_dict(state)
         classes = get_spec(name, shape).classifier(model).weight.shape[0]
-    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
+        if shape is not None:
+            check_runs(model, shape)
+    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError,
+            IndexError) as exc:
         raise CheckpointError(f"{source}: the weights do not fit a {name!r} model: "
                               f"{_one_line(exc)}") from None
     if classes != int(payload["num_classes"]):
@@ -170,13 +173,22 @@ def load_checkpoint(path: str, *, trust_model_code: bool = False,
 
 def resize_to_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Give every module whose stored tensors differ in shape empty tensors of the stored
-    shapes, and the attributes (channels, groups, normalized shape) that go with them."""
+    shapes, and the attributes (channels, groups, normalized shape) that go with them.
+    ValueError naming the tensor when a stored one is not a tensor or has another number of
+    dimensions (pruning changes sizes, never ranks)."""
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
         own = {**dict(module.named_parameters(recurse=False)),
                **dict(module.named_buffers(recurse=False))}
         stored = {k: state[prefix + k] for k, t in own.items()
                   if t is not None and prefix + k in state}
+        for key, new in stored.items():
+            if not isinstance(new, torch.Tensor):
+                raise ValueError(f"{prefix}{key} is a {type(new).__name__}, not a tensor")
+            if new.dim() != own[key].dim():
+                raise ValueError(f"{prefix}{key} has shape {_shape(new)} in the file: "
+                                 f"{new.dim()} dimensions where the model has "
+                                 f"{own[key].dim()} ({_shape(own[key])})")
         if all(stored[k].shape == own[k].shape for k in stored):
             continue
         for key, new in stored.items():
@@ -186,6 +198,33 @@ def resize_to_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
             else:
                 setattr(module, key, torch.empty_like(new))
         _resize_attributes(module)
+
+
+def check_runs(model: nn.Module, input_shape: tuple[int, ...]) -> None:
+    """Run one zero image through `model` (eval mode, no gradients); ValueError naming the
+    layer that fails, e.g. a BatchNorm whose size is not that of the convolution before it:
+    shapes that each look right but do not fit together."""
+    entered: list[str] = []
+    hooks = [module.register_forward_pre_hook(
+                 lambda _m, _x, name=name: entered.append(name))
+             for name, module in model.named_modules() if not list(module.children())]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *input_shape))
+    except Exception as exc:
+        where = f" in {entered[-1]}" if entered else ""
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        raise ValueError(f"the layers' sizes do not fit together{where}: "
+                         f"{first or type(exc).__name__}") from None
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+
+
+def _shape(tensor: torch.Tensor) -> str:
+    return "x".join(map(str, tensor.shape)) or "scalar"
 
 
 _NORMS_WITH_FEATURES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)

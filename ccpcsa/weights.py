@@ -97,7 +97,7 @@ def load_weights(model: nn.Module, source: str, classifier: nn.Module, dataset: 
     """Load `source` into `model` (a fresh model without BAM, built by ccpcsa with the data
     set's classes; `classifier` is its layer whose outputs are the classes); the model is
     returned, resized first when `source` is a pruned ccpcsa checkpoint."""
-    from ccpcsa.checkpoint import resize_to_state_dict
+    from ccpcsa.checkpoint import check_runs, resize_to_state_dict
 
     state, payload = read_state_dict(source)
     name = getattr(model, "ccpcsa_model", type(model).__name__)
@@ -108,7 +108,10 @@ def load_weights(model: nn.Module, source: str, classifier: nn.Module, dataset: 
         if payload["with_bam"]:
             raise WeightsError(f"{source} holds a model with BAM; --weights takes one without "
                                f"(a run's baseline.pt or final_nobam.pt)")
-        resize_to_state_dict(model, state)
+        try:
+            resize_to_state_dict(model, state)
+        except ValueError as exc:
+            raise WeightsError(f"weights {source} do not fit --model {name}: {exc}") from None
     state = {k: v for k, v in state.items() if not k.startswith(_AUX_PREFIXES)}
     path = next(name for name, module in model.named_modules() if module is classifier)
     _check_classes(model, state, source, path, dataset)
@@ -129,6 +132,11 @@ def load_weights(model: nn.Module, source: str, classifier: nn.Module, dataset: 
         raise WeightsError(f"weights {source} do not fit --model {name} (another "
                            f"architecture?): tensors {'; '.join(problems)}")
     model.load_state_dict(state)
+    if payload is not None:  # resized: do the sizes fit together?
+        try:
+            check_runs(model, tuple(payload["input_shape"]))
+        except ValueError as exc:
+            raise WeightsError(f"weights {source} do not fit --model {name}: {exc}") from None
     return model
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ccpcsa.__main__ import main as prune_main
 from ccpcsa.checkpoint import CheckpointError, CheckpointInfo, load_checkpoint, save_checkpoint
 from ccpcsa.models import build_model
 
@@ -103,3 +104,48 @@ def test_a_model_name_that_is_not_a_string_is_one_error(tmp_path, name):
     path = _checkpoint(tmp_path / "model.pt", model=name)
     with pytest.raises(CheckpointError, match="not a model name"):
         load_checkpoint(str(path))
+
+
+# --------------------------------------------------------------------------- 2. tensor shapes
+
+WRONG_TENSORS = {  # conv1.weight is 16x3x3x3, bn1 has 16 channels
+    "1-d conv weight": {"conv1.weight": torch.zeros(1)},
+    "3-d conv weight": {"conv1.weight": torch.zeros(16, 3, 3)},
+    "scalar conv weight": {"conv1.weight": torch.tensor(1.0)},
+    "batchnorm of another size": {"bn1.weight": torch.zeros(7), "bn1.bias": torch.zeros(7)},
+}
+WORDS = {"1-d conv weight": "conv1.weight", "3-d conv weight": "conv1.weight",
+         "scalar conv weight": "conv1.weight", "batchnorm of another size": "bn1"}
+
+
+def _wrong(path: Path, case: str) -> Path:
+    model = build_model("resnet20", 10)
+    state = {**model.state_dict(), **WRONG_TENSORS[case]}
+    _checkpoint(path, state_dict=state)
+    return path
+
+
+@pytest.mark.parametrize("case", list(WRONG_TENSORS))
+def test_wrong_shaped_tensors_in_a_checkpoint_are_one_line(tmp_path, case):
+    path = _wrong(tmp_path / "model.pt", case)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(str(path))
+    message = str(info.value)
+    assert str(path) in message and WORDS[case] in message and "\n" not in message, message
+    if case == "3-d conv weight":  # the CLI: one line, exit 2
+        proc = subprocess.run([sys.executable, "-m", "ccpcsa", "export", str(path),
+                               "--format", "torchscript"], capture_output=True, text=True,
+                              env=_env(), timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert WORDS[case] in _one_error_line(proc.stderr)
+
+
+@pytest.mark.parametrize("case", ["1-d conv weight", "batchnorm of another size"])
+def test_wrong_shaped_tensors_in_weights_are_one_line(tmp_path, case, capsys):
+    path = _wrong(tmp_path / "baseline.pt", case)
+    code = prune_main(["prune", "--model", "resnet20", "--dataset", "digits", "--image-size",
+                       "8", "--weights", str(path), "--attention-epochs", "1",
+                       "--max-rounds", "1", "-m", "4", "--out", str(tmp_path / "run")])
+    line = _one_error_line(capsys.readouterr().err)
+    assert code == 2, line
+    assert str(path) in line and WORDS[case] in line, line
