@@ -33,6 +33,14 @@ class _Termination:
         self.signum: int | None = None
         self.forward_to_sigint = False  # while Tune runs: let its SIGINT handler stop it
 
+    def install(self) -> None:
+        """Make SIGTERM ours (again): connecting to Ray replaces the handler with Ray's,
+        which aborts the process (exit 134) without a summary or saved state."""
+        try:
+            signal.signal(signal.SIGTERM, self.handle)
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+
     def handle(self, signum: int, _frame) -> None:
         self.signum = signum
         if self.forward_to_sigint:
@@ -46,7 +54,8 @@ def terminate_as_interrupt() -> Iterator[_Termination]:
     """Inside the block SIGTERM raises Interrupted (as Ctrl-C raises KeyboardInterrupt), so
     `finally` blocks run: run locks are released and no half-written file is left. Set
     `forward_to_sigint` on the yielded object while a Ray Tune run is in progress: SIGTERM
-    then becomes the SIGINT that Tune answers by saving its state and stopping."""
+    then becomes the SIGINT that Tune answers by saving its state and stopping. Call its
+    `install()` after connecting to Ray."""
     state = _Termination()
     try:
         previous = signal.signal(signal.SIGTERM, state.handle)

@@ -480,6 +480,7 @@ def _run_locked(cfg: SearchConfig, fail: frozenset[int], termination) -> int:
     from search.space import build_space, describe_model
 
     ray = connect_ray(cfg)
+    termination.install()  # Ray's driver took SIGTERM over: it would abort, losing the state
     if not cfg.resume:
         storage.write_json(storage.join(run_dir, CONFIG_FILE),
                            {"config": cfg.to_dict(), "versions": versions()})
