@@ -185,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", default=None,
                    help="continue the interrupted search <storage>/<name>: finished trials are "
                         "kept, unfinished ones continue; the saved configuration is used (and "
-                        "checked like flags)")
+                        "checked like flags); other settings given with it must equal the saved "
+                        "ones, except --retry-failed, --storage, --latency-batch and "
+                        "--loader-workers")
     g.add_argument("--retry-failed", action="store_true", default=None,
                    help="with --resume: run the failed trials again from their last checkpoint "
                         "(e.g. after a full disk), instead of keeping them as failed; not "
@@ -232,10 +234,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# what --resume may change: where the run is, how failed trials are treated, and settings
+# that change no result (each one is read again by the resumed session)
+RESUME_MAY_CHANGE = ("resume", "retry_failed", "storage", "name", "latency_batch",
+                     "loader_workers")
+
+
 def config_from_argv(argv: list[str] | None) -> tuple[SearchConfig, argparse.Namespace]:
+    """The configuration, and the parsed flags with `given`: the settings the user gave
+    (flags or --config YAML), which --resume compares with the saved ones."""
     args = build_parser().parse_args(argv)
     flags = {k: v for k, v in vars(args).items() if k not in ("config", "dry_run", "verbose")}
-    return build_config(load_yaml(args.config) if args.config else {}, flags), args
+    file_values = load_yaml(args.config) if args.config else {}
+    args.given = frozenset(file_values) | {k for k, v in flags.items() if v is not None}
+    return build_config(file_values, flags), args
 
 
 def run_dir_of(cfg: SearchConfig) -> str:
@@ -253,9 +265,10 @@ def resolve_storage(cfg: SearchConfig) -> SearchConfig:
     return cfg
 
 
-def check_run_folder(cfg: SearchConfig) -> SearchConfig:
+def check_run_folder(cfg: SearchConfig, given: frozenset[str] = frozenset()) -> SearchConfig:
     """New run: refuse to overwrite. --resume: the configuration saved with the run, checked
-    by the same validation as flags and YAML. Call it holding the run's lock."""
+    by the same validation as flags and YAML; ConfigError listing the `given` settings that
+    differ from the saved ones, except RESUME_MAY_CHANGE. Call it holding the run's lock."""
     run_dir = run_dir_of(cfg)
     saved = storage.join(run_dir, CONFIG_FILE)
     if cfg.resume:
@@ -264,13 +277,37 @@ def check_run_folder(cfg: SearchConfig) -> SearchConfig:
         if not storage.exists(saved):
             raise ConfigError(f"nothing to resume at {run_dir!r}: no search there")
         stored = read_saved_config(saved)
-        stored.update(resume=True, retry_failed=cfg.retry_failed, storage=cfg.storage,
+        check_unchanged(cfg, config_from_dict(stored, source=saved), given, saved)
+        stored.update({k: getattr(cfg, k) for k in given if k in RESUME_MAY_CHANGE},
+                      resume=True, retry_failed=cfg.retry_failed, storage=cfg.storage,
                       name=cfg.name)
         return config_from_dict(stored, source=saved)
     if storage.exists(saved):
         raise ConfigError(f"{run_dir!r} already holds a search; pass --resume to continue it "
                           f"or choose another --name")
     return cfg
+
+
+def check_unchanged(cfg: SearchConfig, saved_cfg: SearchConfig, given: frozenset[str],
+                    source: str) -> None:
+    """ConfigError listing every given setting that --resume may not change and that differs
+    from the run's saved configuration."""
+    differ = [f"{key.replace('_', '-')} {_value(cfg, key)} (saved: {_value(saved_cfg, key)})"
+              for key in sorted(given - set(RESUME_MAY_CHANGE))
+              if _value(cfg, key) != _value(saved_cfg, key)]
+    if differ:
+        may = ", ".join(f"--{k.replace('_', '-')}" for k in RESUME_MAY_CHANGE[1:])
+        raise ConfigError(f"--resume continues the search with its saved settings "
+                          f"({source}), but these differ: {'; '.join(differ)}; drop them, or "
+                          f"start a new search under another --name (resume may change only "
+                          f"{may})")
+
+
+def _value(cfg: SearchConfig, key: str) -> Any:
+    value = getattr(cfg, key)
+    if key == "weights" and value and not storage.is_uri(value) and os.path.exists(value):
+        return os.path.abspath(value)  # saved absolute (stage 0 runs in a worker's folder)
+    return value
 
 
 def read_saved_config(path: str) -> dict[str, Any]:
@@ -445,7 +482,7 @@ def run_trial(params: dict[str, Any], settings, fail_numbers: frozenset[int] = f
     return trial.run_trial(params, settings)
 
 
-def run_search(cfg: SearchConfig, termination) -> int:
+def run_search(cfg: SearchConfig, termination, given: frozenset[str] = frozenset()) -> int:
     from ccpcsa.distributed import prefer_loopback
 
     prefer_loopback()  # before Ray is imported
@@ -453,11 +490,12 @@ def run_search(cfg: SearchConfig, termination) -> int:
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", STATE_PERIOD_S)
     cfg = resolve_storage(cfg)
     with RunLock(run_dir_of(cfg), "search/run.py"):
-        return _run_locked(cfg, fail, termination)
+        return _run_locked(cfg, fail, termination, given)
 
 
-def _run_locked(cfg: SearchConfig, fail: frozenset[int], termination) -> int:
-    cfg = check_run_folder(cfg)
+def _run_locked(cfg: SearchConfig, fail: frozenset[int], termination,
+                given: frozenset[str]) -> int:
+    cfg = check_run_folder(cfg, given)
     if cfg.weights and not storage.is_uri(cfg.weights) and os.path.exists(cfg.weights):
         cfg.weights = os.path.abspath(cfg.weights)  # stage 0 runs in a Ray worker's folder
     run_dir = run_dir_of(cfg)
@@ -638,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.dry_run:  # every setting checked; storage and data are not touched
                 print(json.dumps(cfg.to_dict(), indent=2))
                 return exits.OK
-            return run_search(cfg, termination)
+            return run_search(cfg, termination, args.given)
         except KeyboardInterrupt as exc:
             print(f"error: interrupted by {signal.Signals(exits.interrupted_code(exc) - 128).name}"
                   "; what had finished is kept; continue with --resume", file=sys.stderr)

@@ -4,11 +4,14 @@ honoured (issue 26).
 - A checkpoint naming MODULE:CALLABLE is refused before anything is imported unless the
   caller trusts it (trust_model_code / --trust-model-code, or it is the user's own --model).
 - Wrong-shaped tensors in a checkpoint or --weights are one line.
+- --resume refuses settings that differ from the saved ones, listing them, except those
+  resume may change.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -20,6 +23,7 @@ import torch
 from ccpcsa.__main__ import main as prune_main
 from ccpcsa.checkpoint import CheckpointError, CheckpointInfo, load_checkpoint, save_checkpoint
 from ccpcsa.models import build_model
+from search import run as search_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -149,3 +153,45 @@ def test_wrong_shaped_tensors_in_weights_are_one_line(tmp_path, case, capsys):
     line = _one_error_line(capsys.readouterr().err)
     assert code == 2, line
     assert str(path) in line and WORDS[case] in line, line
+
+
+# --------------------------------------------------------------------------- 6. --resume
+
+def _saved_run(tmp_path: Path, **saved) -> Path:
+    run = tmp_path / "runs" / "s3"
+    run.mkdir(parents=True)
+    config = search_run.SearchConfig().to_dict() | {"max_rounds": 3, **saved}
+    (run / "search_config.json").write_text(json.dumps({"config": config}))
+    return run
+
+
+def test_resume_refuses_settings_that_differ_from_the_saved_ones(tmp_path, capsys):
+    run = _saved_run(tmp_path)
+    code = search_run.main(["--storage", str(tmp_path / "runs"), "--name", "s3", "--resume",
+                            "--model", "resnet56", "--max-rounds", "5", "--seed", "0"])
+    line = _one_error_line(capsys.readouterr().err)
+    assert code == 2, line
+    assert "model resnet56 (saved: resnet20)" in line and "max-rounds 5 (saved: 3)" in line
+    assert "seed" not in line.split("differ:")[1].split("; drop")[0], line  # same as saved
+    assert str(run / "search_config.json") in line
+    assert not (run / "stage0").exists()  # refused before anything ran
+
+
+def test_resume_refuses_a_differing_setting_from_a_yaml_file(tmp_path, capsys):
+    _saved_run(tmp_path)
+    config = tmp_path / "search.yaml"
+    config.write_text("max-rounds: 4\n")
+    code = search_run.main(["--config", str(config), "--storage", str(tmp_path / "runs"),
+                            "--name", "s3", "--resume"])
+    assert code == 2
+    assert "max-rounds 4 (saved: 3)" in _one_error_line(capsys.readouterr().err)
+
+
+def test_resume_takes_the_settings_it_may_change(tmp_path):
+    _saved_run(tmp_path, latency_batch=8)
+    cfg, args = search_run.config_from_argv(
+        ["--storage", str(tmp_path / "runs"), "--name", "s3", "--resume", "--retry-failed",
+         "--latency-batch", "0", "--max-rounds", "3"])
+    resumed = search_run.check_run_folder(cfg, args.given)
+    assert resumed.latency_batch == 0 and resumed.retry_failed and resumed.max_rounds == 3
+    assert resumed.model == "resnet20"
