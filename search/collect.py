@@ -69,6 +69,9 @@ def trial_lines(trials: list[TrialOnDisk], adopted: set[str]) -> list[str]:
         rounds = f"{len(trial.rounds)} round{'s' * (len(trial.rounds) != 1)} reported"
         if trial.status == "failed":
             detail = f"{trial.error} ({rounds})"
+        elif trial.status == "retried":
+            start = "its last round" if trial.rounds else "the start"
+            detail = f"{trial.error} ({rounds}; run again as a new trial from {start})"
         elif trial.status == "interrupted":
             detail = rounds + ("; its Tune state was lost, so it was not continued"
                                if trial.trial_id in adopted else "; --resume continues it")
@@ -89,6 +92,8 @@ def summary_counts(trials: list[TrialOnDisk], owed: dict[str, int]) -> str:
                 f"(of {num_samples})")
         if found["stopped early"]:
             text += f", {found['stopped early']} stopped early"
+        if found["retried"]:
+            text += f", {found['retried']} failed earlier and retried"
         parts.append(text if phase == "full" else f"{phase}: {text}")
     return "; ".join(parts)
 

@@ -394,10 +394,12 @@ def make_sampler(cfg: SearchConfig, num_samples: int):
 
 def make_tuner(cfg: SearchConfig, trainable, space: dict[str, Any], plan,
                phase: Phase | None = None, configs: list[dict[str, Any]] | None = None,
-               points: list[tuple[str, float, int]] | None = None):
+               points: list[tuple[str, float, int]] | None = None,
+               retry_configs: list[dict[str, Any]] | None = None):
     """Tune's restored run (plan.restore) or a new one of plan.num_samples trials: sampled by
-    Optuna over `space`, or (phase 2) the given `configs`, one trial each. `points` (trial id,
-    accuracy, FLOPs) already on disk seed the early-stopping scheduler."""
+    Optuna over `space` (the `retry_configs` first), or (phase 2) the given `configs`, one
+    trial each. `points` (trial id, accuracy, FLOPs) already on disk seed the early-stopping
+    scheduler."""
     from ray import tune
 
     from search.early_stop import make_scheduler
@@ -422,7 +424,8 @@ def make_tuner(cfg: SearchConfig, trainable, space: dict[str, Any], plan,
         search = ResumableOptunaSearch(space=space, metric=["accuracy", "flops"],
                                        mode=["max", "min"],
                                        sampler=make_sampler(cfg, phase.num_samples),
-                                       seed=cfg.seed)
+                                       seed=cfg.seed,
+                                       points_to_evaluate=list(retry_configs or []) or None)
         told = sum(search.tell_finished(t.params, t.final) for t in plan.told)
         if plan.told:
             log.info("told Optuna the results of %d of the %d finished trials on disk", told,
@@ -467,19 +470,33 @@ def trial_number(trial_dir: str, trial_id: str) -> int | None:
 
 
 def run_trial(params: dict[str, Any], settings, fail_numbers: frozenset[int] = frozenset()):
-    """search.trial.run_trial, except that the trials numbered in CCPCSA_FAIL_TRIALS raise (a
-    test hook for a crashing trial; a retried trial keeps its number, so it fails again)."""
+    """search.trial.run_trial, keeping the cause of a failure in the trial folder even on a
+    full disk (search/failure.py). The trials numbered in CCPCSA_FAIL_TRIALS raise (a test
+    hook for a crashing trial; a retried trial keeps its number, so it fails again)."""
     from ray import tune
 
-    from search import trial
+    from search import failure, trial
 
-    if fail_numbers:
-        context = tune.get_context()
-        number = trial_number(context.get_trial_dir(), context.get_trial_id())
-        if number in fail_numbers:
-            raise RuntimeError(f"injected failure in trial {number} ({context.get_trial_id()}; "
-                               f"{FAIL_ENV})")
-    return trial.run_trial(params, settings)
+    context = tune.get_context()
+    folder = trial_folder(settings, context.get_trial_dir())
+    failure.reserve(folder)
+    try:
+        if fail_numbers:
+            number = trial_number(context.get_trial_dir(), context.get_trial_id())
+            if number in fail_numbers:
+                raise RuntimeError(f"injected failure in trial {number} "
+                                   f"({context.get_trial_id()}; {FAIL_ENV})")
+        return trial.run_trial(params, settings)
+    except Exception as exc:
+        failure.record(folder, exc)
+        raise
+
+
+def trial_folder(settings, trial_dir: str) -> str:
+    """A trial's folder in the run's storage (Tune's trial dir may be a local staging copy)."""
+    phase_dir = settings.run_dir if settings.phase == "full" else storage.join(
+        settings.run_dir, settings.phase)
+    return storage.join(phase_dir, os.path.basename(trial_dir.rstrip("/")))
 
 
 def run_search(cfg: SearchConfig, termination, given: frozenset[str] = frozenset()) -> int:
@@ -539,8 +556,25 @@ def _run_locked(cfg: SearchConfig, fail: frozenset[int], termination,
     owed = {o.phase.name: o.phase.num_samples for o in outcomes}
     adopted = {t for outcome in outcomes for t in outcome.adopted}
     interrupted = not outcomes[-1].complete or len(outcomes) < len(phases_of(cfg))
-    print(collect.write_results(trials, cfg, prepared, run_dir, adopted, owed,
-                                input_shape=None if interrupted else input_shape), flush=True)
+    stopped_by = next((o.stopped_by for o in outcomes if o.stopped_by), "")
+    try:
+        print(collect.write_results(trials, cfg, prepared, run_dir, adopted, owed,
+                                    input_shape=None if interrupted else input_shape),
+              flush=True)
+    except OSError as exc:  # a full disk: the summary still tells what is on disk
+        print("\n".join([collect.summary_counts(trials, owed),
+                         *collect.trial_lines(trials, adopted)]), flush=True)
+        stopped_by = stopped_by or f"the frontier could not be written: {exits.one_line(exc)}"
+    resume = f"python search/run.py --storage {cfg.storage} --name {cfg.name} --resume"
+    failed = sum(t.status == "failed" for t in trials)
+    if stopped_by:
+        print(f"error: the search stopped ({stopped_by}); what finished is in {run_dir}; "
+              f"once the cause is fixed (e.g. disk space freed), continue with: {resume}"
+              f"{' --retry-failed' if failed else ''}", file=sys.stderr, flush=True)
+        return exits.FAILED
+    if failed:
+        print(f"{failed} trial(s) failed; to run them again from their last round once the "
+              f"cause is fixed: {resume} --retry-failed", flush=True)
     if interrupted:
         print(f"search interrupted after {time.time() - started:.0f}s; what finished is in "
               f"{run_dir}; continue with: python search/run.py --storage {cfg.storage} "
@@ -570,6 +604,7 @@ class PhaseOutcome:
     trials: list  # search.ondisk.TrialOnDisk, this phase's folders
     adopted: dict[str, str]  # trials taken over from disk after a lost Tune state
     complete: bool  # no trial interrupted, none still owed
+    stopped_by: str = ""  # why Ray Tune's driver stopped, when it failed
 
 
 def run_phases(ctx: PhaseContext) -> list[PhaseOutcome]:
@@ -608,7 +643,8 @@ def run_phase(ctx: PhaseContext, phase: Phase, finalists=None) -> PhaseOutcome:
 
     from search.finalists import SCREENED_TRIAL, finalist_config
     from search.ondisk import counts, remove_unstarted, scan_trials
-    from search.resume import Plan, plan_resume
+    from search.resume import Plan, plan_from_disk, plan_resume
+    from search.retry import Retries, plan_retries
     from search.trial import TrialSettings
 
     cfg = ctx.cfg
@@ -616,17 +652,18 @@ def run_phase(ctx: PhaseContext, phase: Phase, finalists=None) -> PhaseOutcome:
     plan = (plan_resume(phase.folder, phase.num_samples, trials) if cfg.resume
             else Plan(False, phase.num_samples))
     failed = sum(t.status == "failed" for t in trials)
+    retries = Retries()
     if cfg.retry_failed and failed:
-        if plan.restore:
-            log.info("%s: running %d failed trial(s) again from their last checkpoint",
-                     phase.name, failed)
-        else:
-            log.warning("%s: %d failed trial(s) stay failed: Tune's state, which --retry-failed "
-                        "restarts them from, was not usable", phase.name, failed)
+        log.info("%s: running %d failed trial(s) again from their last checkpoint",
+                 phase.name, failed)
+        if not plan.restore:  # Tune's state is gone: from the trial folders (search/retry.py)
+            retries = plan_retries(trials)
+            plan.num_samples += len(retries.configs)
     configs = None
     if finalists is not None:  # each finalist once, also after a lost Tune state
         started = {t.params.get(SCREENED_TRIAL) for t in trials if t.status != "not started"}
         configs = [finalist_config(f) for f in finalists if f.screened_trial not in started]
+        configs += retries.configs
         plan.num_samples = len(configs)
     evaluated = (f"on a fixed {cfg.screen_eval_images} test images" if cfg.screen_eval_images
                  else "on the whole test split")
@@ -634,25 +671,51 @@ def run_phase(ctx: PhaseContext, phase: Phase, finalists=None) -> PhaseOutcome:
             f"{evaluated}, no fine-tune)", "finetune": "finalists fine-tuned"}[phase.name]
     print(f"{phase.name}: {phase.num_samples} {what}", flush=True)
     settings = TrialSettings(cfg, ctx.layout, ctx.prepared, ctx.num_classes, ctx.input_shape,
-                             run_dir_of(cfg), phase=phase.name)
+                             run_dir_of(cfg), phase=phase.name, start_from=retries.start_from)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, settings=settings, fail_numbers=ctx.fail),
         trial_resources(cfg))
+    stopped_by = ""
     if plan.restore or plan.num_samples > 0:
         points = [(t.trial_id, p["accuracy"], p["flops"]) for t in trials
                   for p in t.rounds.values()]
+        try:
+            tuner = make_tuner(cfg, trainable, ctx.space, plan, phase, configs, points,
+                               retries.configs)
+        except Exception as exc:
+            if not plan.restore:
+                raise
+            # Tune could not read its own state (e.g. a tuner.pkl from elsewhere): set it aside
+            plan = plan_from_disk(phase.folder, phase.num_samples, trials,
+                                  f"Tune cannot restore it: {_cause(exc)}")
+            tuner = make_tuner(cfg, trainable, ctx.space, plan, phase, configs, points)
         ctx.termination.forward_to_sigint = True  # SIGTERM: Tune saves its state and stops
         try:
-            make_tuner(cfg, trainable, ctx.space, plan, phase, configs, points).fit()
+            tuner.fit()
+        except Exception as exc:  # Tune's driver failed (a full disk): keep what is on disk
+            stopped_by = f"Ray Tune failed: {_cause(exc)}"
+            log.error("%s: %s", phase.name, stopped_by)
         finally:
             ctx.termination.forward_to_sigint = False
     trials = scan_trials(phase.folder, phase.name)
     found = counts([t for t in trials if t.trial_id not in plan.adopted],
                    phase.num_samples - len(plan.adopted))
-    complete = not (found["interrupted"] or found["not started"])
+    complete = not (found["interrupted"] or found["not started"] or stopped_by)
     if complete:  # an unfinished phase's not-started trials may be in Tune's state to restore
         trials = remove_unstarted(trials)
-    return PhaseOutcome(phase, trials, plan.adopted, complete)
+    return PhaseOutcome(phase, trials, plan.adopted, complete, stopped_by)
+
+
+def _cause(exc: BaseException) -> str:
+    """One line for an error raised inside Ray Tune: the first OSError in its chain (a full
+    disk behind Tune's own EOFError reading the error file it could not write), else it."""
+    chain, seen = exc, set()
+    while chain is not None and id(chain) not in seen:
+        if isinstance(chain, OSError):
+            return f"{type(chain).__name__}: {exits.one_line(chain)}"
+        seen.add(id(chain))
+        chain = chain.__cause__ or chain.__context__
+    return f"{type(exc).__name__}: {exits.one_line(exc)}"
 
 
 def check_model_and_weights(prep_cfg: PrepareConfig) -> None:
