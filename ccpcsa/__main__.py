@@ -351,10 +351,10 @@ def _prune_locked(args: argparse.Namespace, configs: dict[str, Any], loop_cfg: L
     final = record_of(result, result.final_round)
     final_path = storage.join(args.out, "final.pt")
     save_checkpoint(result.model, checkpoint_info(prep_cfg, True, final, reference), final_path)
+    row = rows[result.final_round]
     print(f"stopped: {result.stop_reason}; final model = round {result.final_round}: "
-          f"{final.accuracy:.2f}% top-1, FLOPs {rows[result.final_round]['flops_reduction']:.1f}% "
-          f"and params {rows[result.final_round]['params_reduction']:.1f}% below the baseline "
-          f"-> {final_path}"
+          f"{final.accuracy:.2f}% top-1, FLOPs {_versus_baseline(row['flops_reduction'])} and "
+          f"params {_versus_baseline(row['params_reduction'])} the baseline -> {final_path}"
           f"{'' if final.within_tolerance else ' (over tolerance: no round stayed within it)'}",
           flush=True)
     if args.latency_batch:
@@ -363,7 +363,17 @@ def _prune_locked(args: argparse.Namespace, configs: dict[str, Any], loop_cfg: L
     if args.strip_bam:
         write_stripped(result.model, runner, prep_cfg, loop_cfg, args.out)
     runner.close()  # Ray Train workers, if any (also closed at exit after an error)
+    if result.final_round == 0:  # the last line, so that a script's log shows it
+        print(f"warning: nothing was pruned: no pruned round stayed within the tolerance, so "
+              f"{final_path} is the unpruned model with BAM (more FLOPs than the baseline); "
+              f"allow a larger --tolerance, prune less per round (-m) or fine-tune longer",
+              file=sys.stderr, flush=True)
     return 0
+
+
+def _versus_baseline(reduction: float) -> str:
+    """'12.3% below' or, for the unpruned model with BAM, '0.9% above'."""
+    return f"{reduction:.1f}% below" if reduction >= 0 else f"{-reduction:.1f}% above"
 
 
 def report_latency(prepared, model, final, rows, final_round: int, prep_cfg: PrepareConfig,

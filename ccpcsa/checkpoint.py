@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ccpcsa import storage
+from ccpcsa.exits import first_sentence
 from ccpcsa.models import TORCHVISION, build_model, get_spec, is_registered
 
 FORMAT = "ccpcsa-checkpoint/1"
@@ -80,7 +81,8 @@ def read_payload(path: str) -> dict[str, Any]:
         payload = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, KeyError..
         raise CheckpointError(f"{path!r} is not a readable checkpoint (truncated, or not a "
-                              f"file torch.save wrote): {_one_line(exc)}") from None
+                              f"file torch.save wrote): {type(exc).__name__}: "
+                              f"{first_sentence(exc)}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path!r} is not a ccpcsa checkpoint (expected format {FORMAT})")
     missing = [k for k in _PAYLOAD_KEYS if k not in payload]

@@ -77,6 +77,14 @@ def one_line(exc: BaseException) -> str:
     return lines[-1] if len(lines) > 1 else lines[0]
 
 
+def first_sentence(exc: BaseException) -> str:
+    """The first sentence of an exception's first line: torch.load's errors go on with
+    several sentences of advice after the cause."""
+    line = first_line(exc)
+    head, dot, _rest = line.partition(". ")
+    return head if dot else line
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (torch's and the exporters' errors put the
     cause there and the details below), or its type when the message is empty."""

@@ -146,8 +146,9 @@ class Prepared:
     def reference_accuracy(self, reference: str) -> float:
         return self.baseline_accuracy if reference == "baseline" else self.attention_accuracy
 
-    def load_attention_model(self, user_model: str) -> nn.Module:
-        """M', rebuilt as `user_model` (the --model of this run, see load_checkpoint)."""
+    def load_attention_model(self, user_model: str | None = None) -> nn.Module:
+        """M'; a MODULE:CALLABLE model only when it is `user_model`, the --model of this run
+        (see load_checkpoint)."""
         return load_checkpoint(self.attention_checkpoint, user_model=user_model).train()
 
 
@@ -275,7 +276,7 @@ def _cached(meta_path: str, key: dict[str, Any], checkpoint: str) -> dict[str, A
         return meta
     changed = sorted(k for k in key if not isinstance(stored, dict)
                      or _canonical(stored.get(k)) != _canonical(key[k]))
-    log.info("%s was made with other settings (%s differ); training again", meta_path,
+    log.info("%s was made with other settings (%s differ); making it again", meta_path,
              ", ".join(changed) or "checkpoint missing")
     return None
 

@@ -506,6 +506,10 @@ def run_search(cfg: SearchConfig, termination, given: frozenset[str] = frozenset
     fail = fail_numbers_from_env()
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", STATE_PERIOD_S)
     cfg = resolve_storage(cfg)
+    try:  # before the lock, which would fail on it with exit 1: a bad --storage is refused
+        storage.check_writable(run_dir_of(cfg))
+    except OSError as exc:
+        raise ConfigError(str(exc)) from None
     with RunLock(run_dir_of(cfg), "search/run.py"):
         return _run_locked(cfg, fail, termination, given)
 
@@ -516,10 +520,6 @@ def _run_locked(cfg: SearchConfig, fail: frozenset[int], termination,
     if cfg.weights and not storage.is_uri(cfg.weights) and os.path.exists(cfg.weights):
         cfg.weights = os.path.abspath(cfg.weights)  # stage 0 runs in a Ray worker's folder
     run_dir = run_dir_of(cfg)
-    try:
-        storage.check_writable(run_dir)
-    except OSError as exc:
-        raise ConfigError(str(exc)) from None
     # before Ray: the data, the model and the weights
     info = check_dataset(DataConfig(cfg.dataset, cfg.data_root, cfg.image_size,
                                     train_subset=cfg.train_subset))

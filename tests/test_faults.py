@@ -6,6 +6,10 @@ honoured (issue 26).
 - Wrong-shaped tensors in a checkpoint or --weights are one line.
 - --resume refuses settings that differ from the saved ones, listing them, except those
   resume may change.
+- Smaller ones: an over-long --name fails --dry-run; an unwritable storage is exit 2 in both
+  CLIs; a tampered CIFAR batch is refused before Ray starts; torch.load's errors are one
+  sentence; a cut-short --weights file is called cut short; a prune that kept no pruned round
+  says so in its last line.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -195,3 +200,77 @@ def test_resume_takes_the_settings_it_may_change(tmp_path):
     resumed = search_run.check_run_folder(cfg, args.given)
     assert resumed.latency_batch == 0 and resumed.retry_failed and resumed.max_rounds == 3
     assert resumed.model == "resnet20"
+
+
+# --------------------------------------------------------------------------- 10. smaller ones
+
+def test_an_overlong_name_fails_dry_run(tmp_path, capsys):
+    code = search_run.main(["--name", "n" * 300, "--storage", str(tmp_path), "--dry-run"])
+    assert code == 2
+    assert "at most 128" in _one_error_line(capsys.readouterr().err)
+
+
+def test_an_unwritable_storage_is_refused_with_2_in_both_clis(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code = search_run.main(["--storage", str(blocker / "runs"), "--name", "x"])
+    assert code == 2 and "cannot write to" in _one_error_line(capsys.readouterr().err)
+    code = prune_main(["prune", "--model", "resnet20", "-m", "4", "--out",
+                       str(blocker / "prune")])
+    assert code == 2 and "cannot write to" in _one_error_line(capsys.readouterr().err)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+def test_a_tampered_cifar_batch_is_refused_before_ray(tmp_path, capsys):
+    import numpy as np
+
+    folder = tmp_path / "cifar" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"labels": [1], b"data": np.zeros((1, 3072), dtype=np.uint8)}
+        if name == "data_batch_2":
+            batch = {b"data": _RunsCode()}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"c"] * 10}))
+    code = search_run.main(["--dataset", "cifar10", "--data-root", str(tmp_path / "cifar"),
+                            "--storage", str(tmp_path / "runs"), "--name", "c"])
+    line = _one_error_line(capsys.readouterr().err)
+    assert code == 2 and "data_batch_2" in line, line
+    assert not (tmp_path / "runs" / "c" / "search_config.json").exists()  # before Ray
+
+
+def test_torch_load_errors_are_one_sentence_and_a_cut_short_file_is_called_so(tmp_path,
+                                                                               capsys):
+    path = _checkpoint(tmp_path / "model.pt")
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(str(path))
+    assert "If you are seeing" not in str(info.value) and "\n" not in str(info.value)
+    code = prune_main(["prune", "--model", "resnet20", "--weights", str(path), "-m", "4",
+                       "--out", str(tmp_path / "run")])
+    line = _one_error_line(capsys.readouterr().err)
+    assert code == 2 and "cut short" in line and "state_dict()" not in line, line
+    whole = tmp_path / "whole_model.pt"
+    torch.save(build_model("resnet20", 10), whole)
+    code = prune_main(["prune", "--model", "resnet20", "--weights", str(whole), "-m", "4",
+                       "--out", str(tmp_path / "run2")])
+    assert code == 2 and "save model.state_dict()" in _one_error_line(capsys.readouterr().err)
+
+
+def test_a_prune_that_kept_no_pruned_round_says_so_last(tmp_path, capsys):
+    code = prune_main(["prune", "--model", "resnet20", "--dataset", "digits", "--image-size",
+                       "8", "--baseline-epochs", "1", "--attention-epochs", "1",
+                       "--max-rounds", "1", "--epochs", "0", "--calibration-batches", "1",
+                       "-m", "200", "--tolerance", "0", "--reference", "attention",
+                       "--latency-batch", "0",
+                       "--out", str(tmp_path / "run")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    summary = next(line for line in captured.out.splitlines() if line.startswith("stopped:"))
+    assert "round 0" in summary and "above the baseline" in summary, summary
+    last = captured.err.strip().splitlines()[-1]
+    assert last.startswith("warning: nothing was pruned") and "final.pt" in last, last

@@ -204,7 +204,11 @@ class _WorkerGroup:
     def __init__(self, runner: RayRunner) -> None:
         import ray
         from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+        from ray.train.backend import BackendConfig
+        from ray.train.data_parallel_trainer import DataParallelTrainer
         from ray.train.torch import TorchTrainer
+
+        from ccpcsa.distributed import loopback
 
         self._ray = ray
         name = f"group-{uuid.uuid4().hex[:8]}"
@@ -215,9 +219,16 @@ class _WorkerGroup:
         resources = {"CPU": runner.cpus_per_worker}
         if runner.uses_cuda:
             resources["GPU"] = runner.gpus_per_worker
-        trainer = TorchTrainer(
+        config = {"setup": setup, "coordinator": self.coordinator}
+        if loopback.on_loopback_machine(ray):  # no process-group socket on other interfaces
+            config["rendezvous"] = loopback.rendezvous_prefix(name)
+            trainer_type, backend = DataParallelTrainer, {"backend_config": BackendConfig()}
+        else:
+            trainer_type, backend = TorchTrainer, {}
+        trainer = trainer_type(
             worker_loop,
-            train_loop_config={"setup": setup, "coordinator": self.coordinator},
+            train_loop_config=config,
+            **backend,
             scaling_config=ScalingConfig(num_workers=runner.num_workers,
                                          use_gpu=runner.uses_cuda,
                                          resources_per_worker=resources),
@@ -293,6 +304,8 @@ class Coordinator:
         self.results: dict[int, dict[str, Any]] = {}
         self.model: tuple[int, list] = (-1, [None])
         self.group_starts = 0
+        self._generation = 0
+        self._joined: set[int] = set()
         self._changed: asyncio.Condition | None = None
 
     def _condition(self) -> asyncio.Condition:
@@ -342,6 +355,15 @@ class Coordinator:
 
     async def group_started(self) -> None:
         self.group_starts += 1
+
+    async def rendezvous(self, rank: int) -> int:
+        """The rendezvous file generation for a starting worker (ccpcsa.distributed.loopback):
+        a rank already in the current generation is a restarted group, which gets a new one."""
+        if rank in self._joined:
+            self._generation += 1
+            self._joined = set()
+        self._joined.add(rank)
+        return self._generation
 
     async def starts(self) -> int:
         return self.group_starts
