@@ -273,6 +273,7 @@ def test_two_workers_on_a_local_ray_listen_on_loopback_only(ray_cluster, tmp_pat
         assert len(workers) == 2, _descendants(os.getpid())
         addresses = [addr for pid in workers for addr in _listening(pid)]
         assert addresses, "the workers listen nowhere: is gloo's group there at all?"
-        assert all(addr.startswith(("127.0.0.1:", "[::1]:")) for addr in addresses), addresses
+        assert all(addr.startswith(("127.0.0.1:", "[::1]:", "[::ffff:127.0.0.1]:"))
+                   for addr in addresses), addresses
     finally:
         runner.close()

@@ -203,9 +203,7 @@ class _WorkerGroup:
 
     def __init__(self, runner: RayRunner) -> None:
         import ray
-        from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-        from ray.train.backend import BackendConfig
-        from ray.train.data_parallel_trainer import DataParallelTrainer
+        from ray.train import BackendConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
         from ccpcsa.distributed import loopback
@@ -222,7 +220,8 @@ class _WorkerGroup:
         config = {"setup": setup, "coordinator": self.coordinator}
         if loopback.on_loopback_machine(ray):  # no process-group socket on other interfaces
             config["rendezvous"] = loopback.rendezvous_prefix(name)
-            trainer_type, backend = DataParallelTrainer, {"backend_config": BackendConfig()}
+            trainer_type = loopback.data_parallel_trainer(TorchTrainer)
+            backend = {"backend_config": BackendConfig()}
         else:
             trainer_type, backend = TorchTrainer, {}
         trainer = trainer_type(

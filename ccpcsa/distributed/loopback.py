@@ -29,6 +29,16 @@ def on_loopback_machine(ray) -> bool:
     return len(nodes) == 1 and nodes[0].get("NodeManagerAddress") == LOOPBACK
 
 
+def data_parallel_trainer(torch_trainer: type) -> type:
+    """Ray Train's DataParallelTrainer of the same API generation as its TorchTrainer (Train
+    V2 when RAY_TRAIN_V2_ENABLED, the default, else V1)."""
+    if torch_trainer.__module__.startswith("ray.train.v2"):
+        from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+    else:
+        from ray.train.data_parallel_trainer import DataParallelTrainer
+    return DataParallelTrainer
+
+
 def rendezvous_prefix(group_name: str) -> str:
     return os.path.join(tempfile.gettempdir(), f"ccpcsa-{group_name}-store")
 
