@@ -38,6 +38,7 @@ from ccpcsa.data import (
     shard_index,
     warn_if_class_sorted,
 )
+from ccpcsa.distributed import loopback
 from ccpcsa.distributed.ingest import DECODE_CPUS
 from ccpcsa.distributed.worker import Command, GroupSetup, worker_loop
 from ccpcsa.prune import ChannelGroup
@@ -206,8 +207,6 @@ class _WorkerGroup:
         from ray.train import BackendConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
-        from ccpcsa.distributed import loopback
-
         self._ray = ray
         name = f"group-{uuid.uuid4().hex[:8]}"
         self.coordinator = ray.remote(num_cpus=0)(Coordinator).remote()
@@ -218,8 +217,9 @@ class _WorkerGroup:
         if runner.uses_cuda:
             resources["GPU"] = runner.gpus_per_worker
         config = {"setup": setup, "coordinator": self.coordinator}
+        self._rendezvous = ""
         if loopback.on_loopback_machine(ray):  # no process-group socket on other interfaces
-            config["rendezvous"] = loopback.rendezvous_prefix(name)
+            config["rendezvous"] = self._rendezvous = loopback.rendezvous_prefix(name)
             trainer_type = loopback.data_parallel_trainer(TorchTrainer)
             backend = {"backend_config": BackendConfig()}
         else:
@@ -290,6 +290,8 @@ class _WorkerGroup:
                 log.warning("the Ray Train worker group did not stop within %.0fs",
                             STOP_TIMEOUT_S)
         ray.kill(self.coordinator)
+        if self._rendezvous:
+            loopback.remove_files(self._rendezvous)
 
 
 class Coordinator:

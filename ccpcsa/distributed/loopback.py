@@ -12,6 +12,7 @@ generation per start (a rank asking twice in one generation starts the next).
 
 from __future__ import annotations
 
+import glob
 import os
 import socket
 import tempfile
@@ -41,6 +42,15 @@ def data_parallel_trainer(torch_trainer: type) -> type:
 
 def rendezvous_prefix(group_name: str) -> str:
     return os.path.join(tempfile.gettempdir(), f"ccpcsa-{group_name}-store")
+
+
+def remove_files(prefix: str) -> None:
+    """The rendezvous files a group left (a killed worker does not remove its own)."""
+    for path in glob.glob(f"{glob.escape(prefix)}-*"):
+        try:
+            os.remove(path)
+        except OSError:
+            pass
 
 
 def loopback_interface() -> str | None:
