@@ -18,11 +18,13 @@ FAILURE_BYTES = 2048
 
 
 def reserve(trial_dir: str) -> None:
+    """Reserve the space for a cause; a trial that Tune starts again (after a failure) blanks
+    the earlier cause out in place: only the latest attempt's failure counts."""
     path = _local(trial_dir)
-    if path is None or os.path.exists(path):
-        return  # a retried trial keeps its reservation
+    if path is None:
+        return
     try:
-        with open(path, "wb") as f:
+        with open(path, "r+b" if os.path.exists(path) else "wb") as f:
             f.write(b" " * FAILURE_BYTES)
             f.flush()
             os.fsync(f.fileno())

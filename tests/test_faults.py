@@ -274,3 +274,34 @@ def test_a_prune_that_kept_no_pruned_round_says_so_last(tmp_path, capsys):
     assert "round 0" in summary and "above the baseline" in summary, summary
     last = captured.err.strip().splitlines()[-1]
     assert last.startswith("warning: nothing was pruned") and "final.pt" in last, last
+
+
+# --------------------------------------------------------------------------- 4. the cause
+
+def test_a_failed_trials_cause_survives_a_full_disk(tmp_path):
+    from search import failure
+    from search.ondisk import scan_trials
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        trial = disk / "run_trial_0badc0de_3_x=1_2026-12-04_15-00-00"
+        trial.mkdir()
+        (trial / "params.json").write_text('{"x": 1}')
+        failure.reserve(str(trial))
+        with pytest.raises(OSError), open(disk / "filler", "wb") as f:  # the disk fills up
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        (trial / "error.txt").write_bytes(b"")  # what Tune manages to write now
+        failure.record(str(trial), OSError(28, "No space left on device"))
+        (found,) = scan_trials(str(disk))
+        assert found.status == "failed" and "No space left on device" in found.error
+        failure.reserve(str(trial))  # Tune starts the trial again: the old cause is gone
+        (found,) = scan_trials(str(disk))
+        assert "No space left" not in found.error
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
