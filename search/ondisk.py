@@ -120,12 +120,13 @@ def _read_trial(trial: TrialOnDisk) -> None:
             log.warning("%s", exc)
     trial.retried = RETRIED_FILE in files
     recorded = ""
-    if FAILURE_FILE in files:  # our own copy of the cause (search/failure.py)
+    if FAILURE_FILE in files:  # the trial's own exception (search/failure.py), whole even
+        # when a full disk cut error.txt short; blank unless its latest attempt raised
         recorded = storage.read_text(storage.join(trial.folder, FAILURE_FILE)).strip()
     if ERROR_FILE in files:
         text = storage.read_text(storage.join(trial.folder, ERROR_FILE))
         lines = [line.strip() for line in text.splitlines() if line.strip()]
-        trial.error = lines[-1] if lines else recorded or "failed (empty error.txt)"
+        trial.error = recorded or (lines[-1] if lines else "failed (empty error.txt)")
     elif recorded and trial.final is None:  # Tune could not even create error.txt
         trial.error = recorded
 
