@@ -425,7 +425,8 @@ def _prune_locked(args: argparse.Namespace, configs: dict[str, Any], loop_cfg: L
         loop_cfg = replace(loop_cfg,
                            target_flops=int(args.target_flops * prepared.baseline_flops))
     reference = prepared.reference_accuracy(loop_cfg.reference)
-    teacher_cfg = replace(configs["train"], teacher=prepared.baseline_checkpoint)
+    teacher_cfg = replace(configs["train"], teacher=prepared.baseline_checkpoint,
+                          teacher_model=args.model)
     if args.distill_rounds:  # the teacher exists only now: the rounds get their own runner
         runner.close()
         runner = make_runner(configs["data"], teacher_cfg, args.workers,
@@ -444,7 +445,7 @@ def _prune_locked(args: argparse.Namespace, configs: dict[str, Any], loop_cfg: L
         write_rows(rows, storage.join(args.out, "rounds.parquet"))
         print(table_line(rows[-1], reference), flush=True)
 
-    result = prune_loop(prepared.load_attention_model(), args.model, prep_cfg.input_shape,
+    result = prune_loop(prepared.load_attention_model(args.model), args.model, prep_cfg.input_shape,
                         reference, runner, loop_cfg, on_round,
                         initial_accuracy=prepared.attention_accuracy)
     final = record_of(result, result.final_round)
@@ -464,16 +465,17 @@ def _prune_locked(args: argparse.Namespace, configs: dict[str, Any], loop_cfg: L
             from ccpcsa.checkpoint import load_checkpoint
 
             model = load_checkpoint(storage.join(args.out, "checkpoints",
-                                                 f"round_{deepest.round:03d}.pt")).train()
+                                                 f"round_{deepest.round:03d}.pt"),
+                                    user_model=args.model).train()
             record, target_info = final_finetune(
                 model, deepest, checkpoint_info(prep_cfg, True, deepest, reference), runner,
                 args, f"round {deepest.round} (target)")
             save_checkpoint(model, target_info, storage.join(args.out, "target.pt"))
     save_checkpoint(result.model, info, final_path)
+    row = rows[result.final_round]
     print(f"stopped: {result.stop_reason}; final model = round {result.final_round}: "
-          f"{final.accuracy:.2f}% top-1, FLOPs {rows[result.final_round]['flops_reduction']:.1f}% "
-          f"and params {rows[result.final_round]['params_reduction']:.1f}% below the baseline "
-          f"-> {final_path}"
+          f"{final.accuracy:.2f}% top-1, FLOPs {_versus_baseline(row['flops_reduction'])} and "
+          f"params {_versus_baseline(row['params_reduction'])} the baseline -> {final_path}"
           f"{'' if final.within_tolerance else ' (over tolerance: no round stayed within it)'}",
           flush=True)
     if args.latency_batch:
@@ -482,6 +484,11 @@ def _prune_locked(args: argparse.Namespace, configs: dict[str, Any], loop_cfg: L
     if args.strip_bam:
         write_stripped(result.model, runner, prep_cfg, loop_cfg, args.out)
     runner.close()  # Ray Train workers, if any (also closed at exit after an error)
+    if result.final_round == 0:  # the last line, so that a script's log shows it
+        print(f"warning: nothing was pruned: no pruned round stayed within the tolerance, so "
+              f"{final_path} is the unpruned model with BAM (more FLOPs than the baseline); "
+              f"allow a larger --tolerance, prune less per round (-m) or fine-tune longer",
+              file=sys.stderr, flush=True)
     return 0
 
 
@@ -502,6 +509,11 @@ def final_finetune(model, record, info: CheckpointInfo, runner, args: argparse.N
     return replace_record(record, accuracy=accuracy), info
 
 
+def _versus_baseline(reduction: float) -> str:
+    """'12.3% below' or, for the unpruned model with BAM, '0.9% above'."""
+    return f"{reduction:.1f}% below" if reduction >= 0 else f"{-reduction:.1f}% above"
+
+
 def report_latency(prepared, model, final, rows, final_round: int, prep_cfg: PrepareConfig,
                    args: argparse.Namespace, final_path: str, reference: float) -> None:
     """Measure the baseline (step 1's model) and the final model on the training device; add
@@ -510,8 +522,8 @@ def report_latency(prepared, model, final, rows, final_round: int, prep_cfg: Pre
     from ccpcsa.latency import measure_latency
 
     device = pick_device(args.device)
-    base = measure_latency(load_checkpoint(prepared.baseline_checkpoint), prep_cfg.input_shape,
-                           device, args.latency_batch)
+    baseline = load_checkpoint(prepared.baseline_checkpoint, user_model=prep_cfg.model)
+    base = measure_latency(baseline, prep_cfg.input_shape, device, args.latency_batch)
     ours = measure_latency(model, prep_cfg.input_shape, device, args.latency_batch)
     for row in rows:  # every row gets the columns (Parquet's schema), the final one values
         row.update(ours.columns() if row["round"] == final_round else

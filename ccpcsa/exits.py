@@ -33,6 +33,14 @@ class _Termination:
         self.signum: int | None = None
         self.forward_to_sigint = False  # while Tune runs: let its SIGINT handler stop it
 
+    def install(self) -> None:
+        """Make SIGTERM ours (again): connecting to Ray replaces the handler with Ray's,
+        which aborts the process (exit 134) without a summary or saved state."""
+        try:
+            signal.signal(signal.SIGTERM, self.handle)
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+
     def handle(self, signum: int, _frame) -> None:
         self.signum = signum
         if self.forward_to_sigint:
@@ -46,7 +54,8 @@ def terminate_as_interrupt() -> Iterator[_Termination]:
     """Inside the block SIGTERM raises Interrupted (as Ctrl-C raises KeyboardInterrupt), so
     `finally` blocks run: run locks are released and no half-written file is left. Set
     `forward_to_sigint` on the yielded object while a Ray Tune run is in progress: SIGTERM
-    then becomes the SIGINT that Tune answers by saving its state and stopping."""
+    then becomes the SIGINT that Tune answers by saving its state and stopping. Call its
+    `install()` after connecting to Ray."""
     state = _Termination()
     try:
         previous = signal.signal(signal.SIGTERM, state.handle)
@@ -66,6 +75,14 @@ def one_line(exc: BaseException) -> str:
     if not lines:
         return type(exc).__name__
     return lines[-1] if len(lines) > 1 else lines[0]
+
+
+def first_sentence(exc: BaseException) -> str:
+    """The first sentence of an exception's first line: torch.load's errors go on with
+    several sentences of advice after the cause."""
+    line = first_line(exc)
+    head, dot, _rest = line.partition(". ")
+    return head if dot else line
 
 
 def first_line(exc: BaseException) -> str:

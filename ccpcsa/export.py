@@ -61,12 +61,18 @@ def add_export_parser(sub) -> None:
                    help="remove BAM first, as the paper's final model. The outputs, and so the "
                         "accuracy, change unless the checkpoint was fine-tuned without BAM "
                         "(prune --strip-bam writes such a final_nobam.pt)")
+    p.add_argument("--trust-model-code", action="store_true",
+                   help="allow a checkpoint whose model is MODULE:CALLABLE (your own code): "
+                        "loading it imports that module and calls it. Without this flag such "
+                        "a checkpoint is refused before anything is imported; registry models "
+                        "and torchvision:NAME need no flag")
 
 
 def run_export(args: argparse.Namespace) -> int:
     payload = read_payload(args.checkpoint)
     info = info_of(payload)
-    model = model_from_payload(payload, source=repr(args.checkpoint))
+    model = model_from_payload(payload, source=repr(args.checkpoint),
+                               trust_model_code=args.trust_model_code)
     note = ""
     if args.strip_bam:
         if has_bam(model):

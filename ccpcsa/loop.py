@@ -153,8 +153,10 @@ class Prepared:
     def reference_accuracy(self, reference: str) -> float:
         return self.baseline_accuracy if reference == "baseline" else self.attention_accuracy
 
-    def load_attention_model(self) -> nn.Module:
-        return load_checkpoint(self.attention_checkpoint).train()
+    def load_attention_model(self, user_model: str | None = None) -> nn.Module:
+        """M'; a MODULE:CALLABLE model only when it is `user_model`, the --model of this run
+        (see load_checkpoint)."""
+        return load_checkpoint(self.attention_checkpoint, user_model=user_model).train()
 
 
 @dataclass
@@ -246,7 +248,8 @@ def _baseline_model(cfg: PrepareConfig, runner: Runner, cache_dir: str, key: dic
     if cached is not None:
         log.info("step 1: reusing the baseline %s", path)
         accuracy, flops, params = cached["measured"]
-        return load_checkpoint(path).train(), (float(accuracy), int(flops), int(params)), path
+        return (load_checkpoint(path, user_model=cfg.model).train(),
+                (float(accuracy), int(flops), int(params)), path)
     seed_everything(cfg.seed)
     model = build_model(cfg.model, cfg.num_classes, with_bam=False, input_shape=cfg.input_shape)
     if cfg.weights:  # step 1 is the user's training: evaluate it instead
@@ -280,7 +283,7 @@ def _cached(meta_path: str, key: dict[str, Any], checkpoint: str) -> dict[str, A
         return meta
     changed = sorted(k for k in key if not isinstance(stored, dict)
                      or _canonical(stored.get(k)) != _canonical(key[k]))
-    log.info("%s was made with other settings (%s differ); training again", meta_path,
+    log.info("%s was made with other settings (%s differ); making it again", meta_path,
              ", ".join(changed) or "checkpoint missing")
     return None
 

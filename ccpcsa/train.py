@@ -42,6 +42,7 @@ class TrainConfig:
     # unpruned model; the loss is (1 - w) x cross-entropy + w x T^2 x KL(teacher || student)
     # on logits softened by the temperature T (Hinton et al. 2015)
     teacher: str | None = None
+    teacher_model: str | None = None  # the run's --model: the one MODULE:CALLABLE it may name
     distill_weight: float = 0.5
     distill_temperature: float = 4.0
 
@@ -126,7 +127,8 @@ def load_teacher(cfg: TrainConfig, device: torch.device) -> nn.Module | None:
         return None
     from ccpcsa.checkpoint import load_checkpoint
 
-    teacher = to_device(load_checkpoint(cfg.teacher).eval(), device, cfg)
+    teacher = load_checkpoint(cfg.teacher, user_model=cfg.teacher_model).eval()
+    teacher = to_device(teacher, device, cfg)
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher

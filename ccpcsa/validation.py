@@ -72,10 +72,17 @@ def choice(name: str, value: Any, choices: Iterable[str]) -> str:
     return value
 
 
+MAX_RUN_NAME = 128  # file systems allow 255 bytes a folder name; Tune adds to it in places
+
+
 def run_name(name: str, value: Any) -> str:
-    """A plain folder name: letters, digits and . _ = + @ -, starting with a letter or digit
-    (so never '.', '..', a hidden name or one with a path separator)."""
+    """A plain folder name of at most MAX_RUN_NAME characters: letters, digits and
+    . _ = + @ -, starting with a letter or digit (so never '.', '..', a hidden name or one
+    with a path separator)."""
     text(name, value)
+    if len(value) > MAX_RUN_NAME:
+        raise SettingError(f"{name} is {len(value)} characters long; at most {MAX_RUN_NAME}, "
+                           f"got {value[:20]!r}...")
     if not NAME_PATTERN.match(value):
         raise SettingError(
             f"{name} must be a plain folder name (letters, digits, . _ = + @ -, starting with "

@@ -13,13 +13,14 @@ import hashlib
 import io
 import os
 import re
+import zipfile
 from typing import Any
 
 import torch
 from torch import nn
 
 from ccpcsa import storage
-from ccpcsa.exits import first_line
+from ccpcsa.exits import first_sentence
 
 ENUM_NAME = re.compile(r"^[A-Za-z0-9_]+_Weights\.[A-Za-z0-9_]+$")
 # keys torchvision's files hold for auxiliary heads that ccpcsa builds without (models.py)
@@ -70,13 +71,12 @@ def read_state_dict(source: str) -> tuple[dict[str, torch.Tensor], dict[str, Any
     from ccpcsa.checkpoint import FORMAT
 
     path = resolve(source)
+    raw = storage.read_bytes(path)
     try:
-        data = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu",
-                          weights_only=True)
+        data = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors of a non-weights file, truncated files...
         raise WeightsError(f"cannot read weights {path} with torch.load(weights_only=True): "
-                           f"{first_line(exc)} (save model.state_dict(), not the model)"
-                           ) from None
+                           f"{first_sentence(exc)} ({_hint(exc, raw)})") from None
     if isinstance(data, dict) and data.get("format") == FORMAT:
         return data["state_dict"], data
     for key in ("state_dict", "model"):
@@ -97,7 +97,7 @@ def load_weights(model: nn.Module, source: str, classifier: nn.Module, dataset: 
     """Load `source` into `model` (a fresh model without BAM, built by ccpcsa with the data
     set's classes; `classifier` is its layer whose outputs are the classes); the model is
     returned, resized first when `source` is a pruned ccpcsa checkpoint."""
-    from ccpcsa.checkpoint import resize_to_state_dict
+    from ccpcsa.checkpoint import check_runs, resize_to_state_dict
 
     state, payload = read_state_dict(source)
     name = getattr(model, "ccpcsa_model", type(model).__name__)
@@ -108,7 +108,10 @@ def load_weights(model: nn.Module, source: str, classifier: nn.Module, dataset: 
         if payload["with_bam"]:
             raise WeightsError(f"{source} holds a model with BAM; --weights takes one without "
                                f"(a run's baseline.pt or final_nobam.pt)")
-        resize_to_state_dict(model, state)
+        try:
+            resize_to_state_dict(model, state)
+        except ValueError as exc:
+            raise WeightsError(f"weights {source} do not fit --model {name}: {exc}") from None
     state = {k: v for k, v in state.items() if not k.startswith(_AUX_PREFIXES)}
     path = next(name for name, module in model.named_modules() if module is classifier)
     _check_classes(model, state, source, path, dataset)
@@ -129,7 +132,24 @@ def load_weights(model: nn.Module, source: str, classifier: nn.Module, dataset: 
         raise WeightsError(f"weights {source} do not fit --model {name} (another "
                            f"architecture?): tensors {'; '.join(problems)}")
     model.load_state_dict(state)
+    if payload is not None:  # resized: do the sizes fit together?
+        try:
+            check_runs(model, tuple(payload["input_shape"]))
+        except ValueError as exc:
+            raise WeightsError(f"weights {source} do not fit --model {name}: {exc}") from None
     return model
+
+
+def _hint(exc: BaseException, raw: bytes) -> str:
+    """What to do about a file torch.load(weights_only=True) could not read."""
+    text = str(exc)
+    # torch.save writes a zip archive, whose directory is at its end
+    cut_zip = raw.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(io.BytesIO(raw))
+    if cut_zip or isinstance(exc, EOFError) or not raw:
+        return "the file is cut short or damaged: copy or download it again"
+    if "Weights only load failed" in text or "Unsupported global" in text:
+        return "it holds objects, not only tensors: save model.state_dict(), not the model"
+    return "expected a file torch.save wrote with a state_dict"
 
 
 def _check_classes(model: nn.Module, state: dict[str, torch.Tensor], source: str,

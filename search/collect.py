@@ -70,6 +70,9 @@ def trial_lines(trials: list[TrialOnDisk], adopted: set[str]) -> list[str]:
         rounds = f"{len(trial.rounds)} round{'s' * (len(trial.rounds) != 1)} reported"
         if trial.status == "failed":
             detail = f"{trial.error} ({rounds})"
+        elif trial.status == "retried":
+            start = "its last round" if trial.rounds else "the start"
+            detail = f"{trial.error} ({rounds}; run again as a new trial from {start})"
         elif trial.status == "interrupted":
             detail = rounds + ("; its Tune state was lost, so it was not continued"
                                if trial.trial_id in adopted else "; --resume continues it")
@@ -90,6 +93,8 @@ def summary_counts(trials: list[TrialOnDisk], owed: dict[str, int]) -> str:
                 f"(of {num_samples})")
         if found["stopped early"]:
             text += f", {found['stopped early']} stopped early"
+        if found["retried"]:
+            text += f", {found['retried']} failed earlier and retried"
         parts.append(text if phase == "full" else f"{phase}: {text}")
     return "; ".join(parts)
 
@@ -160,7 +165,8 @@ def add_latency(frame: pd.DataFrame, baseline: dict[str, Any], cfg: SearchConfig
     task = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=gpus)(measure_checkpoints)
     try:
         measured = ray.get(task.remote([baseline_path, *paths] if baseline_path else paths,
-                                       input_shape, cfg.latency_batch, cfg.cpus_per_worker))
+                                       input_shape, cfg.latency_batch, cfg.cpus_per_worker,
+                                       cfg.model))
     except Exception as exc:  # a measurement must not cost the search its results
         log.warning("latency not measured: %s", str(exc).strip().splitlines()[-1])
         return frame, baseline
@@ -176,7 +182,7 @@ def add_latency(frame: pd.DataFrame, baseline: dict[str, Any], cfg: SearchConfig
 
 
 def measure_checkpoints(paths: list[str], input_shape: tuple[int, int, int], batch: int,
-                        cpus: float) -> dict[str, dict[str, Any]]:
+                        cpus: float, model_name: str) -> dict[str, dict[str, Any]]:
     """Each checkpoint's latency_* columns, on this worker's GPU if it has one, else its CPUs
     (as many torch threads as CPUs reserved)."""
     import torch
@@ -187,5 +193,6 @@ def measure_checkpoints(paths: list[str], input_shape: tuple[int, int, int], bat
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cpus)))
-    return {path: measure_latency(load_checkpoint(path), input_shape, device, batch).columns()
+    return {path: measure_latency(load_checkpoint(path, user_model=model_name), input_shape,
+                                  device, batch).columns()
             for path in paths}

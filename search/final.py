@@ -136,7 +136,7 @@ def finetune_point(cfg: SearchConfig, point: FinalPoint, run_dir: str,
     if not cfg.gpus_per_worker:
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     payload = read_payload(point.source)
-    model = load_checkpoint(point.source).train()
+    model = load_checkpoint(point.source, user_model=cfg.model).train()
     name = frontier_checkpoint_name(point.trial_id, point.round)
     runner = make_runner(cfg, storage.join(run_dir, "train", "final", name[:-3]), "full",
                          teacher)

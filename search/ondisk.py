@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ccpcsa import storage
+from search.failure import FAILURE_FILE
 
 log = logging.getLogger("ccpcsa.search")
 
@@ -31,7 +32,8 @@ CHECKPOINT_FILE = "model.pt"  # what search.trial writes into each reported chec
 TRIAL_FOLDER = re.compile(
     r"^(?P<name>.+?_(?P<id>[0-9a-f]{5}_\d{5}|[0-9a-f]{5,})_(?P<number>\d+))(?:_|$)")
 EARLY_STOPPED_FILE = "early_stopped.json"  # written by search/early_stop.py
-STATUSES = ("finished", "stopped early", "failed", "interrupted", "not started")
+RETRIED_FILE = "retried.json"  # written by search/retry.py: run again as a new trial
+STATUSES = ("finished", "stopped early", "failed", "retried", "interrupted", "not started")
 
 
 @dataclass
@@ -46,11 +48,14 @@ class TrialOnDisk:
     error: str = ""  # last line of error.txt
     phase: str = "full"  # search.trial.PHASES
     stopped_early: bool = False  # stopped by the early-stopping scheduler
+    retried: bool = False  # failed, then run again as a new trial (search/retry.py)
 
     @property
     def status(self) -> str:
         if self.final is not None:
             return "finished"
+        if self.retried:
+            return "retried"
         if self.error:
             return "failed"
         if self.stopped_early:
@@ -113,10 +118,17 @@ def _read_trial(trial: TrialOnDisk) -> None:
             trial.params = storage.read_json(storage.join(trial.folder, PARAMS_FILE))
         except (OSError, ValueError) as exc:
             log.warning("%s", exc)
+    trial.retried = RETRIED_FILE in files
+    recorded = ""
+    if FAILURE_FILE in files:  # the trial's own exception (search/failure.py), whole even
+        # when a full disk cut error.txt short; blank unless its latest attempt raised
+        recorded = storage.read_text(storage.join(trial.folder, FAILURE_FILE)).strip()
     if ERROR_FILE in files:
         text = storage.read_text(storage.join(trial.folder, ERROR_FILE))
         lines = [line.strip() for line in text.splitlines() if line.strip()]
-        trial.error = lines[-1] if lines else "failed (empty error.txt)"
+        trial.error = recorded or (lines[-1] if lines else "failed (empty error.txt)")
+    elif recorded and trial.final is None:  # Tune could not even create error.txt
+        trial.error = recorded
 
 
 def _reports(path: str, files: set[str]) -> list[dict[str, Any]]:
@@ -190,7 +202,7 @@ def counts(trials: list[TrialOnDisk], num_samples: int) -> dict[str, int]:
     found = {status: 0 for status in STATUSES}
     for trial in trials:
         found[trial.status] += 1
-    started = len(trials) - found["not started"]
+    started = len(trials) - found["not started"] - found["retried"]  # a retry is its own
     found["not started"] = max(0, num_samples - started)
     return found
 

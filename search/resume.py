@@ -57,10 +57,20 @@ def plan_resume(run_dir: str, num_samples: int, trials: list[TrialOnDisk]) -> Pl
     problem = state_problem(run_dir, trials, adopted)
     if problem is None:
         return Plan(True, 0, adopted=adopted)
+    return plan_from_disk(run_dir, num_samples, trials, problem)
+
+
+def plan_from_disk(run_dir: str, num_samples: int, trials: list[TrialOnDisk], problem: str
+                   ) -> Plan:
+    """Set Tune's state aside (it cannot be restored: `problem`) and adopt the trials on
+    disk as they are; the trials still owed start anew."""
+    adopted = read_adopted(run_dir)
+    started = [t for t in trials if t.status != "not started"]
     aside = set_aside_tune_state(run_dir)
     adopted.update({t.trial_id: t.status for t in started if t.trial_id not in adopted})
     storage.write_json(storage.join(run_dir, ADOPTED_FILE), adopted)
-    remaining = max(0, num_samples - len(started))
+    # a retried trial's retry is a trial of its own, already counted
+    remaining = max(0, num_samples - sum(t.status != "retried" for t in started))
     by_status = {s: sum(t.status == s for t in started) for s in ("finished", "failed",
                                                                    "interrupted")}
     log.warning("Tune's state in %s cannot be restored (%s); it was moved to %s. Continuing "

@@ -204,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", default=None,
                    help="continue the interrupted search <storage>/<name>: finished trials are "
                         "kept, unfinished ones continue; the saved configuration is used (and "
-                        "checked like flags)")
+                        "checked like flags); other settings given with it must equal the saved "
+                        "ones, except --retry-failed, --storage, --latency-batch and "
+                        "--loader-workers")
     g.add_argument("--retry-failed", action="store_true", default=None,
                    help="with --resume: run the failed trials again from their last checkpoint "
                         "(e.g. after a full disk), instead of keeping them as failed; not "
@@ -295,10 +297,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# what --resume may change: where the run is, how failed trials are treated, and settings
+# that change no result (each one is read again by the resumed session)
+# how the run is carried out, not what it computes: a resume after a lost node or head may
+# need more patience or retries
+RESUME_MAY_CHANGE = ("resume", "retry_failed", "storage", "name", "latency_batch",
+                     "loader_workers", "max_failures", "wait_for_resources")
+
+
 def config_from_argv(argv: list[str] | None) -> tuple[SearchConfig, argparse.Namespace]:
+    """The configuration, and the parsed flags with `given`: the settings the user gave
+    (flags or --config YAML), which --resume compares with the saved ones."""
     args = build_parser().parse_args(argv)
     flags = {k: v for k, v in vars(args).items() if k not in ("config", "dry_run", "verbose")}
-    return build_config(load_yaml(args.config) if args.config else {}, flags), args
+    file_values = load_yaml(args.config) if args.config else {}
+    args.given = frozenset(file_values) | {k for k, v in flags.items() if v is not None}
+    return build_config(file_values, flags), args
 
 
 def run_dir_of(cfg: SearchConfig) -> str:
@@ -316,9 +330,10 @@ def resolve_storage(cfg: SearchConfig) -> SearchConfig:
     return cfg
 
 
-def check_run_folder(cfg: SearchConfig) -> SearchConfig:
+def check_run_folder(cfg: SearchConfig, given: frozenset[str] = frozenset()) -> SearchConfig:
     """New run: refuse to overwrite. --resume: the configuration saved with the run, checked
-    by the same validation as flags and YAML. Call it holding the run's lock."""
+    by the same validation as flags and YAML; ConfigError listing the `given` settings that
+    differ from the saved ones, except RESUME_MAY_CHANGE. Call it holding the run's lock."""
     run_dir = run_dir_of(cfg)
     saved = storage.join(run_dir, CONFIG_FILE)
     if cfg.resume:
@@ -327,13 +342,37 @@ def check_run_folder(cfg: SearchConfig) -> SearchConfig:
         if not storage.exists(saved):
             raise ConfigError(f"nothing to resume at {run_dir!r}: no search there")
         stored = read_saved_config(saved)
-        stored.update(resume=True, retry_failed=cfg.retry_failed, storage=cfg.storage,
+        check_unchanged(cfg, config_from_dict(stored, source=saved), given, saved)
+        stored.update({k: getattr(cfg, k) for k in given if k in RESUME_MAY_CHANGE},
+                      resume=True, retry_failed=cfg.retry_failed, storage=cfg.storage,
                       name=cfg.name)
         return config_from_dict(stored, source=saved)
     if storage.exists(saved):
         raise ConfigError(f"{run_dir!r} already holds a search; pass --resume to continue it "
                           f"or choose another --name")
     return cfg
+
+
+def check_unchanged(cfg: SearchConfig, saved_cfg: SearchConfig, given: frozenset[str],
+                    source: str) -> None:
+    """ConfigError listing every given setting that --resume may not change and that differs
+    from the run's saved configuration."""
+    differ = [f"{key.replace('_', '-')} {_value(cfg, key)} (saved: {_value(saved_cfg, key)})"
+              for key in sorted(given - set(RESUME_MAY_CHANGE))
+              if _value(cfg, key) != _value(saved_cfg, key)]
+    if differ:
+        may = ", ".join(f"--{k.replace('_', '-')}" for k in RESUME_MAY_CHANGE[1:])
+        raise ConfigError(f"--resume continues the search with its saved settings "
+                          f"({source}), but these differ: {'; '.join(differ)}; drop them, or "
+                          f"start a new search under another --name (resume may change only "
+                          f"{may})")
+
+
+def _value(cfg: SearchConfig, key: str) -> Any:
+    value = getattr(cfg, key)
+    if key == "weights" and value and not storage.is_uri(value) and os.path.exists(value):
+        return os.path.abspath(value)  # saved absolute (stage 0 runs in a worker's folder)
+    return value
 
 
 def read_saved_config(path: str) -> dict[str, Any]:
@@ -451,12 +490,13 @@ def make_sampler(cfg: SearchConfig, num_samples: int):
 def make_tuner(cfg: SearchConfig, trainable, space: dict[str, Any], plan,
                phase: Phase | None = None, configs: list[dict[str, Any]] | None = None,
                points: list[tuple[str, float, int]] | None = None,
-               rounds: int | None = None, callbacks=None):
+               rounds: int | None = None, callbacks=None,
+               retry_configs: list[dict[str, Any]] | None = None):
     """Tune's restored run (plan.restore) or a new one of plan.num_samples trials: sampled by
-    Optuna over `space`, or (phase 2) the given `configs`, one trial each. `points` (trial id,
-    accuracy, FLOPs) already on disk seed the early-stopping scheduler; `rounds`: the most
-    rounds a trial may run (default --max-rounds). `callbacks`: Tune callbacks of a new run (a
-    restored run keeps the ones it was saved with)."""
+    Optuna over `space` (the `retry_configs` first), or (phase 2) the given `configs`, one
+    trial each. `points` (trial id, accuracy, FLOPs) already on disk seed the early-stopping
+    scheduler; `rounds`: the most rounds a trial may run (default --max-rounds). `callbacks`:
+    Tune callbacks of a new run (a restored run keeps the ones it was saved with)."""
     from ray import tune
 
     from search.early_stop import make_scheduler
@@ -481,7 +521,8 @@ def make_tuner(cfg: SearchConfig, trainable, space: dict[str, Any], plan,
         search = ResumableOptunaSearch(space=space, metric=["accuracy", "flops"],
                                        mode=["max", "min"],
                                        sampler=make_sampler(cfg, phase.num_samples),
-                                       seed=cfg.seed)
+                                       seed=cfg.seed,
+                                       points_to_evaluate=list(retry_configs or []) or None)
         told = sum(search.tell_finished(t.params, t.final) for t in plan.told)
         if plan.told:
             log.info("told Optuna the results of %d of the %d finished trials on disk", told,
@@ -544,42 +585,56 @@ def trial_number(trial_dir: str, trial_id: str) -> int | None:
 
 
 def run_trial(params: dict[str, Any], settings, fail_numbers: frozenset[int] = frozenset()):
-    """search.trial.run_trial, except that the trials numbered in CCPCSA_FAIL_TRIALS raise (a
-    test hook for a crashing trial; a retried trial keeps its number, so it fails again)."""
+    """search.trial.run_trial, keeping the cause of a failure in the trial folder even on a
+    full disk (search/failure.py). The trials numbered in CCPCSA_FAIL_TRIALS raise (a test
+    hook for a crashing trial; a retried trial keeps its number, so it fails again)."""
     from ray import tune
 
-    from search import trial
+    from search import failure, trial
 
-    if fail_numbers:
-        context = tune.get_context()
-        number = trial_number(context.get_trial_dir(), context.get_trial_id())
-        if number in fail_numbers:
-            raise RuntimeError(f"injected failure in trial {number} ({context.get_trial_id()}; "
-                               f"{FAIL_ENV})")
-    return trial.run_trial(params, settings)
+    context = tune.get_context()
+    folder = trial_folder(settings, context.get_trial_dir())
+    failure.reserve(folder)
+    try:
+        if fail_numbers:
+            number = trial_number(context.get_trial_dir(), context.get_trial_id())
+            if number in fail_numbers:
+                raise RuntimeError(f"injected failure in trial {number} "
+                                   f"({context.get_trial_id()}; {FAIL_ENV})")
+        return trial.run_trial(params, settings)
+    except Exception as exc:
+        failure.record(folder, exc)
+        raise
 
 
-def run_search(cfg: SearchConfig, termination) -> int:
+def trial_folder(settings, trial_dir: str) -> str:
+    """A trial's folder in the run's storage (Tune's trial dir may be a local staging copy)."""
+    phase_dir = settings.run_dir if settings.phase == "full" else storage.join(
+        settings.run_dir, settings.phase)
+    return storage.join(phase_dir, os.path.basename(trial_dir.rstrip("/")))
+
+
+def run_search(cfg: SearchConfig, termination, given: frozenset[str] = frozenset()) -> int:
     from ccpcsa.distributed import prefer_loopback
 
     prefer_loopback()  # before Ray is imported
     fail = fail_numbers_from_env()
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", STATE_PERIOD_S)
     cfg = resolve_storage(cfg)
+    try:  # before the lock, which would fail on it with exit 1: a bad --storage is refused
+        storage.check_writable(run_dir_of(cfg))
+    except OSError as exc:
+        raise ConfigError(str(exc)) from None
     with RunLock(run_dir_of(cfg), "search/run.py") as lock:
-        return _run_locked(cfg, fail, termination, lock)
+        return _run_locked(cfg, fail, termination, given, lock)
 
 
 def _run_locked(cfg: SearchConfig, fail: frozenset[int], termination,
-                lock: RunLock | None = None) -> int:
-    cfg = check_run_folder(cfg)
+                given: frozenset[str], lock: RunLock | None = None) -> int:
+    cfg = check_run_folder(cfg, given)
     if cfg.weights and not storage.is_uri(cfg.weights) and os.path.exists(cfg.weights):
         cfg.weights = os.path.abspath(cfg.weights)  # stage 0 runs in a Ray worker's folder
     run_dir = run_dir_of(cfg)
-    try:
-        storage.check_writable(run_dir)
-    except OSError as exc:
-        raise ConfigError(str(exc)) from None
     # before Ray: the data, the model and the weights
     info = check_dataset(DataConfig(cfg.dataset, cfg.data_root, cfg.image_size,
                                     train_subset=cfg.train_subset))
@@ -595,6 +650,7 @@ def _run_locked(cfg: SearchConfig, fail: frozenset[int], termination,
     from search.space import build_space, describe_model
 
     ray = connect_ray(cfg)
+    termination.install()  # Ray's driver took SIGTERM over: it would abort, losing the state
     if lock is not None:  # a driver on a fresh head can now tell when this one is gone
         lock.record_ray()
     if not cfg.resume:
@@ -624,17 +680,33 @@ def _run_locked(cfg: SearchConfig, fail: frozenset[int], termination,
     owed = {o.phase.name: o.phase.num_samples for o in outcomes}
     adopted = {t for outcome in outcomes for t in outcome.adopted}
     interrupted = not outcomes[-1].complete or len(outcomes) < len(phases_of(cfg))
-    final_due = cfg.final_epochs > 0 and not interrupted
-    print(collect.write_results(trials, cfg, prepared, run_dir, adopted, owed,
-                                input_shape=None if interrupted or final_due else input_shape),
-          flush=True)
-    if final_due:  # the search's frontier is on disk first: a kill here loses nothing of it
-        from search.final import run_final_finetunes
-        from search.pareto import read_frontier
-
-        finals = run_final_finetunes(ray, cfg, prepared, run_dir, read_frontier(run_dir)[0])
+    stopped_by = next((o.stopped_by for o in outcomes if o.stopped_by), "")
+    final_due = cfg.final_epochs > 0 and not interrupted and not stopped_by
+    try:
         print(collect.write_results(trials, cfg, prepared, run_dir, adopted, owed,
-                                    input_shape=input_shape, finals=finals), flush=True)
+                                    input_shape=None if interrupted or final_due
+                                    else input_shape), flush=True)
+        if final_due:  # the search's frontier is on disk first: a kill here loses nothing of it
+            from search.final import run_final_finetunes
+            from search.pareto import read_frontier
+
+            finals = run_final_finetunes(ray, cfg, prepared, run_dir, read_frontier(run_dir)[0])
+            print(collect.write_results(trials, cfg, prepared, run_dir, adopted, owed,
+                                        input_shape=input_shape, finals=finals), flush=True)
+    except OSError as exc:  # a full disk: the summary still tells what is on disk
+        print("\n".join([collect.summary_counts(trials, owed),
+                         *collect.trial_lines(trials, adopted)]), flush=True)
+        stopped_by = stopped_by or f"the frontier could not be written: {exits.one_line(exc)}"
+    resume = f"python search/run.py --storage {cfg.storage} --name {cfg.name} --resume"
+    failed = sum(t.status == "failed" for t in trials)
+    if stopped_by:
+        print(f"error: the search stopped ({stopped_by}); what finished is in {run_dir}; "
+              f"once the cause is fixed (e.g. disk space freed), continue with: {resume}"
+              f"{' --retry-failed' if failed else ''}", file=sys.stderr, flush=True)
+        return exits.FAILED
+    if failed:
+        print(f"{failed} trial(s) failed; to run them again from their last round once the "
+              f"cause is fixed: {resume} --retry-failed", flush=True)
     if interrupted:
         print(f"search interrupted after {time.time() - started:.0f}s; what finished is in "
               f"{run_dir}; continue with: python search/run.py --storage {cfg.storage} "
@@ -664,6 +736,7 @@ class PhaseOutcome:
     trials: list  # search.ondisk.TrialOnDisk, this phase's folders
     adopted: dict[str, str]  # trials taken over from disk after a lost Tune state
     complete: bool  # no trial interrupted, none still owed
+    stopped_by: str = ""  # why Ray Tune's driver stopped, when it failed
 
 
 def run_phases(ctx: PhaseContext) -> list[PhaseOutcome]:
@@ -702,7 +775,8 @@ def run_phase(ctx: PhaseContext, phase: Phase, finalists=None) -> PhaseOutcome:
 
     from search.finalists import SCREENED_TRIAL, finalist_config
     from search.ondisk import counts, remove_unstarted, scan_trials
-    from search.resume import Plan, plan_resume
+    from search.resume import Plan, plan_from_disk, plan_resume
+    from search.retry import Retries, plan_retries
     from search.space import search_rounds
     from search.trial import TrialSettings
 
@@ -711,17 +785,18 @@ def run_phase(ctx: PhaseContext, phase: Phase, finalists=None) -> PhaseOutcome:
     plan = (plan_resume(phase.folder, phase.num_samples, trials) if cfg.resume
             else Plan(False, phase.num_samples))
     failed = sum(t.status == "failed" for t in trials)
+    retries = Retries()
     if cfg.retry_failed and failed:
-        if plan.restore:
-            log.info("%s: running %d failed trial(s) again from their last checkpoint",
-                     phase.name, failed)
-        else:
-            log.warning("%s: %d failed trial(s) stay failed: Tune's state, which --retry-failed "
-                        "restarts them from, was not usable", phase.name, failed)
+        log.info("%s: running %d failed trial(s) again from their last checkpoint",
+                 phase.name, failed)
+        if not plan.restore:  # Tune's state is gone: from the trial folders (search/retry.py)
+            retries = plan_retries(trials)
+            plan.num_samples += len(retries.configs)
     configs = None
     if finalists is not None:  # each finalist once, also after a lost Tune state
         started = {t.params.get(SCREENED_TRIAL) for t in trials if t.status != "not started"}
         configs = [finalist_config(f) for f in finalists if f.screened_trial not in started]
+        configs += retries.configs
         plan.num_samples = len(configs)
     evaluated = (f"on a fixed {cfg.screen_eval_images} test images" if cfg.screen_eval_images
                  else "on the whole test split")
@@ -729,31 +804,58 @@ def run_phase(ctx: PhaseContext, phase: Phase, finalists=None) -> PhaseOutcome:
             f"{evaluated}, no fine-tune)", "finetune": "finalists fine-tuned"}[phase.name]
     print(f"{phase.name}: {phase.num_samples} {what}", flush=True)
     settings = TrialSettings(cfg, ctx.layout, ctx.prepared, ctx.num_classes, ctx.input_shape,
-                             run_dir_of(cfg), phase=phase.name)
+                             run_dir_of(cfg), phase=phase.name, start_from=retries.start_from)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, settings=settings, fail_numbers=ctx.fail),
         trial_resources(cfg, driver_nodes()))
+    stopped_by = ""
     if plan.restore or plan.num_samples > 0:
         points = [(t.trial_id, p["accuracy"], p["flops"]) for t in trials
                   for p in t.rounds.values()]
-        ctx.termination.forward_to_sigint = True  # SIGTERM: Tune saves its state and stops
         from search.watch import FrontierWriter
 
         so_far = [(p.folder, p.name) for p in phases_of(cfg)]
         so_far = so_far[:[f for f, _ in so_far].index(phase.folder) + 1]
         writer = FrontierWriter(cfg, ctx.prepared, run_dir_of(cfg), so_far)
+        rounds = search_rounds(cfg, ctx.layout)
         try:
-            make_tuner(cfg, trainable, ctx.space, plan, phase, configs, points,
-                       search_rounds(cfg, ctx.layout), [writer]).fit()
+            tuner = make_tuner(cfg, trainable, ctx.space, plan, phase, configs, points,
+                               rounds, [writer], retries.configs)
+        except Exception as exc:
+            if not plan.restore:
+                raise
+            # Tune could not read its own state (e.g. a tuner.pkl from elsewhere): set it aside
+            plan = plan_from_disk(phase.folder, phase.num_samples, trials,
+                                  f"Tune cannot restore it: {_cause(exc)}")
+            tuner = make_tuner(cfg, trainable, ctx.space, plan, phase, configs, points,
+                               rounds, [writer])
+        ctx.termination.forward_to_sigint = True  # SIGTERM: Tune saves its state and stops
+        try:
+            tuner.fit()
+        except Exception as exc:  # Tune's driver failed (a full disk): keep what is on disk
+            stopped_by = f"Ray Tune failed: {_cause(exc)}"
+            log.error("%s: %s", phase.name, stopped_by)
         finally:
             ctx.termination.forward_to_sigint = False
     trials = scan_trials(phase.folder, phase.name)
     found = counts([t for t in trials if t.trial_id not in plan.adopted],
                    phase.num_samples - len(plan.adopted))
-    complete = not (found["interrupted"] or found["not started"])
+    complete = not (found["interrupted"] or found["not started"] or stopped_by)
     if complete:  # an unfinished phase's not-started trials may be in Tune's state to restore
         trials = remove_unstarted(trials)
-    return PhaseOutcome(phase, trials, plan.adopted, complete)
+    return PhaseOutcome(phase, trials, plan.adopted, complete, stopped_by)
+
+
+def _cause(exc: BaseException) -> str:
+    """One line for an error raised inside Ray Tune: the first OSError in its chain (a full
+    disk behind Tune's own EOFError reading the error file it could not write), else it."""
+    chain, seen = exc, set()
+    while chain is not None and id(chain) not in seen:
+        if isinstance(chain, OSError):
+            return f"{type(chain).__name__}: {exits.one_line(chain)}"
+        seen.add(id(chain))
+        chain = chain.__cause__ or chain.__context__
+    return f"{type(exc).__name__}: {exits.one_line(exc)}"
 
 
 def plan_target(cfg: SearchConfig, layout, num_classes: int,
@@ -798,7 +900,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.dry_run:  # every setting checked; storage and data are not touched
                 print(json.dumps(cfg.to_dict(), indent=2))
                 return exits.OK
-            return run_search(cfg, termination)
+            return run_search(cfg, termination, args.given)
         except KeyboardInterrupt as exc:
             print(f"error: interrupted by {signal.Signals(exits.interrupted_code(exc) - 128).name}"
                   "; what had finished is kept; continue with --resume", file=sys.stderr)

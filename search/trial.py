@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -42,6 +42,9 @@ class TrialSettings:
     input_shape: tuple[int, int, int]
     run_dir: str
     phase: str = "full"
+    # failed trials run again as new trials (search/retry.py): params_key -> the checkpoint
+    # to start from ("" = from M')
+    start_from: dict[str, str] = field(default_factory=dict)
 
 
 def data_config(cfg: SearchConfig, phase: str = "full") -> DataConfig:
@@ -56,6 +59,7 @@ def train_config(cfg: SearchConfig, teacher: str | None = None) -> TrainConfig:
     """Training settings; with `teacher` (a checkpoint) fine-tunes distil from it."""
     return TrainConfig(batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
                        loader_workers=cfg.loader_workers, teacher=teacher,
+                       teacher_model=cfg.model if teacher else None,
                        distill_weight=cfg.distill_weight,
                        distill_temperature=cfg.distill_temperature)
 
@@ -98,8 +102,11 @@ def run_trial(params: dict[str, Any], settings: TrialSettings) -> None:
                          teacher)
 
     # with a target, rounds past the tolerance are part of the walk: a retry goes on from them
-    model, start_round, accuracy, meter.offset = _starting_point(prepared,
-                                                                 screen or target is not None)
+    from search.retry import params_key
+
+    model, start_round, accuracy, meter.offset = _starting_point(
+        prepared, screen or target is not None, cfg.model,
+        settings.start_from.get(params_key(params), ""))
 
     def metrics(record: RoundRecord) -> dict[str, Any]:
         return {**_metrics(record, prepared), "phase": settings.phase,
@@ -133,22 +140,27 @@ def run_trial(params: dict[str, Any], settings: TrialSettings) -> None:
                  "final_round": result.final_round, "stop_reason": result.stop_reason})
 
 
-def _starting_point(prepared: Prepared, any_round: bool
+def _starting_point(prepared: Prepared, any_round: bool, model_name: str, retry_from: str = ""
                     ) -> tuple[torch.nn.Module, int, float, float]:
     """(model, round, accuracy, compute seconds spent): M' for a new trial; the last reported
-    round when Tune retries a failed trial (or M' again if that round had already broken the
-    tolerance: its predecessor was not kept; a screening trial, or one walking to a FLOPs
-    target (any_round), goes on from any round)."""
+    round when Tune retries a failed trial, or `retry_from` (the checkpoint of a failed trial
+    this one runs again) (or M' again if that round had already broken the tolerance: its
+    predecessor was not kept; a screening trial, or one walking to a FLOPs target
+    (any_round), goes on from any round)."""
     checkpoint = tune.get_checkpoint()
+    payload = None
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             payload = read_payload(os.path.join(folder, CHECKPOINT_FILE))
+    elif retry_from:
+        payload = read_payload(retry_from)
+    if payload is not None:
         if any_round or payload["extra"].get("within_tolerance", False):
-            model = model_from_payload(payload).train()
+            model = model_from_payload(payload, user_model=model_name).train()
             metrics = payload["metrics"]
             return (model, int(payload["extra"]["round"]), float(metrics["accuracy"]),
                     float(metrics.get("compute_s", 0.0)))
-    return prepared.load_attention_model(), 0, prepared.attention_accuracy, 0.0
+    return prepared.load_attention_model(model_name), 0, prepared.attention_accuracy, 0.0
 
 
 def _metrics(record: RoundRecord, prepared: Prepared) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 per runner that trains, evaluates, scores channels and re-estimates BatchNorm."""
 
 import copy
+import os
 import re
 import subprocess
 import sys
@@ -247,3 +248,50 @@ def test_a_restarted_driver_resumes_a_stable_fit_from_its_last_epoch(ray_cluster
     again.fit(build_model("resnet20", 10, with_bam=False), 3, 0.05, "baseline")
     assert again.last_metrics["start_epoch"] == 1 and again.last_metrics["epoch"] == 3
     again.close()
+
+def _descendants(root: int) -> dict[int, str]:
+    """pid -> command name of every live process below `root` (Ray's processes are
+    children of the raylet this test process started)."""
+    children: dict[int, list[int]] = {}
+    names = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        names[int(entry.name)] = stat[stat.index("(") + 1:stat.rindex(")")]
+        children.setdefault(int(stat[stat.rindex(")") + 2:].split()[1]), []).append(
+            int(entry.name))
+    found, todo = {}, list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        found[pid] = names.get(pid, "")
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def _listening(pid: int) -> list[str]:
+    """The local addresses process `pid` listens on (TCP)."""
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
+    return [line.split()[3] for line in out.splitlines() if f"pid={pid}," in line]
+
+
+def test_two_workers_on_a_local_ray_listen_on_loopback_only(ray_cluster, tmp_path):
+    """Issue 26: a Ray Train worker of a local run listened on all interfaces (torch's
+    TCPStore); the group now meets through a file and binds gloo to 127.0.0.1."""
+    if subprocess.run(["which", "ss"], capture_output=True).returncode:
+        pytest.skip("no ss here")
+    runner = RayRunner(DIGITS, TRAIN, 2, str(tmp_path), sync_bn=True)
+    try:
+        runner.evaluate(build_model("resnet20", 10))  # the group is up, its process group made
+        workers = [pid for pid, name in _descendants(os.getpid()).items()
+                   if name.startswith("ray::RayTrain")]
+        assert len(workers) == 2, _descendants(os.getpid())
+        addresses = [addr for pid in workers for addr in _listening(pid)]
+        assert addresses, "the workers listen nowhere: is gloo's group there at all?"
+        assert all(addr.startswith(("127.0.0.1:", "[::1]:", "[::ffff:127.0.0.1]:"))
+                   for addr in addresses), addresses
+    finally:
+        runner.close()

@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ccpcsa import load_checkpoint
 from ccpcsa.__main__ import main
 from ccpcsa.attention import bam_modules
-from ccpcsa.checkpoint import read_payload
+from ccpcsa.checkpoint import CheckpointError, read_payload
 from ccpcsa.data import DataConfig, build_datasets
 from ccpcsa.models import build_model, get_spec
 from ccpcsa.prune import PruneLimits, build_graph, find_groups, select_channels
@@ -133,7 +133,9 @@ def test_user_factory_prunes_trains_and_reloads(user_module, tmp_path):
     assert spec.stages == ("res16", "res8", "res4", "head")
     rows = prune_cli(name, tmp_path / "run", 16, epochs=1,
                      extra=["--stage-cap", "res4=0.25"])
-    final = load_checkpoint(str(tmp_path / "run" / "final.pt"))
+    with pytest.raises(CheckpointError, match="trust-model-code"):  # user code: opt in
+        load_checkpoint(str(tmp_path / "run" / "final.pt"))
+    final = load_checkpoint(str(tmp_path / "run" / "final.pt"), trust_model_code=True)
     assert read_payload(str(tmp_path / "run" / "final.pt"))["model"] == name
     assert independent_macs(final, shape) == pytest.approx(rows[1]["flops"], rel=1e-6)
     assert rows[1]["flops"] < rows[0]["flops"]

@@ -89,11 +89,13 @@ def dataset_info(cfg: DataConfig) -> DatasetInfo:
 
 def check_dataset(cfg: DataConfig) -> DatasetInfo:
     """dataset_info plus what building the datasets would refuse, found cheaply (no image is
-    decoded): the CIFAR files, an ImageFolder's class folders each holding an image. Run it
-    before starting anything that is costly to undo."""
+    decoded): the CIFAR files (each batch read with the safe unpickler: a tampered one is
+    refused here, not in a Ray worker), an ImageFolder's class folders each holding an image.
+    Run it before starting anything that is costly to undo."""
     info = dataset_info(cfg)
     if cfg.name in ("cifar10", "cifar100"):
         check_cifar_layout(cfg.name, str(cfg.root))
+        cifar_datasets(cfg.name, str(cfg.root), 32, augment=False)  # reads, decodes nothing
     elif cfg.name == "imagefolder":
         check_imagefolder(str(cfg.root))
     return info

@@ -38,7 +38,7 @@ from ccpcsa.data import (
     shard_index,
     warn_if_class_sorted,
 )
-from ccpcsa.distributed import capacity
+from ccpcsa.distributed import capacity, loopback
 from ccpcsa.distributed.capacity import PLACEMENTS, TrialPlan
 from ccpcsa.distributed.ingest import DECODE_CPUS
 from ccpcsa.distributed.worker import Command, GroupSetup, worker_loop
@@ -215,7 +215,7 @@ class _WorkerGroup:
 
     def __init__(self, runner: RayRunner) -> None:
         import ray
-        from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+        from ray.train import BackendConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
         self._ray = ray
@@ -236,9 +236,18 @@ class _WorkerGroup:
         resources = {"CPU": runner.cpus_per_worker}
         if runner.uses_cuda:
             resources["GPU"] = runner.gpus_per_worker
-        trainer = TorchTrainer(
+        config = {"setup": setup, "coordinator": self.coordinator}
+        self._rendezvous = ""
+        if loopback.on_loopback_machine(ray):  # no process-group socket on other interfaces
+            config["rendezvous"] = self._rendezvous = loopback.rendezvous_prefix(name)
+            trainer_type = loopback.data_parallel_trainer(TorchTrainer)
+            backend = {"backend_config": BackendConfig()}
+        else:
+            trainer_type, backend = TorchTrainer, {}
+        trainer = trainer_type(
             worker_loop,
-            train_loop_config={"setup": setup, "coordinator": self.coordinator},
+            train_loop_config=config,
+            **backend,
             scaling_config=ScalingConfig(num_workers=runner.num_workers,
                                          use_gpu=runner.uses_cuda,
                                          resources_per_worker=resources,
@@ -302,6 +311,8 @@ class _WorkerGroup:
                 log.warning("the Ray Train worker group did not stop within %.0fs",
                             STOP_TIMEOUT_S)
         ray.kill(self.coordinator)
+        if self._rendezvous:
+            loopback.remove_files(self._rendezvous)
 
 
 class Coordinator:
@@ -315,6 +326,8 @@ class Coordinator:
         self.results: dict[int, dict[str, Any]] = {}
         self.model: tuple[int, list] = (-1, [None])
         self.group_starts = 0
+        self._generation = 0
+        self._joined: set[int] = set()
         self._changed: asyncio.Condition | None = None
 
     def _condition(self) -> asyncio.Condition:
@@ -364,6 +377,15 @@ class Coordinator:
 
     async def group_started(self) -> None:
         self.group_starts += 1
+
+    async def rendezvous(self, rank: int) -> int:
+        """The rendezvous file generation for a starting worker (ccpcsa.distributed.loopback):
+        a rank already in the current generation is a restarted group, which gets a new one."""
+        if rank in self._joined:
+            self._generation += 1
+            self._joined = set()
+        self._joined.add(rank)
+        return self._generation
 
     async def starts(self) -> int:
         return self.group_starts

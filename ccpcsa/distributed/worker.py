@@ -42,6 +42,7 @@ from ccpcsa import storage
 from ccpcsa.bn import batch_norms, recalibrate_bn
 from ccpcsa.checkpoint import model_from_payload
 from ccpcsa.data import DataConfig, ShardIndex, build_datasets, dataset_info
+from ccpcsa.distributed import loopback
 from ccpcsa.distributed.ingest import FitStream, IngestConfig, ParquetBatches
 from ccpcsa.syncbn import convert_batchnorm
 from ccpcsa.train import (
@@ -108,14 +109,20 @@ def worker_loop(config: dict[str, Any]) -> None:
     setup: GroupSetup = config["setup"]
     coordinator = config["coordinator"]
     ctx = ray.train.get_context()
-    worker = Worker(setup, ctx.get_world_rank(), ctx.get_world_size(),
-                    ray.train.torch.get_device())
+    device = ray.train.torch.get_device()
+    if config.get("rendezvous"):  # a single-machine Ray: the group on 127.0.0.1 only
+        generation = ray.get(coordinator.rendezvous.remote(ctx.get_world_rank()))
+        loopback.join(config["rendezvous"], generation, ctx.get_world_rank(),
+                      ctx.get_world_size(), device)
+    worker = Worker(setup, ctx.get_world_rank(), ctx.get_world_size(), device)
     if worker.rank == 0:
         ray.get(coordinator.group_started.remote())
     done = -1
     while True:
         command: Command = ray.get(coordinator.next_command.remote(done))
         if command.op == "stop":
+            if config.get("rendezvous"):
+                loopback.leave()
             return
         started = time.perf_counter()
         if worker.version != command.model:
@@ -154,7 +161,8 @@ class Worker:
     # ------------------------------------------------------------------ the model
 
     def load(self, payload: dict[str, Any], version: int) -> None:
-        model = model_from_payload(payload).train()
+        # the driver's own model, sent through the object store (never read from a file)
+        model = model_from_payload(payload, trust_model_code=True).train()
         if self.setup.sync_bn and self.world > 1:  # BatchNorm statistics of the global batch
             model = (nn.SyncBatchNorm.convert_sync_batchnorm(model)
                      if self.device.type == "cuda" else convert_batchnorm(model))

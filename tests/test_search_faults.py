@@ -1,0 +1,168 @@
+"""A search under faults (issue 26), with real Ray, Tune and Optuna on 127.0.0.1:
+
+- SIGTERM (ray job stop, Kubernetes) ends a running search like Ctrl-C: exit 143, the
+  per-trial summary, the frontier of what finished, the --resume command.
+- A full disk (a real 5.6 MB tmpfs; skipped where none can be mounted) ends the search in one
+  line with the summary and the resume command, keeps the failed trial's cause, and once there
+  is room `--resume --retry-failed` runs the failed trial again, even when the disk cut Tune's
+  state short.
+- A tuner.pkl that Tune cannot read is set aside in one line and the search goes on.
+"""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from test_search import (
+    REPO,
+    RUN_PY,
+    SEARCH_TIMEOUT_S,
+    TINY,
+    _driver_lines,
+    _env,
+    _experiment_state,
+    _ray_processes,
+    _search,
+    _stop,
+    _summary_counts,
+    _tail,
+)
+
+
+def _signal_once_a_trial_finished(args: list[str], run_dir: Path, log: Path, prefix: str,
+                                  sig: int) -> subprocess.Popen:
+    """Start a search, send `sig` once Tune records a finished trial, wait for it to end."""
+    with _ray_processes(prefix) as (marker, ray_tmp):
+        with log.open("w") as out:
+            driver = subprocess.Popen([sys.executable, RUN_PY, *args], cwd=REPO,
+                                      env=_env(marker, ray_tmp), stdout=out,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + SEARCH_TIMEOUT_S
+            while not any(v["status"] == "TERMINATED"
+                          for v in (_experiment_state(run_dir) or {}).values()):
+                assert driver.poll() is None, _tail(log.read_text())
+                assert time.monotonic() < deadline, _tail(log.read_text())
+                time.sleep(0.2)
+            driver.send_signal(sig)
+            driver.wait(timeout=SEARCH_TIMEOUT_S)
+        finally:
+            _stop(marker, driver)
+    return driver
+
+
+# --------------------------------------------------------------------------- 5. SIGTERM
+
+def test_sigterm_ends_a_running_search_like_ctrl_c(tmp_path):
+    storage = tmp_path / "runs"
+    args = ["--storage", str(storage), "--name", "term", "--num-samples", "3",
+            "--max-concurrent-trials", "1", *TINY]
+    log = tmp_path / "first.log"
+    driver = _signal_once_a_trial_finished(args, storage / "term", log, "term-a",
+                                           signal.SIGTERM)
+    first = log.read_text()
+    assert driver.returncode == 143, _tail(first)
+    counts = _summary_counts(first)
+    assert counts["finished"] >= 1, _tail(first)
+    assert "--resume" in first and "SIGTERM received" not in first, _tail(first)
+    assert "Traceback" not in _driver_lines(first.split("search: ")[-1]), _tail(first)
+    assert (storage / "term" / "frontier.parquet").is_file()
+    with _ray_processes("term-b") as (marker, ray_tmp):
+        done = _search(["--storage", str(storage), "--name", "term", "--resume"],
+                       _env(marker, ray_tmp), tmp_path / "resumed.log")
+    assert done.returncode == 0, _tail(done.stdout)
+    assert _summary_counts(done.stdout)["finished"] == 3, _tail(done.stdout)
+
+
+# --------------------------------------------------------------------------- 3, 4. full disk
+
+@pytest.fixture
+def small_disk():
+    folder = Path(tempfile.mkdtemp(prefix="i26-disk-", dir="/tmp"))
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5600k", "tmpfs", str(folder)],
+                           capture_output=True)
+    if mount.returncode:
+        shutil.rmtree(folder, ignore_errors=True)
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+DISK_ARGS = ["--num-samples", "3", "--max-concurrent-trials", "1", "--max-rounds", "1",
+             "--baseline-epochs", "1", "--attention-epochs", "1", "--image-size", "8",
+             "--calibration-batches", "1"]
+
+
+def test_a_full_disk_loses_nothing_and_retry_failed_reruns_the_failed_trial(small_disk,
+                                                                             tmp_path):
+    args = ["--storage", str(small_disk), "--name", "d1", *DISK_ARGS]
+    with _ray_processes("disk-a") as (marker, ray_tmp):
+        first = _search(args, _env(marker, ray_tmp), tmp_path / "full.log")
+    out = _driver_lines(first.stdout)
+    assert first.returncode == 1, _tail(out)
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "--resume --retry-failed" in errors[0], _tail(out)
+    assert "Traceback (most recent call last)" not in out.split("search: ")[-1].split(
+        "Trial status:")[-1], _tail(out)  # what follows Tune's run is ours: no traceback
+    counts = _summary_counts(out)
+    assert counts["failed"] >= 1, _tail(out)
+    failed = [line for line in out.splitlines() if line.startswith("failed: ")]
+    assert failed and all("No space left on device" in line for line in failed), failed
+
+    # room again (the same folder, larger): the failed trial runs again, nothing else
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    finished = sorted(p.name for p in (small_disk / "d1").glob("run_trial_*")
+                      if (p / "result.json").is_file() and b'"is_final": true' in
+                      (p / "result.json").read_bytes())
+    with _ray_processes("disk-b") as (marker, ray_tmp):
+        done = _search(["--storage", str(small_disk), "--name", "d1", "--resume",
+                        "--retry-failed"], _env(marker, ray_tmp), tmp_path / "retry.log")
+    assert done.returncode == 0, _tail(done.stdout)
+    counts = _summary_counts(done.stdout)
+    assert counts["failed"] == 0 and counts["finished"] == 3, _tail(done.stdout)
+    assert (small_disk / "d1" / "frontier.parquet").is_file()
+    for name in finished:  # kept, not run again
+        assert (small_disk / "d1" / name / "result.json").is_file()
+
+
+# --------------------------------------------------------------------------- 7. tuner.pkl
+
+class _Planted:
+    def __reduce__(self):
+        return (getattr, (int, "no_such_attribute_i26"))
+
+
+def test_an_unreadable_tuner_pkl_is_set_aside_in_one_line(tmp_path):
+    storage = tmp_path / "runs"
+    args = ["--storage", str(storage), "--name", "pk", "--num-samples", "2",
+            "--max-concurrent-trials", "1", *TINY]
+    log = tmp_path / "first.log"
+    driver = _signal_once_a_trial_finished(args, storage / "pk", log, "pk-a", signal.SIGINT)
+    assert driver.returncode == 130, _tail(log.read_text())
+    (storage / "pk" / "tuner.pkl").write_bytes(pickle.dumps(_Planted()))
+    with _ray_processes("pk-b") as (marker, ray_tmp):
+        done = _search(["--storage", str(storage), "--name", "pk", "--resume"],
+                       _env(marker, ray_tmp), tmp_path / "resumed.log")
+    out = done.stdout
+    assert done.returncode == 0, _tail(out)
+    aside = [line for line in out.splitlines() if "cannot be restored" in line]
+    assert len(aside) == 1 and "Tune cannot restore it" in aside[0], _tail(out)
+    assert "no_such_attribute_i26" in aside[0]
+    counts = _summary_counts(out)  # the interrupted trial's Tune state is gone with it
+    assert counts["finished"] >= 1 and counts["failed"] == 0, _tail(out)
+    assert list((storage / "pk").glob("unrestorable-tune-state-*/tuner.pkl"))
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
