@@ -2,7 +2,7 @@
 
 Physically removing channels changes what every later BatchNorm sees, so its running mean and
 variance are stale: a pruned model evaluated with them can lose tens of points that a few
-forward passes give back (the review in shared/paper-notes.md: 34.7 -> 62.4 % at -50 % FLOPs).
+forward passes give back (docs/design.md, "Notes behind the code": 34.7 -> 62.4 % at -50 % FLOPs).
 """
 
 from __future__ import annotations

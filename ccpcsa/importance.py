@@ -4,7 +4,7 @@ baselines, behind one interface: compute_scores(kind, ...) -> {group key: scores
 Where a group's channels are observed (every data-driven criterion): at the inputs of the
 Conv2d / Linear layers that read them (`ChannelGroup.consumers`), i.e. after BN, ReLU and,
 where a BAM sits on the channels, after its attention: F + F * M(F) is what the next stage
-reads. That is the definition in shared/paper-notes.md ("the layer's output after BN,
+reads. That is our definition (docs/design.md, "Score": "the layer's output after BN,
 weighted by attention where attention applies"); "the nearest BAM downstream" cannot weight
 a block's inner channels, because BAM's attention is over the residual stream's channels, not
 theirs. A residual stream is read at every block it feeds, so its statistics pool all those
@@ -66,7 +66,7 @@ TORCH_PRUNING: dict[str, Callable[[], tp.importance.Importance]] = {
 IMPORTANCES = (*OBSERVED, *TORCH_PRUNING)
 NEEDS_BATCHES = (*OBSERVED, "taylor")
 # dedup: a pair is a near-duplicate when its |R| is at least DEDUP_FLOOR and among the top
-# quarter of the group's channels' max |R|. A fixed 0.9 (shared/paper-notes.md) matched no pair
+# quarter of the group's channels' max |R|. A fixed 0.9 (docs/design.md) matched no pair
 # at all in a trained resnet20 on digits (the largest |R| of a layer was 0.52-0.84), which made
 # dedup the same as strength; relative to the layer, it always acts on its closest twins.
 DEDUP_FLOOR = 0.5

@@ -1,10 +1,10 @@
 """Dependency-aware physical channel removal, built on Torch-Pruning's DependencyGraph.
 
 BAM's spatial branch ends in a one-channel map broadcast over C, which stops Torch-Pruning's
-tracer from coupling the residual stream through it (shared/design.md, "Known pitfall"). BAM is
-therefore registered as a customised layer: it is one node whose input and output channels are
-coupled, and its pruner removes the same channels from the channel MLP's input and output and
-from the spatial branch's first conv, so the residual group shrinks through it.
+tracer from coupling the residual stream through it (docs/design.md, "Notes behind the code").
+BAM is therefore registered as a customised layer: it is one node whose input and output
+channels are coupled, and its pruner removes the same channels from the channel MLP's input and
+output and from the spatial branch's first conv, so the residual group shrinks through it.
 """
 
 from __future__ import annotations
@@ -198,7 +198,7 @@ def select_channels(
     - uniform: every group's cumulative removed fraction of its original width grows at the
       same rate relative to its cap (the same fraction everywhere when the caps are equal),
       so the caps are the per-layer pruning ratios the rounds walk towards; a group held by
-      its floor leaves its share to the others. The default (shared/paper-notes.md: global
+      its floor leaves its share to the others. The default (docs/design.md, "Allocation": global
       ranking strips residual streams and loses to random selection).
     - global: the `count` lowest scores over all groups (scores as compute_scores returns
       them, mean-normalised per group), within each group's limit.

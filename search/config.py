@@ -67,7 +67,7 @@ class SearchConfig:
     seed: int = 0
     per_layer: bool = False
     # per-stage mode: residual-stream groups get their own searched ratio (they cost the most
-    # accuracy when pruned: shared/paper-notes.md), instead of their stage's
+    # accuracy when pruned: docs/design.md), instead of their stage's
     residual_cap: bool = True
     m_range: list[int] | None = None  # None: scaled with the model's channel count
     cap_range: list[float] = field(default_factory=lambda: [0.0, 0.9])
