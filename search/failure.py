@@ -8,6 +8,7 @@ needs no new space. Only for local storage (object stores do not fill up).
 
 from __future__ import annotations
 
+import errno
 import os
 
 from ccpcsa import storage
@@ -15,6 +16,8 @@ from ccpcsa.exits import one_line
 
 FAILURE_FILE = "failure.txt"
 FAILURE_BYTES = 2048
+PROBE_FILE = ".ccpcsa-space-probe"
+PROBE_BYTES = 64 * 1024
 
 
 def reserve(trial_dir: str) -> None:
@@ -43,6 +46,28 @@ def record(trial_dir: str, exc: BaseException) -> None:
             f.write(text[:FAILURE_BYTES - 1].ljust(FAILURE_BYTES - 1) + b"\n")
     except OSError:
         pass
+
+
+def full_disk(folder: str) -> str:
+    """A one-line note when the local disk under `folder` has no room left now (a probe write
+    fails with ENOSPC), else "": a fault that cut Tune's own files short names no cause of
+    its own (a truncated pickle), and this says what is behind it."""
+    path = storage.local_path(folder) if folder else None
+    if path is None or not os.path.isdir(path):
+        return ""
+    probe = os.path.join(path, PROBE_FILE)
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * PROBE_BYTES)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            return f"No space left on device in {path}"
+        return ""
+    finally:
+        _remove(probe)
+    return ""
 
 
 def _local(trial_dir: str) -> str | None:

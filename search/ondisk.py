@@ -33,6 +33,10 @@ TRIAL_FOLDER = re.compile(
     r"^(?P<name>.+?_(?P<id>[0-9a-f]{5}_\d{5}|[0-9a-f]{5,})_(?P<number>\d+))(?:_|$)")
 EARLY_STOPPED_FILE = "early_stopped.json"  # written by search/early_stop.py
 RETRIED_FILE = "retried.json"  # written by search/retry.py: run again as a new trial
+# an exception's own line in a traceback ("OSError: [Errno 28] ...", "ray.exceptions.X: ...")
+EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt)"
+                            r"\b(?:\(\w+\))?(?::.*)?$")
+CAUSE_LOST = "its cause was not recorded (error.txt is empty or cut short)"
 STATUSES = ("finished", "stopped early", "failed", "retried", "interrupted", "not started")
 
 
@@ -45,7 +49,7 @@ class TrialOnDisk:
     params: dict[str, Any] = field(default_factory=dict)
     rounds: dict[int, dict[str, Any]] = field(default_factory=dict)  # round -> metrics + ckpt
     final: dict[str, Any] | None = None  # the last report: the trial's returned model
-    error: str = ""  # last line of error.txt
+    error: str = ""  # the trial's recorded cause, else the exception line of error.txt
     phase: str = "full"  # search.trial.PHASES
     stopped_early: bool = False  # stopped by the early-stopping scheduler
     retried: bool = False  # failed, then run again as a new trial (search/retry.py)
@@ -125,10 +129,18 @@ def _read_trial(trial: TrialOnDisk) -> None:
         recorded = storage.read_text(storage.join(trial.folder, FAILURE_FILE)).strip()
     if ERROR_FILE in files:
         text = storage.read_text(storage.join(trial.folder, ERROR_FILE))
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        trial.error = recorded or (lines[-1] if lines else "failed (empty error.txt)")
+        trial.error = recorded or error_line(text) or CAUSE_LOST
     elif recorded and trial.final is None:  # Tune could not even create error.txt
         trial.error = recorded
+
+
+def error_line(text: str) -> str:
+    """The last exception line of Tune's error.txt; "" when a full disk cut it off before one
+    (what is left may end in a source line or its ^^^^ markers, which name no cause)."""
+    for line in reversed(text.splitlines()):
+        if EXCEPTION_LINE.match(line.strip()):
+            return line.strip()
+    return ""
 
 
 def _reports(path: str, files: set[str]) -> list[dict[str, Any]]:

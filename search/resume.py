@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickletools
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,8 +98,10 @@ def state_problem(run_dir: str, trials: list[TrialOnDisk], adopted: dict[str, st
     except (OSError, ValueError) as exc:
         return str(exc)
     searchers = sorted(n for n in files if n.startswith("searcher-state-"))
-    if searchers and not files[searchers[-1]].size:
-        return f"{searchers[-1]} is empty"
+    if searchers:
+        problem = pickle_problem(storage.join(run_dir, searchers[-1]))
+        if problem:  # Tune would restart the experiment, forgetting every trial
+            return f"{searchers[-1]} {problem}"
     statuses = _statuses(state)
     if statuses is None:
         return f"{newest} holds no trial list"
@@ -109,6 +112,20 @@ def state_problem(run_dir: str, trials: list[TrialOnDisk], adopted: dict[str, st
             return (f"trial {trial.name} finished on disk but {newest} records it as "
                     f"{statuses.get(trial.trial_id, 'unknown')}")
     return None
+
+
+def pickle_problem(path: str) -> str:
+    """Why the pickle at `path` is not whole ("" when it is), read opcode by opcode up to its
+    STOP without running any of it."""
+    data = storage.read_bytes(path)
+    if not data:
+        return "is empty"
+    try:
+        for _ in pickletools.genops(data):
+            pass
+    except ValueError as exc:
+        return f"is cut short ({type(exc).__name__}: {exc})"
+    return ""
 
 
 def _state_files(run_dir: str) -> list[str]:

@@ -6,7 +6,9 @@ record of what a retry needs: each failed trial's parameters and its last round'
 checkpoint. So when Tune's state was set aside, each failed trial is run again as a new trial
 with the same parameters (Optuna is given them to evaluate first; phase 2 lists them), which
 starts from that checkpoint; the failed trial's folder is marked retried (RETRIED_FILE), so it
-is not retried twice and is counted apart, its rounds still on the frontier.
+is not retried twice and is counted apart, its rounds still on the frontier. A failed trial
+whose parameters the disk lost (an empty params.json, no report) cannot be run again as it
+was: a new trial, drawn by the searcher, takes its place.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ log = logging.getLogger("ccpcsa.search")
 class Retries:
     configs: list[dict[str, Any]] = field(default_factory=list)  # one per failed trial
     start_from: dict[str, str] = field(default_factory=dict)  # params_key -> checkpoint or ""
+    fresh: int = 0  # failed trials whose parameters were lost: new trials take their place
 
 
 def params_key(params: dict[str, Any]) -> str:
@@ -35,10 +38,19 @@ def params_key(params: dict[str, Any]) -> str:
 
 def plan_retries(trials: list[TrialOnDisk]) -> Retries:
     """Run every failed trial on disk again (marking its folder retried): from its last
-    round's checkpoint, or from the start when it reported none."""
+    round's checkpoint, or from the start when it reported none; one whose parameters are
+    lost is replaced by a new trial (Retries.fresh)."""
     retries = Retries()
     for trial in trials:
-        if trial.status != "failed" or not trial.params:
+        if trial.status != "failed":
+            continue
+        if not trial.params:
+            retries.fresh += 1
+            storage.write_json(storage.join(trial.folder, RETRIED_FILE),
+                               {"error": trial.error, "from_round": 0, "checkpoint": "",
+                                "parameters_lost": True})
+            log.info("%s failed (%s) and its parameters were not saved: a new trial takes its "
+                     "place", trial.name, trial.error)
             continue
         last = max((r for r, p in trial.rounds.items() if p.get("checkpoint")), default=None)
         checkpoint = trial.rounds[last]["checkpoint"] if last is not None else ""

@@ -774,7 +774,7 @@ def run_phase(ctx: PhaseContext, phase: Phase, finalists=None) -> PhaseOutcome:
     from ray import tune
 
     from search.finalists import SCREENED_TRIAL, finalist_config
-    from search.ondisk import counts, remove_unstarted, scan_trials
+    from search.ondisk import CAUSE_LOST, counts, remove_unstarted, scan_trials
     from search.resume import Plan, plan_from_disk, plan_resume
     from search.retry import Retries, plan_retries
     from search.space import search_rounds
@@ -791,7 +791,7 @@ def run_phase(ctx: PhaseContext, phase: Phase, finalists=None) -> PhaseOutcome:
                  phase.name, failed)
         if not plan.restore:  # Tune's state is gone: from the trial folders (search/retry.py)
             retries = plan_retries(trials)
-            plan.num_samples += len(retries.configs)
+            plan.num_samples += len(retries.configs) + retries.fresh
     configs = None
     if finalists is not None:  # each finalist once, also after a lost Tune state
         started = {t.params.get(SCREENED_TRIAL) for t in trials if t.status != "not started"}
@@ -834,10 +834,19 @@ def run_phase(ctx: PhaseContext, phase: Phase, finalists=None) -> PhaseOutcome:
             tuner.fit()
         except Exception as exc:  # Tune's driver failed (a full disk): keep what is on disk
             stopped_by = f"Ray Tune failed: {_cause(exc)}"
+            from search.failure import full_disk
+
+            disk = full_disk(phase.folder)  # behind e.g. a pickle that Tune wrote cut short
+            if disk and "No space left on device" not in stopped_by:
+                stopped_by += f"; {disk}"
             log.error("%s: %s", phase.name, stopped_by)
         finally:
             ctx.termination.forward_to_sigint = False
     trials = scan_trials(phase.folder, phase.name)
+    if stopped_by:  # a trial whose error.txt the same fault cut short: say what stopped Tune
+        for trial in trials:
+            if trial.error == CAUSE_LOST:
+                trial.error = f"{CAUSE_LOST}; at the same time {stopped_by}"
     found = counts([t for t in trials if t.trial_id not in plan.adopted],
                    phase.num_samples - len(plan.adopted))
     complete = not (found["interrupted"] or found["not started"] or stopped_by)

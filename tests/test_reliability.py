@@ -49,7 +49,7 @@ from ccpcsa.models import build_model
 from ccpcsa.runlock import LOCK_FILE, Holder, RunInUseError, RunLock, is_stale
 from ccpcsa.train import LocalRunner, TrainConfig
 from search import run as search_run
-from search.ondisk import remove_unstarted, scan_trials
+from search.ondisk import CAUSE_LOST, remove_unstarted, scan_trials
 from search.pareto import collect_checkpoints
 from search.resume import state_problem
 
@@ -629,6 +629,21 @@ def test_rounds_on_disk_are_found_even_when_their_report_was_lost(tmp_path):
         "RuntimeError: boom"
 
 
+def test_an_error_txt_cut_short_names_no_false_cause(tmp_path):
+    run = tmp_path / "run"
+    causes = {"dddd4444": "Failure # 1\nTraceback (most recent call last):\n  File \"t.py\", "
+              "line 3, in f\n    open(p).write(b)\n    ^^^^^\nOSError: [Errno 28] No space left "
+              "on device\n  during handling",
+              "eeee5555": "Failure # 1\nTraceback (most recent call last):\n  File \"t.py\", "
+              "line 3, in f\n    open(p).write(b)\n    ^^^^^\n", "ffff6666": ""}
+    for number, (trial_id, text) in enumerate(causes.items(), 1):
+        folder = _trial_folder(run, trial_id, number, rounds=[], reported=[])
+        (folder / "error.txt").write_text(text)
+    errors = {t.trial_id: t.error for t in scan_trials(str(run))}
+    assert errors["dddd4444"] == "OSError: [Errno 28] No space left on device"
+    assert errors["eeee5555"] == errors["ffff6666"] == CAUSE_LOST
+
+
 def test_a_trial_created_but_never_started_is_removed_once_its_phase_is_done(tmp_path):
     # Tune created the trial, then the search was killed before it started: a folder with
     # only Tune's params.json; the resume ran the trial owed under another id
@@ -655,6 +670,13 @@ def test_tune_state_is_trusted_only_when_whole_and_in_agreement(tmp_path):
     record = json.dumps({"trial_id": "aaaa1111", "status": "TERMINATED"})
     state.write_text(json.dumps({"trial_data": [[record, "{}"]]}))
     assert state_problem(str(run), trials, {}) is None
+    searcher = run / "searcher-state-2026-01-01_00-00-00.pkl"
+    whole = pickle.dumps({"trials": ["aaaa1111"], "study": list(range(100))})
+    searcher.write_bytes(whole)
+    assert state_problem(str(run), trials, {}) is None
+    searcher.write_bytes(whole[:len(whole) // 2])  # Tune would restart the experiment
+    assert f"{searcher.name} is cut short" in state_problem(str(run), trials, {})
+    searcher.write_bytes(whole)
     state.write_text("")  # what a full disk leaves
     assert "is empty" in state_problem(str(run), trials, {})
     running = json.dumps({"trial_id": "aaaa1111", "status": "RUNNING"})
