@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-import torch
 from torch import nn
 
 from ccpcsa import storage, weights
@@ -25,14 +24,14 @@ from ccpcsa.models import build_model, get_spec
 from ccpcsa.prune import (
     ALLOCATIONS,
     PruneLimits,
-    build_graph,
+    channel_groups,  # noqa: F401 - part of the loop's API (tests, benchmarks)
     channel_macs,
-    find_groups,
     group_widths,
     remove_channels,
     select_channels,
+    trace_groups,
 )
-from ccpcsa.runners import Runner
+from ccpcsa.runner import Runner
 from ccpcsa.train import seed_everything
 
 log = logging.getLogger("ccpcsa.loop")
@@ -325,7 +324,7 @@ def prune_loop(
              "" if round_to > 1 else " (any width)")
     seed_everything(cfg.seed + start_round)
     device = next(model.parameters()).device
-    widths_now = group_widths(_groups(model, spec, input_shape, device)[1])
+    widths_now = group_widths(trace_groups(model, spec, input_shape, device)[1])
     original = dict(original_widths or widths_now)
     accuracy = runner.evaluate(model) if initial_accuracy is None else initial_accuracy
     first = RoundRecord(start_round, accuracy, count_flops(model, input_shape),
@@ -358,7 +357,7 @@ def prune_loop(
                                label=f"round {rnd}")
             accuracy = runner.evaluate(model)
             t3 = time.perf_counter()
-        widths = group_widths(_groups(model, spec, input_shape,
+        widths = group_widths(trace_groups(model, spec, input_shape,
                                       next(model.parameters()).device)[1])
         within = reference_accuracy - accuracy <= cfg.tolerance
         record = RoundRecord(rnd, accuracy, count_flops(model, input_shape), count_params(model),
@@ -409,7 +408,7 @@ def prune_step(model: nn.Module, spec, input_shape: tuple[int, int, int], runner
     """Score the model's channels, choose m by cfg.allocation and remove them in place;
     returns (channels removed, seconds spent scoring), or None when nothing is prunable."""
     start = time.perf_counter()
-    graph, groups = _groups(model, spec, input_shape, next(model.parameters()).device)
+    graph, groups = trace_groups(model, spec, input_shape, next(model.parameters()).device)
     scores = runner.score(cfg.importance, model, groups, cfg.calibration_batches, seed)
     seconds_score = time.perf_counter() - start
     costs = channel_macs(model, groups, input_shape) if cfg.allocation == "flops" else None
@@ -427,18 +426,6 @@ def record_of(result: LoopResult, round_number: int) -> RoundRecord:
 def default_round_to(runner: Runner) -> int:
     """8 where the runner trains on CUDA (tensor cores work on multiples of 8), else 1."""
     return 8 if getattr(runner, "uses_cuda", False) else 1
-
-
-def channel_groups(model: nn.Module, model_name: str, input_shape: tuple[int, int, int]):
-    """(dependency graph, prunable channel groups) of a model, traced on its device."""
-    spec = get_spec(model_name, input_shape)
-    return _groups(model, spec, input_shape, next(model.parameters()).device)
-
-
-def _groups(model: nn.Module, spec, input_shape, device):
-    example = torch.zeros(1, *input_shape, device=device)
-    graph = build_graph(model, example)
-    return graph, find_groups(model, graph, spec.classifier(model), spec.stage_of)
 
 
 def _measure(model: nn.Module, runner: Runner, input_shape) -> tuple[float, int, int]:

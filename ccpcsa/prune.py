@@ -18,6 +18,7 @@ import torch_pruning as tp
 from torch import nn
 
 from ccpcsa.attention import BAM
+from ccpcsa.models import get_spec
 from ccpcsa.probe import probe
 
 
@@ -396,3 +397,17 @@ def remove_channels(
         group.prune()
         removed += len(idxs)
     return removed
+
+
+def channel_groups(model: nn.Module, model_name: str, input_shape: tuple[int, int, int]):
+    """(dependency graph, prunable channel groups) of a model, traced on its device."""
+    spec = get_spec(model_name, input_shape)
+    return trace_groups(model, spec, input_shape, next(model.parameters()).device)
+
+
+def trace_groups(model: nn.Module, spec, input_shape, device):
+    """(dependency graph, prunable channel groups) of a model with its ModelSpec, traced on
+    `device` with one zero input."""
+    example = torch.zeros(1, *input_shape, device=device)
+    graph = build_graph(model, example)
+    return graph, find_groups(model, graph, spec.classifier(model), spec.stage_of)

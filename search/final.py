@@ -95,7 +95,7 @@ def run_final_finetunes(ray, cfg: SearchConfig, prepared: Prepared, run_dir: str
                         frame: pd.DataFrame) -> dict[tuple[str, int], FinalPoint]:
     """Fine-tune the chosen frontier points of `frame` (marked, before any final fine-tune)
     that are not done yet, concurrently as Ray tasks; returns every finished one."""
-    from search.run import trial_resources
+    from search.trial import trial_resources
 
     wanted = plan_points(frame, cfg)
     done = load_done(run_dir)

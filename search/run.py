@@ -546,29 +546,6 @@ def make_tuner(cfg: SearchConfig, trainable, space: dict[str, Any], plan,
     )
 
 
-def trial_resources(cfg: SearchConfig, driver_nodes: bool = False) -> dict[str, float]:
-    """The trial process's own reservation. With Ray Train workers it only drives them: no
-    CPU (a fraction would strand the rest of a CPU that decode tasks need), one byte of
-    memory (Tune needs a non-empty request) and, where the cluster files set it, one unit of
-    the driver resource that keeps drivers on the head/CPU nodes."""
-    from ccpcsa.distributed.capacity import DRIVER_RESOURCE
-
-    if cfg.workers_per_trial == 1:
-        return {"cpu": cfg.cpus_per_worker, "gpu": cfg.gpus_per_worker or 0.0}
-    driver = {"cpu": 0, "memory": 1}
-    if driver_nodes:
-        driver[DRIVER_RESOURCE] = 1
-    return driver
-
-
-def driver_nodes() -> bool:
-    """Whether the cluster's nodes (or node types) offer the trial-driver resource."""
-    from ccpcsa.distributed import capacity, connect_ray, started_locally
-
-    ray = connect_ray()
-    return capacity.has_driver_resource(ray, capacity.cluster_shape(ray, started_locally()))
-
-
 def fail_numbers_from_env() -> frozenset[int]:
     text = os.environ.get(FAIL_ENV, "")
     try:
@@ -778,7 +755,7 @@ def run_phase(ctx: PhaseContext, phase: Phase, finalists=None) -> PhaseOutcome:
     from search.resume import Plan, plan_from_disk, plan_resume
     from search.retry import Retries, plan_retries
     from search.space import search_rounds
-    from search.trial import TrialSettings
+    from search.trial import TrialSettings, driver_nodes, trial_resources
 
     cfg = ctx.cfg
     trials = scan_trials(phase.folder, phase.name)

@@ -176,3 +176,25 @@ def _metrics(record: RoundRecord, prepared: Prepared) -> dict[str, Any]:
         "params_reduction": 100.0 * (1 - record.params / prepared.baseline_params),
     }
 
+
+def trial_resources(cfg: SearchConfig, driver_nodes: bool = False) -> dict[str, float]:
+    """The trial process's own reservation. With Ray Train workers it only drives them: no
+    CPU (a fraction would strand the rest of a CPU that decode tasks need), one byte of
+    memory (Tune needs a non-empty request) and, where the cluster files set it, one unit of
+    the driver resource that keeps drivers on the head/CPU nodes."""
+    from ccpcsa.distributed.capacity import DRIVER_RESOURCE
+
+    if cfg.workers_per_trial == 1:
+        return {"cpu": cfg.cpus_per_worker, "gpu": cfg.gpus_per_worker or 0.0}
+    driver = {"cpu": 0, "memory": 1}
+    if driver_nodes:
+        driver[DRIVER_RESOURCE] = 1
+    return driver
+
+
+def driver_nodes() -> bool:
+    """Whether the cluster's nodes (or node types) offer the trial-driver resource."""
+    from ccpcsa.distributed import capacity, connect_ray, started_locally
+
+    ray = connect_ray()
+    return capacity.has_driver_resource(ray, capacity.cluster_shape(ray, started_locally()))

@@ -241,7 +241,7 @@ class Worker:
         (the statistics or gradients are summed across workers first): the same on every
         worker, and the same as one process scoring all the batches."""
         from ccpcsa.importance import NEEDS_BATCHES, compute_scores
-        from ccpcsa.loop import channel_groups
+        from ccpcsa.prune import channel_groups
 
         assert self.model is not None and c.input_shape is not None
         _graph, groups = channel_groups(self.model, self._header["model"], c.input_shape)
