@@ -58,7 +58,6 @@ from ccpcsa.data.parquet import (
     decode_pieces,
     decode_task,
     eval_pieces,
-    imagefolder_to_parquet,
     parquet_classes,
     parquet_datasets,
     parquet_rows,
@@ -71,6 +70,7 @@ from ccpcsa.data.parquet import (
     train_pieces,
     warn_if_class_sorted,
 )
+from ccpcsa.data.toparquet import imagefolder_to_parquet
 
 
 def dataset_info(cfg: DataConfig) -> DatasetInfo:

@@ -1,14 +1,18 @@
 """python -m ccpcsa.data to-parquet SRC DST [--rows-per-shard N] [--rows-per-group N]
-[--split NAME] [--seed S]"""
+[--split NAME] [--seed S] [--workers N] [--part I/N]
+python -m ccpcsa.data imagenet-folders DST --train-tar T --val-tar V --val-labels F"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from collections.abc import Sequence
 
 from ccpcsa.data.common import DataError
-from ccpcsa.data.parquet import DEFAULT_ROWS_PER_GROUP, DEFAULT_ROWS_PER_SHARD, iter_shards
+from ccpcsa.data.parquet import DEFAULT_ROWS_PER_GROUP, DEFAULT_ROWS_PER_SHARD
+from ccpcsa.data.toparquet import iter_shards, parse_part
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
             "part-00000.parquet, ... with columns image (original encoded bytes) and label "
             "(int64), rows in a seeded random order across classes (training reads whole row "
             "groups, reshuffled every epoch); class names go to the schema metadata and "
-            "DST/_classes.json."
+            "DST/_classes.json. Resumable: the same command again writes only the shards "
+            "still missing. Several machines can share one export with --part."
         ),
     )
     to_parquet.add_argument("src", metavar="SRC", help="local folder of class subfolders")
@@ -56,29 +61,95 @@ def _parser() -> argparse.ArgumentParser:
         help="seed of the random row order across classes (default: 0)",
     )
     to_parquet.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        metavar="N",
+        help="processes reading images and writing shards (default: this machine's CPUs, "
+             f"{os.cpu_count() or 1})",
+    )
+    to_parquet.add_argument(
+        "--part",
+        default="0/1",
+        metavar="I/N",
+        help="write only the shards whose number is I modulo N: run I = 0 .. N-1 on N machines "
+             "with the same SRC listing and DST to split one export (default: 0/1, all)",
+    )
+    to_parquet.add_argument(
         "--split",
         default=None,
         metavar="NAME",
         help="read SRC/NAME instead of SRC, e.g. --split train for an ImageNet root",
     )
+    folders = commands.add_parser(
+        "imagenet-folders",
+        help="unpack the official ImageNet archives into DST/train/<wnid>/ and DST/val/<wnid>/",
+        description=(
+            "Unpack ILSVRC2012_img_train.tar (a tar of one tar per class, n01440764.tar, ...) "
+            "and ILSVRC2012_img_val.tar (50,000 flat JPEGs) into an ImageFolder root that "
+            "to-parquet reads, sorting the validation images into class folders by "
+            "--val-labels. Resumable: files already unpacked at their size are skipped."
+        ),
+    )
+    folders.add_argument("dst", metavar="DST", help="output root (train/ and val/ go under it)")
+    folders.add_argument("--train-tar", metavar="T", help="ILSVRC2012_img_train.tar")
+    folders.add_argument("--val-tar", metavar="V", help="ILSVRC2012_img_val.tar")
+    folders.add_argument(
+        "--val-labels", metavar="F",
+        help="the validation labels: LOC_val_solution.csv (ImageId,PredictionString, as "
+             "published with the ImageNet localization data) or a text file of lines "
+             "'ILSVRC2012_val_00000001.JPEG n01751748'; required with --val-tar")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    shards = rows = num_classes = 0
     try:
-        shards_written = iter_shards(args.src, args.dst, args.rows_per_shard, args.split,
-                                     args.seed, args.rows_per_group)
-        for path, n, classes in shards_written:
-            shards, rows, num_classes = shards + 1, rows + n, len(classes)
-            print(f"wrote {path} ({n} rows)", flush=True)
+        if args.command == "imagenet-folders":
+            return _imagenet_folders(args)
+        return _to_parquet(args)
     except DataError as exc:
         message = " ".join(str(exc).split())
         print(f"error: {message}", file=sys.stderr)
         return 2
-    print(f"done: {rows} images in {num_classes} classes -> {shards} shards in {args.dst}; "
-          f"rows shuffled across classes with seed {args.seed}")
+
+
+def _to_parquet(args: argparse.Namespace) -> int:
+    shards = rows = written_rows = num_classes = 0
+    started = time.monotonic()
+    shards_written = iter_shards(args.src, args.dst, args.rows_per_shard, args.split,
+                                 args.seed, args.rows_per_group, args.workers,
+                                 parse_part(args.part))
+    for path, n, classes, written in shards_written:
+        shards, rows, num_classes = shards + 1, rows + n, len(classes)
+        written_rows += n if written else 0
+        print(f"{'wrote' if written else 'kept (written earlier)'} {path} ({n} rows)",
+              flush=True)
+    seconds = time.monotonic() - started
+    rate = f", {written_rows / seconds:,.0f} rows/s" if written_rows and seconds > 0 else ""
+    print(f"done: {rows} images in {num_classes} classes -> {shards} shards in {args.dst} "
+          f"(part {args.part}, {args.workers} workers, {seconds:.1f} s{rate}); rows shuffled "
+          f"across classes with seed {args.seed}")
+    return 0
+
+
+def _imagenet_folders(args: argparse.Namespace) -> int:
+    from ccpcsa.data.imagenet import unpack_train, unpack_val
+
+    if not args.train_tar and not args.val_tar:
+        raise DataError("imagenet-folders: give --train-tar and/or --val-tar")
+    if args.val_tar and not args.val_labels:
+        raise DataError("imagenet-folders: --val-tar needs --val-labels (which class each "
+                        "validation image belongs to)")
+    for what, tar, unpack in (("train", args.train_tar, unpack_train),
+                              ("val", args.val_tar, unpack_val)):
+        if not tar:
+            continue
+        extra = (args.val_labels,) if what == "val" else ()
+        counts = unpack(tar, os.path.join(args.dst, what), *extra)
+        print(f"{what}: {counts.written} images written, {counts.kept} kept (unpacked "
+              f"earlier) in {counts.classes} classes -> {os.path.join(args.dst, what)}",
+              flush=True)
     return 0
 
 

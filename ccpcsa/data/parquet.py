@@ -1,5 +1,5 @@
-"""Parquet shards (image bytes + label): writing them from an ImageFolder split
-(`python -m ccpcsa.data to-parquet`), and reading them for training.
+"""Parquet shards (image bytes + label), as `python -m ccpcsa.data to-parquet` writes them
+(ccpcsa.data.toparquet): reading them for training.
 
 Shuffling. `to-parquet` writes the rows in a seeded random order across classes (an ImageFolder
 scan is class-sorted: shards in that order held 1-2 labels per batch). Each shard is cut into
@@ -31,12 +31,13 @@ each epoch by the same seeded sampler as the other map-style datasets).
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
 import os
 import zlib
-from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,7 +49,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ccpcsa.data.common import DataError
-from ccpcsa.data.imagefolder import decode_uint8_batch, imagefolder_transform, scan_imagefolder
+from ccpcsa.data.imagefolder import decode_uint8_batch, imagefolder_transform
 from ccpcsa.data.jpegdecode import CROP_FIELDS, draw_crops
 
 log = logging.getLogger("ccpcsa.data")
@@ -59,6 +60,7 @@ CLASSES_META_KEY = b"classes"
 ROW_ORDER_META_KEY = b"row_order"  # JSON {"shuffled": true, "seed": S}, written by to-parquet
 DEFAULT_ROWS_PER_SHARD = 1000
 DEFAULT_ROWS_PER_GROUP = 64
+FOOTER_THREADS = 16
 _CALIBRATION_STREAM = 0x5CA1E  # keeps calibration draws apart from the epoch plans
 
 
@@ -126,20 +128,28 @@ class ShardIndex:
 def shard_index(root: str, split: str) -> ShardIndex:
     """Reads every shard footer of root/split (no image is read)."""
     paths = parquet_shards(root, split)
-    group_rows = []
-    shuffled = True
-    for i, shard in enumerate(paths):
-        fs, p = _resolve_dst(shard)
-        try:
-            with fs.open_input_file(p) as f:
-                meta = pq.ParquetFile(f).metadata
-        except (OSError, pa.ArrowInvalid) as exc:
-            raise DataError(f"{shard}: not a readable Parquet shard ({exc})") from None
-        group_rows.append(tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups)))
-        if i == 0:
-            order = (meta.metadata or {}).get(ROW_ORDER_META_KEY)
-            shuffled = bool(order and json.loads(order).get("shuffled"))
+    with ThreadPoolExecutor(FOOTER_THREADS) as pool:  # object stores: latency, not bandwidth
+        footers = list(pool.map(_readable_footer, paths))
+    group_rows = [tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups))
+                  for meta in footers]
+    order = (footers[0].metadata or {}).get(ROW_ORDER_META_KEY)
+    shuffled = bool(order and json.loads(order).get("shuffled"))
     return ShardIndex(tuple(paths), tuple(group_rows), shuffled)
+
+
+def _readable_footer(shard: str) -> pq.FileMetaData:
+    try:
+        return footer(shard)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise DataError(f"{shard}: not a readable Parquet shard ({exc})") from None
+
+
+@functools.lru_cache(maxsize=8192)
+def footer(path: str) -> pq.FileMetaData:
+    """A shard's footer, read once per process (a decode task reads many pieces of a shard)."""
+    fs, p = _resolve_dst(path)
+    with fs.open_input_file(p) as f:
+        return pq.ParquetFile(f).metadata
 
 
 def parquet_rows(root: str, split: str) -> int:
@@ -229,7 +239,8 @@ def read_piece(piece: Piece) -> tuple[list[bytes], np.ndarray]:
     """(encoded images, int64 labels) of a piece, in the piece's row order."""
     fs, p = _resolve_dst(piece.path)
     with fs.open_input_file(p) as f:
-        table = pq.ParquetFile(f).read_row_group(piece.group, columns=["image", "label"])
+        table = pq.ParquetFile(f, metadata=footer(piece.path)).read_row_group(
+            piece.group, columns=["image", "label"])
     rows = np.arange(table.num_rows)
     if piece.order_seed >= 0:
         rows = np.random.default_rng(piece.order_seed).permutation(table.num_rows)
@@ -345,92 +356,22 @@ def warn_if_class_sorted(index: ShardIndex, folder: str) -> None:
 
 def _resolve_dst(dst: str) -> tuple[pafs.FileSystem, str]:
     if "://" in dst:
-        try:
-            return pafs.FileSystem.from_uri(dst)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-            raise DataError(f"{dst}: unsupported destination URI ({exc})") from exc
-    return pafs.LocalFileSystem(), os.path.abspath(dst)
+        return _from_uri(dst)
+    return _LOCAL, os.path.abspath(dst)
+
+
+@functools.lru_cache(maxsize=8192)
+def _from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    """One filesystem object per shard URI and process, not one per piece read (an object
+    store's client, credentials and connection pool are set up once)."""
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise DataError(f"{uri}: unsupported destination URI ({exc})") from exc
+
+
+_LOCAL = pafs.LocalFileSystem()
 
 
 def _join(base: str, name: str) -> str:
     return base.rstrip("/") + "/" + name
-
-
-def _check_empty_dst(fs: pafs.FileSystem, path: str, dst: str) -> None:
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.File:
-        raise DataError(f"{dst}: is a file; expected a folder (new or without Parquet shards)")
-    if info.type == pafs.FileType.NotFound:
-        return
-    entries = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    stale = [e.base_name for e in entries if e.base_name.endswith(".parquet")]
-    stale += [e.base_name for e in entries if e.base_name == CLASSES_FILE]
-    if stale:
-        # refuse rather than mix or silently delete shards from an earlier export
-        raise DataError(f"{dst}: already holds {stale[0]}; expected a folder without shards")
-
-
-def _shard_schema(classes: list[str], seed: int) -> pa.Schema:
-    fields = [pa.field("image", pa.binary()), pa.field("label", pa.int64())]
-    return pa.schema(fields, metadata={
-        CLASSES_META_KEY: json.dumps(classes).encode(),
-        ROW_ORDER_META_KEY: json.dumps({"shuffled": True, "seed": seed}).encode()})
-
-
-def _read_bytes(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def _check_count(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise DataError(f"{name} must be an int >= 1; got {value!r}")
-
-
-def iter_shards(
-    src: str, dst: str, rows_per_shard: int, split: str | None, seed: int = 0,
-    rows_per_group: int = DEFAULT_ROWS_PER_GROUP,
-) -> Iterator[tuple[str, int, list[str]]]:
-    """Writes the shards one by one, rows in a random order across classes drawn from `seed`,
-    yielding (shard path, rows, classes) after each."""
-    _check_count("rows_per_shard", rows_per_shard)
-    _check_count("rows_per_group", rows_per_group)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise DataError(f"seed must be an int; got {seed!r}")
-    folder = os.path.join(src, split) if split else src
-    classes, samples = scan_imagefolder(folder)
-    order = np.random.default_rng(_nonnegative(seed)).permutation(len(samples))
-    samples = [samples[i] for i in order]
-    fs, base = _resolve_dst(dst)
-    _check_empty_dst(fs, base, dst)
-    fs.create_dir(base, recursive=True)
-    with fs.open_output_stream(_join(base, CLASSES_FILE)) as out:
-        out.write(json.dumps(classes).encode())
-    schema = _shard_schema(classes, seed)
-    for shard, start in enumerate(range(0, len(samples), rows_per_shard)):
-        chunk = samples[start : start + rows_per_shard]
-        table = pa.table(
-            {
-                "image": pa.array([_read_bytes(p) for p, _ in chunk], pa.binary()),
-                "label": pa.array([label for _, label in chunk], pa.int64()),
-            },
-            schema=schema,
-        )
-        name = SHARD_PATTERN.format(shard)
-        pq.write_table(table, _join(base, name), filesystem=fs, row_group_size=rows_per_group)
-        yield _join(dst, name), len(chunk), classes
-
-
-def imagefolder_to_parquet(
-    src: str, dst: str, rows_per_shard: int = DEFAULT_ROWS_PER_SHARD, split: str | None = None,
-    seed: int = 0, rows_per_group: int = DEFAULT_ROWS_PER_GROUP,
-) -> list[str]:
-    """ImageFolder split -> Parquet shards (image: encoded bytes, label: int64) under dst, rows
-    in a random order across classes drawn from `seed`, row groups of `rows_per_group` rows.
-
-    Class names go to the schema metadata key b"classes" and to dst/_classes.json (JSON lists);
-    the row order to b"row_order". Returned paths use dst's form (local path or URI).
-    """
-    return [path for path, _, _ in iter_shards(src, dst, rows_per_shard, split, seed,
-                                               rows_per_group)]
-
