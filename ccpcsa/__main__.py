@@ -188,8 +188,10 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
-        prog="python -m ccpcsa",
-        description="CCPCSA: attention-guided channel pruning (Zhao et al., Electronics 2023).")
+        prog="ccpcsa",
+        description="CCPCSA: attention-guided channel pruning (Zhao et al., Electronics 2023). "
+                    "`ccpcsa COMMAND --help` explains a command's flags; `python -m ccpcsa` "
+                    "is the same command.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     p = sub.add_parser(
         "prune", help="train, insert BAM, then prune + fine-tune until accuracy drops",
@@ -243,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoints/, final*.pt); without it such an --out is refused. The "
                         "stage-0 models in --out/prepared/ are reused when their settings match")
     add_export_parser(sub)
+    for name, (_, _, text) in DELEGATED.items():  # listed here, run by run_delegated
+        sub.add_parser(name, help=text, add_help=False)
     return parser
 
 
@@ -573,7 +577,31 @@ def setup_logging(verbose: bool) -> None:
         logging.getLogger("ccpcsa.loop").setLevel(logging.INFO)
 
 
+# subcommands whose own command line lives elsewhere: `ccpcsa search ...` is
+# `python search/run.py ...`, and so on; module -> whether it takes the subcommand's name too
+DELEGATED = {
+    "search": ("search.run", False, "the Ray Tune + Optuna search for the Pareto frontier of "
+               "accuracy against FLOPs (as `python search/run.py`)"),
+    "report": ("search.report", False, "print a search's frontier table again, or follow a "
+               "running search (as `python search/report.py`)"),
+    "to-parquet": ("ccpcsa.data.cli", True, "convert an ImageFolder split to Parquet shards "
+                   "for Ray Data (as `python -m ccpcsa.data to-parquet`)"),
+    "imagenet-folders": ("ccpcsa.data.cli", True, "unpack the official ImageNet archives into "
+                         "class folders (as `python -m ccpcsa.data imagenet-folders`)"),
+}
+
+
+def run_delegated(argv: list[str]) -> int:
+    import importlib
+
+    module, keep_name, _ = DELEGATED[argv[0]]
+    return int(importlib.import_module(module).main(argv if keep_name else argv[1:]) or 0)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        return run_delegated(argv)
     args = build_parser().parse_args(argv)
     setup_logging(getattr(args, "verbose", False))  # export has no --verbose
     with exits.terminate_as_interrupt():
