@@ -37,7 +37,7 @@ def trained_state(digits, tmp_path_factory):
     resnet20 trained outside ccpcsa's loop, and its accuracy measured here."""
     train, test = digits
     torch.manual_seed(3)
-    model = fit(CifarResNet(20, 10), train, TrainConfig(batch_size=64), epochs=2, lr=0.05)
+    model = fit(CifarResNet(20, 10), train, TrainConfig(batch_size=64), epochs=1, lr=0.05)
     path = tmp_path_factory.mktemp("weights") / "resnet20_digits.pth"
     torch.save(model.state_dict(), path)
     return path, evaluate(model, test, TrainConfig(batch_size=64))
