@@ -44,16 +44,8 @@ from ccpcsa.flops import count_flops, count_params
 from ccpcsa.importance import DEFAULT_IMPORTANCE, IMPORTANCES, compute_scores
 from ccpcsa.loop import PrepareConfig, prepare
 from ccpcsa.models import MODELS, get_spec
-from ccpcsa.prune import (
-    ALLOCATIONS,
-    PruneLimits,
-    build_graph,
-    channel_macs,
-    find_groups,
-    group_widths,
-    remove_channels,
-    select_channels,
-)
+from ccpcsa.prune import ALLOCATIONS, PruneLimits, group_widths
+from ccpcsa.pruner import Pruner
 from ccpcsa.train import LocalRunner, TrainConfig, seed_everything
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/sections.py
@@ -293,10 +285,17 @@ class Trajectory:
     stop: str = "targets_reached"
 
 
-def _graph_and_groups(model: nn.Module, spec, input_shape):
-    device = next(model.parameters()).device
-    graph = build_graph(model, torch.zeros(1, *input_shape, device=device))
-    return graph, find_groups(model, graph, spec.classifier(model), spec.stage_of)
+def _copy_to_prune(model: nn.Module, spec, input_shape, allocation: str,
+                   original: dict[str, int]) -> tuple[Pruner, float]:
+    """A Pruner on a copy of `model` (which stays as it is), traced; (it, seconds traced)."""
+    pruner = Pruner(copy.deepcopy(model), spec, input_shape, limits=PruneLimits(),
+                    allocation=allocation, original_widths=original)
+    start = time.perf_counter()
+    pruner.groups  # noqa: B018 - traced here, so that the trace is timed apart
+    seconds = time.perf_counter() - start
+    if allocation == "flops":
+        pruner.channel_costs()  # not surgery time: the same costs for every attempt
+    return pruner, seconds
 
 
 def prune_trajectory(model: nn.Module, model_name: str, input_shape, kind: str,
@@ -312,54 +311,42 @@ def prune_trajectory(model: nn.Module, model_name: str, input_shape, kind: str,
     the accepted attempt.
     """
     spec = get_spec(model_name)
-    limits = PruneLimits()
     seed_everything(seed)
-    original = group_widths(_graph_and_groups(model, spec, input_shape)[1])
+    original = Pruner(model, spec, input_shape).widths()
     base_m = max(1, round(args.step_fraction * sum(original.values())))
     traj = Trajectory()
     pending = list(targets)
     step = 0
     while pending:
         step += 1
-        candidate = copy.deepcopy(model)
+        pruner, graph_s = _copy_to_prune(model, spec, input_shape, allocation, original)
         t0 = time.perf_counter()
-        graph, groups = _graph_and_groups(candidate, spec, input_shape)
-        graph_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        scores = compute_scores(kind, candidate, groups,
+        scores = compute_scores(kind, pruner.model, pruner.groups,
                                 runner.calibration_batches(args.calibration_batches),
                                 seed=seed * 100_003 + step)
         score_s = time.perf_counter() - t0
-        costs = channel_macs(candidate, groups, input_shape) if allocation == "flops" else None
         floor = baseline_flops * (1 - (pending[0] + args.overshoot) / 100)
         m = base_m
         while True:
-            t1 = time.perf_counter()
-            chosen = select_channels(groups, scores, m, limits, original, allocation, costs)
-            removed = remove_channels(graph, groups, chosen) if chosen else 0
-            surgery_s = graph_s + time.perf_counter() - t1
-            new_flops = count_flops(candidate, input_shape)
-            if removed and new_flops < floor and m > 1:
+            done = pruner.step(scores, m)
+            surgery_s = graph_s + done.seconds_remove
+            new_flops = pruner.flops()
+            if done.removed and new_flops < floor and m > 1:
                 m = max(1, m // 2)  # overshoot: retry smaller on the same scores
-                candidate = copy.deepcopy(model)
-                t0 = time.perf_counter()
-                graph, groups = _graph_and_groups(candidate, spec, input_shape)
-                graph_s = time.perf_counter() - t0
+                pruner, graph_s = _copy_to_prune(model, spec, input_shape, allocation, original)
                 continue
             break
-        del graph, groups
-        if removed == 0:
+        if done.removed == 0:
             traj.stop = "nothing_prunable"
             break
         t2 = time.perf_counter()
-        model = runner.recalibrate_bn(candidate, args.bn_batches)  # no stale BN when re-scoring
+        model = runner.recalibrate_bn(pruner.model, args.bn_batches)  # no stale BN when re-scoring
         traj.bn_s.append(time.perf_counter() - t2)
         traj.score_s.append(score_s)
         traj.surgery_s.append(surgery_s)
         while pending and new_flops <= baseline_flops * (1 - pending[0] / 100):
-            widths = group_widths(_graph_and_groups(model, spec, input_shape)[1])
             traj.snapshots.append(Snapshot(pending.pop(0), copy.deepcopy(model), new_flops,
-                                           count_params(model), step, widths))
+                                           count_params(model), step, done.widths))
     return traj
 
 
@@ -409,7 +396,7 @@ def _run_model_seed(args, cache: CellCache, model_name: str, seed: int, todo) ->
                        os.path.join(args.cache_dir, f"{model_name}-seed{seed}"))
     bam_model = prepared.load_attention_model()
     spec = get_spec(model_name)
-    groups = _graph_and_groups(bam_model, spec, input_shape)[1]
+    groups = Pruner(bam_model, spec, input_shape).groups
     residual = sorted(g.key for g in groups if g.is_residual)
     record = {"model": model_name, "seed": seed, "baseline_accuracy": prepared.baseline_accuracy,
               "baseline_flops": prepared.baseline_flops,

@@ -38,15 +38,9 @@ from sections import write_section  # noqa: E402
 from ccpcsa.attention import strip_bam  # noqa: E402
 from ccpcsa.flops import count_flops, count_params, human  # noqa: E402
 from ccpcsa.latency import device_name, measure_latency  # noqa: E402
-from ccpcsa.models import build_model, get_spec  # noqa: E402
-from ccpcsa.prune import (  # noqa: E402
-    PruneLimits,
-    build_graph,
-    find_groups,
-    group_widths,
-    remove_channels,
-    select_channels,
-)
+from ccpcsa.models import build_model  # noqa: E402
+from ccpcsa.prune import PruneError, PruneLimits  # noqa: E402
+from ccpcsa.pruner import Pruner  # noqa: E402
 
 STEP = 0.03  # fraction of the original prunable channels removed per pruning step
 
@@ -66,23 +60,22 @@ def prune_to_levels(name: str, shape: tuple[int, ...], levels: list[float], seed
     """(level, a copy of the BAM model whose FLOPs are >= level % below the baseline's);
     with round_to > 1 every pruned width stays a multiple of it (tensor-core friendly)."""
     base_flops = count_flops(build_model(name, 10, input_shape=shape), shape)
-    spec = get_spec(name, shape)
     model = build_model(name, 10, with_bam=True, input_shape=shape).eval()
+    pruner = Pruner(model, name, shape, limits=PruneLimits(max_ratio=0.95), round_to=round_to)
     generator = torch.Generator().manual_seed(seed)
-    original: dict[str, int] | None = None
+
+    def random_scores(_model, groups):
+        return {g.key: torch.rand(g.width, generator=generator) for g in groups}
+
     found = []
     for level in sorted(levels):
-        while level > 0 and 100.0 * (1 - count_flops(model, shape) / base_flops) < level:
-            graph = build_graph(model, torch.zeros(1, *shape))
-            groups = find_groups(model, graph, spec.classifier(model), spec.stage_of)
-            original = original or group_widths(groups)
-            scores = {g.key: torch.rand(g.width, generator=generator) for g in groups}
-            count = max(1, int(STEP * sum(original.values())))
-            chosen = select_channels(groups, scores, count, PruneLimits(max_ratio=0.95),
-                                     original, round_to=round_to)
-            if not chosen:
-                raise SystemExit(f"cannot reach -{level} % FLOPs: every layer is at its cap")
-            remove_channels(graph, groups, chosen)
+        if level > 0:
+            count = max(1, int(STEP * sum(pruner.original_widths.values())))
+            try:
+                pruner.prune_to(base_flops * (1 - level / 100), random_scores, count)
+            except PruneError:
+                raise SystemExit(f"cannot reach -{level} % FLOPs: every layer is at its cap"
+                                 ) from None
         found.append((level, copy.deepcopy(model)))
     return found
 

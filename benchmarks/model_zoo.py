@@ -46,14 +46,7 @@ def check_one(name: str) -> dict:
     from ccpcsa.flops import count_flops, count_params
     from ccpcsa.models import build_model, get_spec
     from ccpcsa.prunable import check_prunable
-    from ccpcsa.prune import (
-        PruneLimits,
-        build_graph,
-        find_groups,
-        group_widths,
-        remove_channels,
-        select_channels,
-    )
+    from ccpcsa.pruner import Pruner
 
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
@@ -80,13 +73,10 @@ def check_one(name: str) -> dict:
     try:
         model = build_model(model_name, CLASSES, with_bam=True, input_shape=shape).eval()
         flops0, params0 = count_flops(model, shape), count_params(model)
-        graph = build_graph(model, torch.zeros(1, *shape))
-        groups = find_groups(model, graph, spec.classifier(model), spec.stage_of)
-        units = sum(g.width // g.interleave for g in groups)
-        scores = {g.key: torch.rand(g.width) for g in groups}
-        chosen = select_channels(groups, scores, max(1, int(FRACTION * units)), PruneLimits(),
-                                 group_widths(groups))
-        removed = remove_channels(graph, groups, chosen)
+        pruner = Pruner(model, spec, shape)
+        units = sum(g.width // g.interleave for g in pruner.groups)
+        removed = pruner.step(lambda _model, groups: {g.key: torch.rand(g.width) for g in groups},
+                              max(1, int(FRACTION * units))).removed
         output = model(torch.randn(2, *shape))
         assert output.shape == (2, CLASSES), tuple(output.shape)
         flops = count_flops(model, shape)

@@ -2,9 +2,11 @@
 
     from ccpcsa import load_checkpoint
     model = load_checkpoint("runs/search/demo/frontier/<trial>_round3.pt")  # eval-ready
+
+    from ccpcsa import Pruner  # the pruning step (docs/user-guide.md, "Pruning from Python")
 """
 
-__all__ = ["load_checkpoint"]
+__all__ = ["Pruner", "load_checkpoint"]
 
 
 def __getattr__(name: str):
@@ -14,4 +16,8 @@ def __getattr__(name: str):
         from ccpcsa.checkpoint import load_checkpoint
 
         return load_checkpoint
+    if name == "Pruner":
+        from ccpcsa.pruner import Pruner
+
+        return Pruner
     raise AttributeError(f"module 'ccpcsa' has no attribute {name!r}")

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from ccpcsa.flops import count_flops
-from ccpcsa.models import build_model, get_spec
-from ccpcsa.prune import PruneLimits, build_graph, find_groups, remove_channels, select_channels
+from ccpcsa.models import build_model
+from ccpcsa.prune import PruneLimits
+from ccpcsa.pruner import Pruner
 
 ALL_CHANNELS = 10**12  # a round "count" that takes everything the caps allow
 
@@ -59,16 +60,12 @@ def flops_at_caps(model_name: str, num_classes: int, input_shape: tuple[int, int
                   limits: PruneLimits, round_to: int = 1) -> tuple[int, int, int]:
     """(FLOPs, channels removed, prunable channels) of the model with BAM once every group is
     pruned as far as `limits` allow."""
-    spec = get_spec(model_name, input_shape)
     model = build_model(model_name, num_classes, with_bam=True, input_shape=input_shape).eval()
-    graph = build_graph(model, torch.zeros(1, *input_shape))
-    groups = find_groups(model, graph, spec.classifier(model), spec.stage_of)
-    total = sum(g.width for g in groups)
-    zeros = {g.key: torch.zeros(g.width) for g in groups}
-    chosen = select_channels(groups, zeros, ALL_CHANNELS, limits, {g.key: g.width for g in groups},
-                             "uniform", None, round_to)
-    removed = remove_channels(graph, groups, chosen) if chosen else 0
-    return count_flops(model, input_shape), removed, total
+    pruner = Pruner(model, model_name, input_shape, limits=limits, round_to=round_to)
+    total = sum(pruner.widths().values())
+    zeros = {g.key: torch.zeros(g.width) for g in pruner.groups}
+    removed = pruner.step(zeros, ALL_CHANNELS).removed
+    return pruner.flops(), removed, total
 
 
 def ratio_for_target(model_name: str, num_classes: int, input_shape: tuple[int, int, int],

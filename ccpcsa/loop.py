@@ -25,12 +25,8 @@ from ccpcsa.prune import (
     ALLOCATIONS,
     PruneLimits,
     channel_groups,  # noqa: F401 - part of the loop's API (tests, benchmarks)
-    channel_macs,
-    group_widths,
-    remove_channels,
-    select_channels,
-    trace_groups,
 )
+from ccpcsa.pruner import Pruner, Scorer
 from ccpcsa.runner import Runner
 from ccpcsa.train import seed_everything
 
@@ -323,9 +319,9 @@ def prune_loop(
     log.info("pruned widths are multiples of %d%s", round_to,
              "" if round_to > 1 else " (any width)")
     seed_everything(cfg.seed + start_round)
-    device = next(model.parameters()).device
-    widths_now = group_widths(trace_groups(model, spec, input_shape, device)[1])
-    original = dict(original_widths or widths_now)
+    pruner = Pruner(model, spec, input_shape, limits=cfg.limits, allocation=cfg.allocation,
+                    round_to=round_to, original_widths=original_widths or None)
+    widths_now = pruner.widths()  # this trace serves the first round too
     accuracy = runner.evaluate(model) if initial_accuracy is None else initial_accuracy
     first = RoundRecord(start_round, accuracy, count_flops(model, input_shape),
                         count_params(model), 0, reference_accuracy - accuracy <= cfg.tolerance,
@@ -341,14 +337,14 @@ def prune_loop(
     best, best_round, reason = copy.deepcopy(model).cpu(), start_round, "max_rounds"
     for rnd in range(start_round + 1, cfg.max_rounds + 1):
         t0 = time.perf_counter()
-        surgery = prune_step(model, spec, input_shape, runner, cfg, original, seed=cfg.seed + rnd)
-        if surgery is None:
+        step = pruner.step(runner_scorer(runner, cfg, seed=cfg.seed + rnd), cfg.groups_per_round)
+        if not step.removed:
             reason = "nothing_prunable"
             log.info("round %d: every layer is at its cap or floor; stopping", rnd)
             break
-        removed, seconds_score = surgery
+        removed, seconds_score = step.removed, step.seconds_trace + step.seconds_score
         t1 = time.perf_counter()
-        model, accuracy_pruned = adaptive_bn_accuracy(model, runner, cfg.bn_batches)
+        model, accuracy_pruned = adaptive_bn_accuracy(pruner.model, runner, cfg.bn_batches)
         t2 = time.perf_counter()
         if cfg.screen:
             accuracy, t3 = accuracy_pruned, t2
@@ -357,11 +353,10 @@ def prune_loop(
                                label=f"round {rnd}")
             accuracy = runner.evaluate(model)
             t3 = time.perf_counter()
-        widths = group_widths(trace_groups(model, spec, input_shape,
-                                      next(model.parameters()).device)[1])
+        pruner.model = model
         within = reference_accuracy - accuracy <= cfg.tolerance
         record = RoundRecord(rnd, accuracy, count_flops(model, input_shape), count_params(model),
-                             removed, within, widths, seconds_score,
+                             removed, within, step.widths, seconds_score,
                              t1 - t0 - seconds_score, t3 - t2, accuracy_pruned, t2 - t1)
         records.append(record)
         if cfg.screen:
@@ -402,21 +397,11 @@ def adaptive_bn_accuracy(model: nn.Module, runner: Runner, bn_batches: int
     return model, runner.evaluate(model)
 
 
-def prune_step(model: nn.Module, spec, input_shape: tuple[int, int, int], runner: Runner,
-               cfg: LoopConfig, original_widths: dict[str, int], seed: int
-               ) -> tuple[int, float] | None:
-    """Score the model's channels, choose m by cfg.allocation and remove them in place;
-    returns (channels removed, seconds spent scoring), or None when nothing is prunable."""
-    start = time.perf_counter()
-    graph, groups = trace_groups(model, spec, input_shape, next(model.parameters()).device)
-    scores = runner.score(cfg.importance, model, groups, cfg.calibration_batches, seed)
-    seconds_score = time.perf_counter() - start
-    costs = channel_macs(model, groups, input_shape) if cfg.allocation == "flops" else None
-    chosen = select_channels(groups, scores, cfg.groups_per_round, cfg.limits, original_widths,
-                             cfg.allocation, costs, cfg.round_to or 1)
-    if not chosen:
-        return None
-    return remove_channels(graph, groups, chosen), seconds_score
+def runner_scorer(runner: Runner, cfg: LoopConfig, seed: int) -> Scorer:
+    """Scores channels with cfg.importance on cfg.calibration_batches where the runner
+    trains (Runner.score)."""
+    return lambda model, groups: runner.score(cfg.importance, model, groups,
+                                              cfg.calibration_batches, seed)
 
 
 def record_of(result: LoopResult, round_number: int) -> RoundRecord:

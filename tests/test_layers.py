@@ -25,7 +25,8 @@ CLI = ("ccpcsa.__main__", "ccpcsa.export", "ccpcsa.data.cli", "ccpcsa.data.__mai
 CORE = (
     "ccpcsa.attention", "ccpcsa.bn", "ccpcsa.checkpoint", "ccpcsa.depth", "ccpcsa.flops",
     "ccpcsa.importance", "ccpcsa.layout", "ccpcsa.loop", "ccpcsa.models", "ccpcsa.probe",
-    "ccpcsa.prunable", "ccpcsa.prune", "ccpcsa.runner", "ccpcsa.storage", "ccpcsa.weights",
+    "ccpcsa.prunable", "ccpcsa.prune", "ccpcsa.pruner", "ccpcsa.runner", "ccpcsa.storage",
+    "ccpcsa.weights",
 )
 
 
