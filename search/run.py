@@ -487,9 +487,9 @@ def make_tuner(cfg: SearchConfig, trainable, search, num_samples: int,
                phase: Phase | None = None, param_space: dict[str, Any] | None = None,
                points: list[tuple[str, float, int]] | None = None,
                rounds: int | None = None, callbacks=None):
-    """A new Tune run of `num_samples` trials drawn by `search` (make_search) in the phase's
-    experiment folder. `points` (trial id, accuracy, FLOPs) already on disk seed the
-    early-stopping scheduler; `rounds`: the most rounds a trial may run (default
+    """A new Tune run, in the phase's experiment folder, of `num_samples` trials drawn by
+    `search` (optuna_search, given_configs). `points` (trial id, accuracy, FLOPs) already on
+    disk seed the early-stopping scheduler; `rounds`: the most rounds a trial may run (default
     --max-rounds)."""
     from ray import tune
 

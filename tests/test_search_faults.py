@@ -112,8 +112,10 @@ def test_a_full_disk_loses_nothing_and_retry_failed_reruns_the_failed_trial(smal
     assert first.returncode == 1, _tail(out)
     errors = [line for line in out.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "--resume --retry-failed" in errors[0], _tail(out)
-    assert "Traceback (most recent call last)" not in out.split("search: ")[-1].split(
-        "Trial status:")[-1], _tail(out)  # what follows Tune's run is ours: no traceback
+    # what follows Tune's run (from the line saying why it stopped) is ours: no traceback;
+    # before it, Ray may print the trial's own (docs/reliability.md: not promised)
+    ours = out.split("search: ")[-1].split("Trial status:")[-1].split("Ray Tune failed: ")[-1]
+    assert "Traceback (most recent call last)" not in ours, _tail(out)
     counts = _summary_counts(out)
     assert counts["failed"] >= 1, _tail(out)
     failed = [line for line in out.splitlines() if line.startswith("failed: ")]
