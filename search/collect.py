@@ -61,7 +61,7 @@ def trial_points(trials: list[TrialOnDisk]) -> list[dict[str, Any]]:
     return points
 
 
-def trial_lines(trials: list[TrialOnDisk], adopted: set[str]) -> list[str]:
+def trial_lines(trials: list[TrialOnDisk]) -> list[str]:
     """One line per trial: its status, and its rounds or its error."""
     lines = []
     for trial in trials:
@@ -73,9 +73,10 @@ def trial_lines(trials: list[TrialOnDisk], adopted: set[str]) -> list[str]:
         elif trial.status == "retried":
             start = "its last round" if trial.rounds else "the start"
             detail = f"{trial.error} ({rounds}; run again as a new trial from {start})"
+        elif trial.status == "continued":
+            detail = f"{rounds}; continued as a new trial from its last round"
         elif trial.status == "interrupted":
-            detail = rounds + ("; its Tune state was lost, so it was not continued"
-                               if trial.trial_id in adopted else "; --resume continues it")
+            detail = f"{rounds}; --resume continues it"
         else:
             detail = rounds
         where = "" if trial.phase == "full" else f"{trial.phase} "
@@ -95,13 +96,14 @@ def summary_counts(trials: list[TrialOnDisk], owed: dict[str, int]) -> str:
             text += f", {found['stopped early']} stopped early"
         if found["retried"]:
             text += f", {found['retried']} failed earlier and retried"
+        if found["continued"]:
+            text += f", {found['continued']} interrupted earlier and continued"
         parts.append(text if phase == "full" else f"{phase}: {text}")
     return "; ".join(parts)
 
 
 def write_results(trials: list[TrialOnDisk], cfg: SearchConfig, prepared: Prepared,
-                  run_dir: str, adopted: set[str] = frozenset(),
-                  owed: dict[str, int] | None = None,
+                  run_dir: str, owed: dict[str, int] | None = None,
                   input_shape: tuple[int, int, int] | None = None,
                   finals: dict | None = None) -> str:
     """frontier.parquet, frontier.png and frontier/*.pt from every point on disk; returns the
@@ -126,7 +128,7 @@ def write_results(trials: list[TrialOnDisk], cfg: SearchConfig, prepared: Prepar
     plot = plot_frontier(frame, storage.join(run_dir, "frontier.png"), baseline,
                          title=plot_title(cfg, frame))
     table = format_table(frame, baseline)
-    per_trial = "".join(f"\n{line}" for line in trial_lines(trials, set(adopted)))
+    per_trial = "".join(f"\n{line}" for line in trial_lines(trials))
     screened = int((frame["phase"] == "screen").sum())
     points = (f"{len(frame)} points ({screened} screened, not deployable)" if screened
               else f"{len(frame)} points")

@@ -33,11 +33,16 @@ TRIAL_FOLDER = re.compile(
     r"^(?P<name>.+?_(?P<id>[0-9a-f]{5}_\d{5}|[0-9a-f]{5,})_(?P<number>\d+))(?:_|$)")
 EARLY_STOPPED_FILE = "early_stopped.json"  # written by search/early_stop.py
 RETRIED_FILE = "retried.json"  # written by search/retry.py: run again as a new trial
+# written by a trial that continues an interrupted one (search/resume.py) into its own folder
+CONTINUES_FILE = "continues.json"
 # an exception's own line in a traceback ("OSError: [Errno 28] ...", "ray.exceptions.X: ...")
 EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt)"
                             r"\b(?:\(\w+\))?(?::.*)?$")
 CAUSE_LOST = "its cause was not recorded (error.txt is empty or cut short)"
-STATUSES = ("finished", "stopped early", "failed", "retried", "interrupted", "not started")
+STATUSES = ("finished", "stopped early", "failed", "retried", "continued", "interrupted",
+            "not started")
+# statuses of trials whose place another trial took (a retry, a continuation)
+REPLACED = ("retried", "continued")
 
 
 @dataclass
@@ -53,6 +58,8 @@ class TrialOnDisk:
     phase: str = "full"  # search.trial.PHASES
     stopped_early: bool = False  # stopped by the early-stopping scheduler
     retried: bool = False  # failed, then run again as a new trial (search/retry.py)
+    continues: str = ""  # the id of the interrupted trial this one continues
+    continued: bool = False  # interrupted, then continued by a trial that reported a round
 
     @property
     def status(self) -> str:
@@ -60,6 +67,8 @@ class TrialOnDisk:
             return "finished"
         if self.retried:
             return "retried"
+        if self.continued:
+            return "continued"
         if self.error:
             return "failed"
         if self.stopped_early:
@@ -81,6 +90,9 @@ def scan_trials(run_dir: str, phase: str = "full") -> list[TrialOnDisk]:
                             stopped_early=found["id"] in stopped)
         _read_trial(trial)
         trials.append(trial)
+    continued = {t.continues for t in trials if t.continues and t.status != "not started"}
+    for trial in trials:
+        trial.continued = trial.trial_id in continued
     # folder names end in the trial's creation time: sessions in order, then Tune's numbers
     return sorted(trials, key=lambda t: (t.folder.rsplit("_", 2)[-2:], t.number))
 
@@ -123,6 +135,8 @@ def _read_trial(trial: TrialOnDisk) -> None:
         except (OSError, ValueError) as exc:
             log.warning("%s", exc)
     trial.retried = RETRIED_FILE in files
+    if CONTINUES_FILE in files:
+        trial.continues = _continued_id(storage.join(trial.folder, CONTINUES_FILE))
     recorded = ""
     if FAILURE_FILE in files:  # the trial's own exception (search/failure.py), whole even
         # when a full disk cut error.txt short; blank unless its latest attempt raised
@@ -132,6 +146,14 @@ def _read_trial(trial: TrialOnDisk) -> None:
         trial.error = recorded or error_line(text) or CAUSE_LOST
     elif recorded and trial.final is None:  # Tune could not even create error.txt
         trial.error = recorded
+
+
+def _continued_id(path: str) -> str:
+    try:
+        return str(storage.read_json(path)["trial"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("%s: %s", path, exc)
+        return ""
 
 
 def error_line(text: str) -> str:
@@ -214,7 +236,8 @@ def counts(trials: list[TrialOnDisk], num_samples: int) -> dict[str, int]:
     found = {status: 0 for status in STATUSES}
     for trial in trials:
         found[trial.status] += 1
-    started = len(trials) - found["not started"] - found["retried"]  # a retry is its own
+    # a retry or a continuation is a trial of its own
+    started = len(trials) - found["not started"] - sum(found[s] for s in REPLACED)
     found["not started"] = max(0, num_samples - started)
     return found
 

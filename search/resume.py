@@ -1,155 +1,87 @@
-"""--resume: restore Tune's experiment state only when it is whole and agrees with the trial
-folders on disk; otherwise set it aside and go on from the trial folders.
+"""--resume from the run folder's own records, never from Ray Tune's saved state.
 
-Tune saves its state (tuner.pkl, experiment_state-<session>.json, searcher-state-<session>.pkl)
-in place; a full disk or a kill while it writes leaves a file cut short, and Tune's restore
-then "restarts the experiment": it forgets finished trials and runs the wrong number of new
-ones. So before restoring, the newest state must parse and must count every trial that
-finished on disk as finished. When it does not, the state files move to
-unrestorable-tune-state-<time>/, the trials on disk are adopted as they are (finished and
-failed ones kept; interrupted ones keep their rounds but are not continued, as their Tune
-state is gone), Optuna is told the results of the finished ones, and a new Tune run starts
-the trials the search still owes.
+The trial folders (search/ondisk.py) say what each trial did; the Optuna study in the phase's
+journal (search/searcher.py) holds what the sampler learnt. A session of a search, the first
+or a resumed one, is one new Tune run of the trials the phase still owes:
+
+- finished, stopped-early and failed trials are kept as they are (failed ones are run again
+  with --retry-failed: search/retry.py);
+- an interrupted trial continues as a new trial with the same parameters from its last round's
+  checkpoint; the new trial records the trial it continues (CONTINUES_FILE in its own folder),
+  and once it has reported a round the old one counts as "continued" (its rounds stay on the
+  frontier). A session stopped before that leaves the old trial interrupted: the next resume
+  continues it again;
+- an interrupted trial whose parameters the disk lost is replaced by a new trial (marked
+  retried, as search/retry.py does for a failed one);
+- the searcher draws the rest: the phase's trials minus those kept and those continued.
+
+Tune's own files in the experiment folder (tuner.pkl, experiment_state-*.json,
+searcher-state-*.pkl) are never read, so a file that a full disk or a kill cut short cannot
+make Tune restart the experiment or lose a trial, and nothing from them is unpickled.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import pickletools
-import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from ccpcsa import storage
-from search.ondisk import TrialOnDisk
+from search.ondisk import RETRIED_FILE, TrialOnDisk
+from search.retry import Retries, params_key, plan_retries
 
 log = logging.getLogger("ccpcsa.search")
 
-TUNER_FILE = "tuner.pkl"
-STATE_PREFIX, STATE_SUFFIX = "experiment_state-", ".json"
-TUNE_STATE_PREFIXES = ("experiment_state-", "searcher-state-", "basic-variant-state-")
-ADOPTED_FILE = "adopted_trials.json"
-ASIDE_PREFIX = "unrestorable-tune-state-"
+# trials that hold a place among the phase's num_samples; retried and continued ones gave
+# theirs to the trial that runs them again
+HOLD_A_PLACE = ("finished", "stopped early", "failed", "interrupted")
 
 
 @dataclass
 class Plan:
-    """How this session runs its trials."""
+    """What one session of a phase runs."""
 
-    restore: bool  # Tuner.restore from Tune's state
-    num_samples: int  # trials a new Tune run starts (when not restoring)
-    told: list[TrialOnDisk] = field(default_factory=list)  # finished trials to tell Optuna
-    adopted: dict[str, str] = field(default_factory=dict)  # trial id -> status when adopted
+    new: int  # trials the searcher draws
+    again: Retries = field(default_factory=Retries)  # trials run again with known parameters
 
-
-def read_adopted(run_dir: str) -> dict[str, str]:
-    path = storage.join(run_dir, ADOPTED_FILE)
-    return dict(storage.read_json(path)) if storage.exists(path) else {}
+    @property
+    def num_samples(self) -> int:
+        """Trials the session's Tune run starts: the ones run again first."""
+        return len(self.again.configs) + self.again.fresh + self.new
 
 
-def plan_resume(run_dir: str, num_samples: int, trials: list[TrialOnDisk]) -> Plan:
-    adopted = read_adopted(run_dir)
-    started = [t for t in trials if t.status != "not started"]
-    if not storage.exists(storage.join(run_dir, TUNER_FILE)) and not _state_files(run_dir) \
-            and not started:
-        log.info("no trial of %s had started: starting its trials", run_dir)
-        return Plan(False, num_samples, adopted=adopted)
-    problem = state_problem(run_dir, trials, adopted)
-    if problem is None:
-        return Plan(True, 0, adopted=adopted)
-    return plan_from_disk(run_dir, num_samples, trials, problem)
+def plan_session(trials: list[TrialOnDisk], num_samples: int, retry_failed: bool) -> Plan:
+    """The session's trials, from the phase's trial folders (all of them "not started" or
+    none for a new search)."""
+    again = plan_continuations(trials)
+    if retry_failed:
+        retries = plan_retries(trials)
+        again.configs += retries.configs
+        again.start_from.update(retries.start_from)
+        again.fresh += retries.fresh
+    held = sum(t.status in HOLD_A_PLACE for t in trials)
+    return Plan(max(0, num_samples - held), again)
 
 
-def plan_from_disk(run_dir: str, num_samples: int, trials: list[TrialOnDisk], problem: str
-                   ) -> Plan:
-    """Set Tune's state aside (it cannot be restored: `problem`) and adopt the trials on
-    disk as they are; the trials still owed start anew."""
-    adopted = read_adopted(run_dir)
-    started = [t for t in trials if t.status != "not started"]
-    aside = set_aside_tune_state(run_dir)
-    adopted.update({t.trial_id: t.status for t in started if t.trial_id not in adopted})
-    storage.write_json(storage.join(run_dir, ADOPTED_FILE), adopted)
-    # a retried trial's retry is a trial of its own, already counted
-    remaining = max(0, num_samples - sum(t.status != "retried" for t in started))
-    by_status = {s: sum(t.status == s for t in started) for s in ("finished", "failed",
-                                                                   "interrupted")}
-    log.warning("Tune's state in %s cannot be restored (%s); it was moved to %s. Continuing "
-                "from the %d trial folders on disk (%d finished, %d failed, %d interrupted, "
-                "kept as they are) with %d new trial(s)", run_dir, problem, aside,
-                len(started), by_status["finished"], by_status["failed"],
-                by_status["interrupted"], remaining)
-    return Plan(False, remaining, [t for t in started if t.status == "finished"], adopted)
-
-
-def state_problem(run_dir: str, trials: list[TrialOnDisk], adopted: dict[str, str]
-                  ) -> str | None:
-    """Why Tune's saved state cannot be trusted, or None if it can."""
-    files = {info.base_name: info for info in storage.list_dir(run_dir) if info.is_file}
-    tuner = files.get(TUNER_FILE)
-    if tuner is None or not tuner.size:
-        return f"{TUNER_FILE} is {'missing' if tuner is None else 'empty'}"
-    states = _state_files(run_dir)
-    if not states:
-        return f"no {STATE_PREFIX}*{STATE_SUFFIX}"
-    newest = states[-1]
-    try:
-        state = storage.read_json(storage.join(run_dir, newest))
-    except (OSError, ValueError) as exc:
-        return str(exc)
-    searchers = sorted(n for n in files if n.startswith("searcher-state-"))
-    if searchers:
-        problem = pickle_problem(storage.join(run_dir, searchers[-1]))
-        if problem:  # Tune would restart the experiment, forgetting every trial
-            return f"{searchers[-1]} {problem}"
-    statuses = _statuses(state)
-    if statuses is None:
-        return f"{newest} holds no trial list"
+def plan_continuations(trials: list[TrialOnDisk]) -> Retries:
+    """Every interrupted trial continues as a new trial from its last round's checkpoint; one
+    whose parameters are lost is replaced by a new trial (Retries.fresh)."""
+    again = Retries()
     for trial in trials:
-        if trial.trial_id in adopted or trial.status != "finished":
+        if trial.status != "interrupted":
             continue
-        if statuses.get(trial.trial_id) != "TERMINATED":
-            return (f"trial {trial.name} finished on disk but {newest} records it as "
-                    f"{statuses.get(trial.trial_id, 'unknown')}")
-    return None
-
-
-def pickle_problem(path: str) -> str:
-    """Why the pickle at `path` is not whole ("" when it is), read opcode by opcode up to its
-    STOP without running any of it."""
-    data = storage.read_bytes(path)
-    if not data:
-        return "is empty"
-    try:
-        for _ in pickletools.genops(data):
-            pass
-    except ValueError as exc:
-        return f"is cut short ({type(exc).__name__}: {exc})"
-    return ""
-
-
-def _state_files(run_dir: str) -> list[str]:
-    return sorted(info.base_name for info in storage.list_dir(run_dir)
-                  if info.is_file and info.base_name.startswith(STATE_PREFIX)
-                  and info.base_name.endswith(STATE_SUFFIX))
-
-
-def _statuses(state: Any) -> dict[str, str] | None:
-    """trial id -> Tune status from an experiment state; None if it is not one."""
-    try:
-        found = {}
-        for trial_json, _meta in state["trial_data"]:
-            trial = json.loads(trial_json)
-            found[str(trial["trial_id"])] = str(trial["status"])
-        return found
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-def set_aside_tune_state(run_dir: str) -> str:
-    aside = storage.join(run_dir, ASIDE_PREFIX + time.strftime("%Y%m%d-%H%M%S"))
-    for info in storage.list_dir(run_dir):
-        name = info.base_name
-        if info.is_file and (name == TUNER_FILE or name.startswith(TUNE_STATE_PREFIXES)):
-            storage.move(storage.join(run_dir, name), storage.join(aside, name))
-    return aside
+        if not trial.params:
+            again.fresh += 1
+            storage.write_json(storage.join(trial.folder, RETRIED_FILE),
+                               {"error": "interrupted", "from_round": 0, "checkpoint": "",
+                                "parameters_lost": True})
+            log.info("%s was interrupted and its parameters were not saved: a new trial takes "
+                     "its place", trial.name)
+            continue
+        last = max((r for r, p in trial.rounds.items() if p.get("checkpoint")), default=None)
+        key = params_key(trial.params)
+        again.configs.append(dict(trial.params))
+        again.start_from[key] = trial.rounds[last]["checkpoint"] if last is not None else ""
+        again.continues[key] = trial.trial_id
+        log.info("%s was interrupted: it continues as a new trial from %s", trial.name,
+                 f"round {last}" if last else "the start")
+    return again

@@ -29,6 +29,7 @@ class Retries:
     configs: list[dict[str, Any]] = field(default_factory=list)  # one per failed trial
     start_from: dict[str, str] = field(default_factory=dict)  # params_key -> checkpoint or ""
     fresh: int = 0  # failed trials whose parameters were lost: new trials take their place
+    continues: dict[str, str] = field(default_factory=dict)  # params_key -> interrupted trial id
 
 
 def params_key(params: dict[str, Any]) -> str:

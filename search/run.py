@@ -15,9 +15,9 @@ screened frontier (search/finalists.py, saved in <name>/finalists.json) through 
 Only fine-tuned points are deployable and on the frontier.
 
 One search per run folder at a time (a lock file); every setting is checked before Ray
-starts; Ctrl-C or SIGTERM saves Tune's state, writes the frontier of what finished and exits
-130 or 143 (exit codes: ccpcsa/exits.py); --resume checks Tune's state before restoring it
-(search/resume.py).
+starts; Ctrl-C or SIGTERM stops the trials, writes the frontier of what finished and exits
+130 or 143 (exit codes: ccpcsa/exits.py); --resume goes on from the trial folders and the
+Optuna study's journal in the run folder, not from Tune's saved state (search/resume.py).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import signal
 import sys
 import time
@@ -58,12 +57,6 @@ from search.config import (  # noqa: E402
 log = logging.getLogger("ccpcsa.search")
 DEFAULTS = SearchConfig()
 CONFIG_FILE = "search_config.json"
-STATE_FILE = "tuner.pkl"  # written by Tune in the experiment folder
-FAIL_ENV = "CCPCSA_FAIL_TRIALS"  # test hook: comma-separated trial numbers that raise
-# Seconds between saves of Tune's experiment state (trial statuses), which --resume reads.
-# Tune's default ("auto", >= 10 s) forgets trials that finished in the last 10 s before an
-# interruption, and --resume then runs them again; the state is small, so save it often.
-STATE_PERIOD_S = "1"
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -208,9 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "ones, except --retry-failed, --storage, --latency-batch and "
                         "--loader-workers")
     g.add_argument("--retry-failed", action="store_true", default=None,
-                   help="with --resume: run the failed trials again from their last checkpoint "
-                        "(e.g. after a full disk), instead of keeping them as failed; not "
-                        "possible when Tune's saved state is unusable (they stay failed then)")
+                   help="with --resume: run the failed trials again, as new trials with the "
+                        "same parameters, from their last checkpoint (e.g. after a full disk), "
+                        "instead of keeping them as failed")
     g.add_argument("--latency-batch", type=int,
                    help=f"measure each frontier point's inference latency at batch 1 and this "
                         f"batch, at the end, in one Ray task with one training worker's CPUs/GPUs "
@@ -469,72 +462,48 @@ def phases_of(cfg: SearchConfig) -> tuple[Phase, ...]:
             Phase("finetune", storage.join(run_dir, "finetune"), cfg.finalist_count))
 
 
-def make_sampler(cfg: SearchConfig, num_samples: int):
+def make_sampler(cfg: SearchConfig, num_samples: int, seed_offset: int = 0):
+    """The phase's Optuna sampler. `seed_offset`: trials the study already holds (0 for a new
+    search), so that a resumed session does not draw its predecessors' random trials again."""
     import optuna
 
     # NSGA-II's default population (50) would leave a small search in its random first
     # generation; scale it so a search sees a few generations.
     population = max(4, min(50, num_samples // 4))
     startup = {} if cfg.startup_trials is None else {"n_startup_trials": cfg.startup_trials}
+    seed = cfg.seed + seed_offset
     return {
-        "nsga2": lambda: optuna.samplers.NSGAIISampler(population_size=population, seed=cfg.seed),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(population_size=population, seed=seed),
         # multivariate off, as measured in docs/benchmarks.md; stated so that an Optuna release
         # that changes the default for multi-objective studies does not change the search
-        "tpe": lambda: optuna.samplers.TPESampler(seed=cfg.seed, multivariate=False, **startup),
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=False, **startup),
         # log expected hypervolume improvement on a Gaussian process per objective
-        "gp": lambda: optuna.samplers.GPSampler(seed=cfg.seed, **startup),
-        "random": lambda: optuna.samplers.RandomSampler(seed=cfg.seed),  # a baseline
+        "gp": lambda: optuna.samplers.GPSampler(seed=seed, **startup),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),  # a baseline
     }[cfg.sampler]()
 
 
-def make_tuner(cfg: SearchConfig, trainable, space: dict[str, Any], plan,
-               phase: Phase | None = None, configs: list[dict[str, Any]] | None = None,
+def make_tuner(cfg: SearchConfig, trainable, search, num_samples: int,
+               phase: Phase | None = None, param_space: dict[str, Any] | None = None,
                points: list[tuple[str, float, int]] | None = None,
-               rounds: int | None = None, callbacks=None,
-               retry_configs: list[dict[str, Any]] | None = None):
-    """Tune's restored run (plan.restore) or a new one of plan.num_samples trials: sampled by
-    Optuna over `space` (the `retry_configs` first), or (phase 2) the given `configs`, one
-    trial each. `points` (trial id, accuracy, FLOPs) already on disk seed the early-stopping
-    scheduler; `rounds`: the most rounds a trial may run (default --max-rounds). `callbacks`:
-    Tune callbacks of a new run (a restored run keeps the ones it was saved with)."""
+               rounds: int | None = None, callbacks=None):
+    """A new Tune run, in the phase's experiment folder, of `num_samples` trials drawn by
+    `search` (optuna_search, given_configs). `points` (trial id, accuracy, FLOPs) already on
+    disk seed the early-stopping scheduler; `rounds`: the most rounds a trial may run (default
+    --max-rounds)."""
     from ray import tune
 
     from search.early_stop import make_scheduler
-    from search.searcher import ResumableOptunaSearch
 
     phase = phase or phases_of(cfg)[0]
-    if plan.restore:
-        # finished trials are kept as they are, failed ones too unless --retry-failed;
-        # interrupted ones continue from their last checkpoint; the searcher suggests the
-        # trials not started yet
-        return tune.Tuner.restore(phase.folder, trainable, resume_unfinished=True,
-                                  resume_errored=cfg.retry_failed)
-    param_space: dict[str, Any] = {}
-    if configs is not None:  # phase 2: exactly these schedules
-        from ray.tune.search import BasicVariantGenerator
-
-        search = BasicVariantGenerator(points_to_evaluate=[dict(c) for c in configs])
-        keys = sorted({k for c in configs for k in c})
-        param_space = {k: tune.choice(sorted({c[k] for c in configs if k in c}, key=str))
-                       for k in keys}
-    else:
-        search = ResumableOptunaSearch(space=space, metric=["accuracy", "flops"],
-                                       mode=["max", "min"],
-                                       sampler=make_sampler(cfg, phase.num_samples),
-                                       seed=cfg.seed,
-                                       points_to_evaluate=list(retry_configs or []) or None)
-        told = sum(search.tell_finished(t.params, t.final) for t in plan.told)
-        if plan.told:
-            log.info("told Optuna the results of %d of the %d finished trials on disk", told,
-                     len(plan.told))
     early_stop = "off" if phase.name == "screen" else cfg.early_stop
     storage_path, name = phase.folder.rstrip("/").rsplit("/", 1) if storage.is_uri(
         phase.folder) else os.path.split(phase.folder.rstrip(os.sep))
     return tune.Tuner(
         trainable,
-        param_space=param_space,
+        param_space=param_space or {},
         tune_config=tune.TuneConfig(
-            search_alg=search, num_samples=plan.num_samples,
+            search_alg=search, num_samples=num_samples,
             scheduler=make_scheduler(early_stop, phase.folder, rounds or cfg.max_rounds,
                                      points or ()),
             max_concurrent_trials=cfg.max_concurrent_trials),
@@ -546,38 +515,48 @@ def make_tuner(cfg: SearchConfig, trainable, space: dict[str, Any], plan,
     )
 
 
-def fail_numbers_from_env() -> frozenset[int]:
-    text = os.environ.get(FAIL_ENV, "")
-    try:
-        return frozenset(int(i) for i in text.replace(",", " ").split())
-    except ValueError:
-        raise ConfigError(f"{FAIL_ENV} must be comma-separated trial numbers, got {text!r}"
-                          ) from None
+def given_configs(configs: list[dict[str, Any]]):
+    """(searcher, param_space) that run exactly `configs`, one trial each (phase 2)."""
+    from ray import tune
+    from ray.tune.search import BasicVariantGenerator
+
+    keys = sorted({k for c in configs for k in c})
+    return (BasicVariantGenerator(points_to_evaluate=[dict(c) for c in configs]),
+            {k: tune.choice(sorted({c[k] for c in configs if k in c}, key=str)) for k in keys})
 
 
-def trial_number(trial_dir: str, trial_id: str) -> int | None:
-    """Tune's creation number of a trial (1, 2, ...): the N in its folder run_trial_<id>_N_..."""
-    found = re.search(rf"_{re.escape(trial_id)}_(\d+)(?:_|$)", os.path.basename(trial_dir))
-    return int(found.group(1)) if found else None
+def optuna_search(cfg: SearchConfig, phase: Phase, space: dict[str, Any], trials: list,
+                  first: list[dict[str, Any]]):
+    """(OptunaSearch over the phase's journal, the journal): the study brought in line with
+    the trial folders first (search/searcher.py); `first`: configurations asked first."""
+    from search.searcher import journal_of, make_searcher, open_study, reconcile
+
+    journal = journal_of(phase.folder)
+    study = open_study(journal)
+    added = reconcile(study, space, trials)
+    if added:
+        log.info("%s: told Optuna the results of %d finished trial(s) its journal lacked",
+                 phase.name, added)
+    sampler = make_sampler(cfg, phase.num_samples, seed_offset=len(study.trials))
+    return make_searcher(journal, space, sampler, first), journal
 
 
-def run_trial(params: dict[str, Any], settings, fail_numbers: frozenset[int] = frozenset()):
+def run_trial(params: dict[str, Any], settings):
     """search.trial.run_trial, keeping the cause of a failure in the trial folder even on a
-    full disk (search/failure.py). The trials numbered in CCPCSA_FAIL_TRIALS raise (a test
-    hook for a crashing trial; a retried trial keeps its number, so it fails again)."""
+    full disk (search/failure.py); a trial that continues an interrupted one says so in its
+    folder first (search/resume.py)."""
     from ray import tune
 
     from search import failure, trial
+    from search.ondisk import CONTINUES_FILE
+    from search.retry import params_key
 
-    context = tune.get_context()
-    folder = trial_folder(settings, context.get_trial_dir())
+    folder = trial_folder(settings, tune.get_context().get_trial_dir())
     failure.reserve(folder)
     try:
-        if fail_numbers:
-            number = trial_number(context.get_trial_dir(), context.get_trial_id())
-            if number in fail_numbers:
-                raise RuntimeError(f"injected failure in trial {number} "
-                                   f"({context.get_trial_id()}; {FAIL_ENV})")
+        continued = settings.continues.get(params_key(params))
+        if continued:
+            storage.write_json(storage.join(folder, CONTINUES_FILE), {"trial": continued})
         return trial.run_trial(params, settings)
     except Exception as exc:
         failure.record(folder, exc)
@@ -595,19 +574,17 @@ def run_search(cfg: SearchConfig, termination, given: frozenset[str] = frozenset
     from ccpcsa.distributed import prefer_loopback
 
     prefer_loopback()  # before Ray is imported
-    fail = fail_numbers_from_env()
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", STATE_PERIOD_S)
     cfg = resolve_storage(cfg)
     try:  # before the lock, which would fail on it with exit 1: a bad --storage is refused
         storage.check_writable(run_dir_of(cfg))
     except OSError as exc:
         raise ConfigError(str(exc)) from None
     with RunLock(run_dir_of(cfg), "search/run.py") as lock:
-        return _run_locked(cfg, fail, termination, given, lock)
+        return _run_locked(cfg, termination, given, lock)
 
 
-def _run_locked(cfg: SearchConfig, fail: frozenset[int], termination,
-                given: frozenset[str], lock: RunLock | None = None) -> int:
+def _run_locked(cfg: SearchConfig, termination, given: frozenset[str],
+                lock: RunLock | None = None) -> int:
     cfg = check_run_folder(cfg, given)
     if cfg.weights and not storage.is_uri(cfg.weights) and os.path.exists(cfg.weights):
         cfg.weights = os.path.abspath(cfg.weights)  # stage 0 runs in a Ray worker's folder
@@ -648,19 +625,18 @@ def _run_locked(cfg: SearchConfig, fail: frozenset[int], termination,
     if cfg.target_flops is not None:
         layout = plan_target(cfg, layout, info.num_classes, input_shape)
     space = build_space(cfg, layout)
-    context = PhaseContext(cfg, fail, termination, space, layout, prepared,
-                           info.num_classes, input_shape)
+    context = PhaseContext(cfg, termination, space, layout, prepared, info.num_classes,
+                           input_shape)
     print(f"search: params {', '.join(space)}; {cfg.max_concurrent_trials} trials at once",
           flush=True)
     outcomes = run_phases(context)
     trials = [t for outcome in outcomes for t in outcome.trials]
     owed = {o.phase.name: o.phase.num_samples for o in outcomes}
-    adopted = {t for outcome in outcomes for t in outcome.adopted}
     interrupted = not outcomes[-1].complete or len(outcomes) < len(phases_of(cfg))
     stopped_by = next((o.stopped_by for o in outcomes if o.stopped_by), "")
     final_due = cfg.final_epochs > 0 and not interrupted and not stopped_by
     try:
-        print(collect.write_results(trials, cfg, prepared, run_dir, adopted, owed,
+        print(collect.write_results(trials, cfg, prepared, run_dir, owed,
                                     input_shape=None if interrupted or final_due
                                     else input_shape), flush=True)
         if final_due:  # the search's frontier is on disk first: a kill here loses nothing of it
@@ -668,11 +644,11 @@ def _run_locked(cfg: SearchConfig, fail: frozenset[int], termination,
             from search.pareto import read_frontier
 
             finals = run_final_finetunes(ray, cfg, prepared, run_dir, read_frontier(run_dir)[0])
-            print(collect.write_results(trials, cfg, prepared, run_dir, adopted, owed,
+            print(collect.write_results(trials, cfg, prepared, run_dir, owed,
                                         input_shape=input_shape, finals=finals), flush=True)
     except OSError as exc:  # a full disk: the summary still tells what is on disk
         print("\n".join([collect.summary_counts(trials, owed),
-                         *collect.trial_lines(trials, adopted)]), flush=True)
+                         *collect.trial_lines(trials)]), flush=True)
         stopped_by = stopped_by or f"the frontier could not be written: {exits.one_line(exc)}"
     resume = f"python search/run.py --storage {cfg.storage} --name {cfg.name} --resume"
     failed = sum(t.status == "failed" for t in trials)
@@ -698,7 +674,6 @@ class PhaseContext:
     """What every phase of one search shares."""
 
     cfg: SearchConfig
-    fail: frozenset[int]
     termination: Any
     space: dict[str, Any]
     layout: Any
@@ -711,7 +686,6 @@ class PhaseContext:
 class PhaseOutcome:
     phase: Phase
     trials: list  # search.ondisk.TrialOnDisk, this phase's folders
-    adopted: dict[str, str]  # trials taken over from disk after a lost Tune state
     complete: bool  # no trial interrupted, none still owed
     stopped_by: str = ""  # why Ray Tune's driver stopped, when it failed
 
@@ -721,7 +695,6 @@ def run_phases(ctx: PhaseContext) -> list[PhaseOutcome]:
     finalists are chosen once and saved: a resumed search fine-tunes the same ones."""
     from search.finalists import load_finalists, save_finalists, select_finalists
     from search.ondisk import scan_trials
-    from search.resume import read_adopted
 
     phases = phases_of(ctx.cfg)
     if len(phases) == 1:
@@ -740,96 +713,99 @@ def run_phases(ctx: PhaseContext) -> list[PhaseOutcome]:
               "their screened points: " + ", ".join(
                   f"{f.screened_trial} (layer {f.layer})" for f in finalists), flush=True)
     else:  # screening completed in an earlier session
-        first = PhaseOutcome(screen, scan_trials(screen.folder, screen.name),
-                             read_adopted(screen.folder), True)
+        first = PhaseOutcome(screen, scan_trials(screen.folder, screen.name), True)
     finetune = Phase(finetune.name, finetune.folder, len(finalists))
     return [first, run_phase(ctx, finetune, finalists)]
 
 
 def run_phase(ctx: PhaseContext, phase: Phase, finalists=None) -> PhaseOutcome:
-    """Run (or, with --resume, continue) one phase's Tune experiment; its trials on disk."""
-    from ray import tune
-
-    from search.finalists import SCREENED_TRIAL, finalist_config
+    """Run one phase's trials, or (--resume) the ones it still owes, in a new Tune run
+    (search/resume.py); its trials on disk."""
     from search.ondisk import CAUSE_LOST, counts, remove_unstarted, scan_trials
-    from search.resume import Plan, plan_from_disk, plan_resume
-    from search.retry import Retries, plan_retries
-    from search.space import search_rounds
-    from search.trial import TrialSettings, driver_nodes, trial_resources
+    from search.resume import plan_session
 
     cfg = ctx.cfg
     trials = scan_trials(phase.folder, phase.name)
-    plan = (plan_resume(phase.folder, phase.num_samples, trials) if cfg.resume
-            else Plan(False, phase.num_samples))
     failed = sum(t.status == "failed" for t in trials)
-    retries = Retries()
     if cfg.retry_failed and failed:
         log.info("%s: running %d failed trial(s) again from their last checkpoint",
                  phase.name, failed)
-        if not plan.restore:  # Tune's state is gone: from the trial folders (search/retry.py)
-            retries = plan_retries(trials)
-            plan.num_samples += len(retries.configs) + retries.fresh
-    configs = None
-    if finalists is not None:  # each finalist once, also after a lost Tune state
-        started = {t.params.get(SCREENED_TRIAL) for t in trials if t.status != "not started"}
-        configs = [finalist_config(f) for f in finalists if f.screened_trial not in started]
-        configs += retries.configs
-        plan.num_samples = len(configs)
+    plan = plan_session(trials, phase.num_samples, cfg.retry_failed)
     evaluated = (f"on a fixed {cfg.screen_eval_images} test images" if cfg.screen_eval_images
                  else "on the whole test split")
     what = {"full": "trials", "screen": "screened schedules (adaptive-BN evaluation "
             f"{evaluated}, no fine-tune)", "finetune": "finalists fine-tuned"}[phase.name]
     print(f"{phase.name}: {phase.num_samples} {what}", flush=True)
-    settings = TrialSettings(cfg, ctx.layout, ctx.prepared, ctx.num_classes, ctx.input_shape,
-                             run_dir_of(cfg), phase=phase.name, start_from=retries.start_from)
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, settings=settings, fail_numbers=ctx.fail),
-        trial_resources(cfg, driver_nodes()))
     stopped_by = ""
-    if plan.restore or plan.num_samples > 0:
-        points = [(t.trial_id, p["accuracy"], p["flops"]) for t in trials
-                  for p in t.rounds.values()]
-        from search.watch import FrontierWriter
-
-        so_far = [(p.folder, p.name) for p in phases_of(cfg)]
-        so_far = so_far[:[f for f, _ in so_far].index(phase.folder) + 1]
-        writer = FrontierWriter(cfg, ctx.prepared, run_dir_of(cfg), so_far)
-        rounds = search_rounds(cfg, ctx.layout)
-        try:
-            tuner = make_tuner(cfg, trainable, ctx.space, plan, phase, configs, points,
-                               rounds, [writer], retries.configs)
-        except Exception as exc:
-            if not plan.restore:
-                raise
-            # Tune could not read its own state (e.g. a tuner.pkl from elsewhere): set it aside
-            plan = plan_from_disk(phase.folder, phase.num_samples, trials,
-                                  f"Tune cannot restore it: {_cause(exc)}")
-            tuner = make_tuner(cfg, trainable, ctx.space, plan, phase, configs, points,
-                               rounds, [writer])
-        ctx.termination.forward_to_sigint = True  # SIGTERM: Tune saves its state and stops
-        try:
-            tuner.fit()
-        except Exception as exc:  # Tune's driver failed (a full disk): keep what is on disk
-            stopped_by = f"Ray Tune failed: {_cause(exc)}"
-            from search.failure import full_disk
-
-            disk = full_disk(phase.folder)  # behind e.g. a pickle that Tune wrote cut short
-            if disk and "No space left on device" not in stopped_by:
-                stopped_by += f"; {disk}"
-            log.error("%s: %s", phase.name, stopped_by)
-        finally:
-            ctx.termination.forward_to_sigint = False
+    if plan.num_samples > 0:
+        stopped_by = _run_session(ctx, phase, plan, trials, finalists)
     trials = scan_trials(phase.folder, phase.name)
     if stopped_by:  # a trial whose error.txt the same fault cut short: say what stopped Tune
         for trial in trials:
             if trial.error == CAUSE_LOST:
                 trial.error = f"{CAUSE_LOST}; at the same time {stopped_by}"
-    found = counts([t for t in trials if t.trial_id not in plan.adopted],
-                   phase.num_samples - len(plan.adopted))
+    found = counts(trials, phase.num_samples)
     complete = not (found["interrupted"] or found["not started"] or stopped_by)
-    if complete:  # an unfinished phase's not-started trials may be in Tune's state to restore
+    if complete:  # created but never started: the trial it owed ran under another id
         trials = remove_unstarted(trials)
-    return PhaseOutcome(phase, trials, plan.adopted, complete, stopped_by)
+    return PhaseOutcome(phase, trials, complete, stopped_by)
+
+
+def _run_session(ctx: PhaseContext, phase: Phase, plan, trials: list, finalists) -> str:
+    """One Tune run of the trials `plan` says this session owes; why Tune's driver stopped,
+    or ""."""
+    from ray import tune
+
+    from search.finalists import SCREENED_TRIAL, finalist_config
+    from search.space import search_rounds
+    from search.trial import TrialSettings, driver_nodes, trial_resources
+    from search.watch import FrontierWriter
+
+    cfg = ctx.cfg
+    journal = None
+    if finalists is not None:  # each finalist once; interrupted and retried ones run again
+        started = {t.params.get(SCREENED_TRIAL) for t in trials if t.status != "not started"}
+        configs = [finalist_config(f) for f in finalists if f.screened_trial not in started]
+        configs += plan.again.configs
+        search, param_space = given_configs(configs)
+        num_samples = len(configs)
+    else:
+        search, journal = optuna_search(cfg, phase, ctx.space, trials, plan.again.configs)
+        param_space, num_samples = {}, plan.num_samples
+    if not num_samples:
+        return ""
+    settings = TrialSettings(cfg, ctx.layout, ctx.prepared, ctx.num_classes, ctx.input_shape,
+                             run_dir_of(cfg), phase=phase.name,
+                             start_from=plan.again.start_from, continues=plan.again.continues)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings),
+                                    trial_resources(cfg, driver_nodes()))
+    points = [(t.trial_id, p["accuracy"], p["flops"]) for t in trials for p in t.rounds.values()]
+    so_far = [(p.folder, p.name) for p in phases_of(cfg)]
+    so_far = so_far[:[f for f, _ in so_far].index(phase.folder) + 1]
+    callbacks = [FrontierWriter(cfg, ctx.prepared, run_dir_of(cfg), so_far)]
+    if journal is not None and journal.remote:
+        from search.searcher import JournalSync
+
+        callbacks.append(JournalSync(journal))
+    tuner = make_tuner(cfg, trainable, search, num_samples, phase, param_space, points,
+                       search_rounds(cfg, ctx.layout), callbacks)
+    ctx.termination.forward_to_sigint = True  # SIGTERM: Tune stops its trials
+    try:
+        tuner.fit()
+    except Exception as exc:  # Tune's driver failed (a full disk): keep what is on disk
+        stopped_by = f"Ray Tune failed: {_cause(exc)}"
+        from search.failure import full_disk
+
+        disk = full_disk(phase.folder)  # behind e.g. a pickle that Tune wrote cut short
+        if disk and "No space left on device" not in stopped_by:
+            stopped_by += f"; {disk}"
+        log.error("%s: %s", phase.name, stopped_by)
+        return stopped_by
+    finally:
+        ctx.termination.forward_to_sigint = False
+        if journal is not None:
+            journal.sync()
+    return ""
 
 
 def _cause(exc: BaseException) -> str:

@@ -42,9 +42,11 @@ class TrialSettings:
     input_shape: tuple[int, int, int]
     run_dir: str
     phase: str = "full"
-    # failed trials run again as new trials (search/retry.py): params_key -> the checkpoint
-    # to start from ("" = from M')
+    # failed or interrupted trials run again as new trials (search/retry.py,
+    # search/resume.py): params_key -> the checkpoint to start from ("" = from M')
     start_from: dict[str, str] = field(default_factory=dict)
+    # params_key -> the id of the interrupted trial a new trial continues
+    continues: dict[str, str] = field(default_factory=dict)
 
 
 def data_config(cfg: SearchConfig, phase: str = "full") -> DataConfig:

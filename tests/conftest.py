@@ -1,5 +1,9 @@
 import os
 import signal
+import sys
+
+# the tests' fault injection (tests/plugins/ccpcsa_faults.py), importable by the tests
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugins"))
 
 # Ray started by the tests (ray.init, `ray start`) binds its node to 127.0.0.1: with this
 # (Ray's own switch for single-machine use) it does not resolve 127.0.0.1 to the host's address.

@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import ray
 import torch
+from ccpcsa_faults import KILL_WORKER, env_with_plugins
 from PIL import Image
 
 from ccpcsa.bn import batch_norms
 from ccpcsa.data import DataConfig, build_datasets, dataset_info, imagefolder_to_parquet
-from ccpcsa.distributed import KILL_ENV, DistributedError, RayRunner, fingerprint
+from ccpcsa.distributed import DistributedError, RayRunner, fingerprint
 from ccpcsa.loop import LoopConfig, PrepareConfig, channel_groups, prepare, prune_loop
 from ccpcsa.models import build_model
 from ccpcsa.prune import PruneLimits
@@ -29,11 +30,28 @@ TRAIN = TrainConfig(batch_size=64, seed=0)
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+def ray_cluster(tmp_path_factory):
+    """A local Ray whose workers load the tests' fault injection; a test arms a worker kill by
+    writing its spec to the file yielded (kill_worker)."""
+    spec = tmp_path_factory.mktemp("faults") / "kill-worker"
+    saved = dict(os.environ)
+    os.environ.update(env_with_plugins({**os.environ, KILL_WORKER: f"@{spec}"}))
+    try:  # the Ray processes keep the environment they start with
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     assert ray.nodes()[0]["NodeManagerAddress"] == "127.0.0.1"
-    yield
+    yield spec
     ray.shutdown()
+
+
+@pytest.fixture
+def kill_worker(ray_cluster):
+    """kill_worker("RANK:EPOCH:BATCH:MARKER"): that Ray Train worker SIGKILLs itself there,
+    once; kill_worker("") disarms it."""
+    yield ray_cluster.write_text
+    ray_cluster.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")
@@ -184,10 +202,9 @@ def test_parquet_shards_stream_through_ray_data(ray_cluster, parquet_root, tmp_p
     runner.close()
 
 
-def test_killed_worker_is_replaced_and_resumes_from_checkpoint(ray_cluster, tmp_path,
-                                                               monkeypatch):
+def test_killed_worker_is_replaced_and_resumes_from_checkpoint(kill_worker, tmp_path):
     marker = tmp_path / "killed"
-    monkeypatch.setenv(KILL_ENV, f"1:1:3:{marker}")  # rank 1, second epoch, fourth batch
+    kill_worker(f"1:1:3:{marker}")  # rank 1, second epoch, fourth batch
     runner = RayRunner(DIGITS, TRAIN, 2, str(tmp_path / "ray"), max_failures=1)
     model = build_model("resnet20", 10, with_bam=False)
     runner.fit(model, 3, 0.05, "fault")
@@ -231,19 +248,18 @@ def test_cli_bad_worker_flags_one_line_error(tmp_path, argv, message):
     assert not (tmp_path / "out" / "prepared").exists()  # nothing was trained
 
 
-def test_a_restarted_driver_resumes_a_stable_fit_from_its_last_epoch(ray_cluster, tmp_path,
-                                                                    monkeypatch):
+def test_a_restarted_driver_resumes_a_stable_fit_from_its_last_epoch(kill_worker, tmp_path):
     """Stage 0 after a lost head: its fits keep their epoch checkpoints under a path made of
     their label (stable_fits), so a new runner over the same storage continues the fit from
     the last epoch instead of epoch 0."""
     marker = tmp_path / "killed"
-    monkeypatch.setenv(KILL_ENV, f"1:1:3:{marker}")  # rank 1, second epoch, fourth batch
+    kill_worker(f"1:1:3:{marker}")  # rank 1, second epoch, fourth batch
     lost = RayRunner(DIGITS, TRAIN, 2, str(tmp_path / "ray"), max_failures=0, stable_fits=True)
     with pytest.raises(DistributedError, match="worker group stopped"):
         lost.fit(build_model("resnet20", 10, with_bam=False), 3, 0.05, "baseline")
     lost.close()
     assert (tmp_path / "ray" / "fits" / "baseline" / "epoch-0001.pt").exists()
-    monkeypatch.delenv(KILL_ENV)
+    kill_worker("")
     again = RayRunner(DIGITS, TRAIN, 2, str(tmp_path / "ray"), stable_fits=True)
     again.fit(build_model("resnet20", 10, with_bam=False), 3, 0.05, "baseline")
     assert again.last_metrics["start_epoch"] == 1 and again.last_metrics["epoch"] == 3

@@ -49,9 +49,10 @@ from ccpcsa.models import build_model
 from ccpcsa.runlock import LOCK_FILE, Holder, RunInUseError, RunLock, is_stale
 from ccpcsa.train import LocalRunner, TrainConfig
 from search import run as search_run
-from search.ondisk import CAUSE_LOST, remove_unstarted, scan_trials
+from search.ondisk import CAUSE_LOST, CONTINUES_FILE, counts, remove_unstarted, scan_trials
 from search.pareto import collect_checkpoints
-from search.resume import state_problem
+from search.resume import plan_session
+from search.retry import params_key
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "resnet20", "--dataset", "digits", "--image-size", "8",
@@ -661,26 +662,35 @@ def test_a_trial_created_but_never_started_is_removed_once_its_phase_is_done(tmp
     assert [t.trial_id for t in scan_trials(str(run))] == ["aaaa1111", "cccc3333"]
 
 
-def test_tune_state_is_trusted_only_when_whole_and_in_agreement(tmp_path):
+def test_resume_plans_from_the_trial_folders_and_never_reads_tune_state(tmp_path):
     run = tmp_path / "run"
     _trial_folder(run, "aaaa1111", 1, rounds=[1], reported=[1], final=True)
+    _trial_folder(run, "bbbb2222", 2, rounds=[1, 2, 3], reported=[1])  # interrupted
+    (_trial_folder(run, "cccc3333", 3, rounds=[], reported=[]) / "error.txt").write_text(
+        "RuntimeError: boom\n")
+    # Tune's own state, cut short or planted: never read, never unpickled
+    (run / "tuner.pkl").write_bytes(pickle.dumps(getattr)[:5])
+    (run / "experiment_state-2026-01-01_00-00-00.json").write_text("")
     trials = scan_trials(str(run))
-    (run / "tuner.pkl").write_bytes(b"pickled tuner")
-    state = run / "experiment_state-2026-01-01_00-00-00.json"
-    record = json.dumps({"trial_id": "aaaa1111", "status": "TERMINATED"})
-    state.write_text(json.dumps({"trial_data": [[record, "{}"]]}))
-    assert state_problem(str(run), trials, {}) is None
-    searcher = run / "searcher-state-2026-01-01_00-00-00.pkl"
-    whole = pickle.dumps({"trials": ["aaaa1111"], "study": list(range(100))})
-    searcher.write_bytes(whole)
-    assert state_problem(str(run), trials, {}) is None
-    searcher.write_bytes(whole[:len(whole) // 2])  # Tune would restart the experiment
-    assert f"{searcher.name} is cut short" in state_problem(str(run), trials, {})
-    searcher.write_bytes(whole)
-    state.write_text("")  # what a full disk leaves
-    assert "is empty" in state_problem(str(run), trials, {})
-    running = json.dumps({"trial_id": "aaaa1111", "status": "RUNNING"})
-    state.write_text(json.dumps({"trial_data": [[running, "{}"]]}))  # older than the disk
-    assert "finished on disk" in state_problem(str(run), trials, {})
-    (run / "tuner.pkl").write_bytes(b"")
-    assert "tuner.pkl is empty" in state_problem(str(run), trials, {})
+    plan = plan_session(trials, 5, retry_failed=False)
+    assert plan.new == 2 and plan.num_samples == 3  # 5 owed, 3 hold a place, 1 continues
+    key = params_key({"groups_per_round": 4})
+    assert plan.again.configs == [{"groups_per_round": 4}]
+    assert plan.again.start_from[key].endswith("checkpoint_000002/model.pt")  # round 3
+    assert plan.again.continues == {key: "bbbb2222"}
+
+    # the continuing trial says so; until it reports a round the old one stays interrupted
+    follow = _trial_folder(run, "dddd4444", 4, rounds=[], reported=[])
+    (follow / CONTINUES_FILE).write_text(json.dumps({"trial": "bbbb2222"}))
+    assert {t.trial_id: t.status for t in scan_trials(str(run))}["bbbb2222"] == "interrupted"
+    _trial_folder(run, "dddd4444", 4, rounds=[4], reported=[4])
+    trials = scan_trials(str(run))
+    assert {t.trial_id: t.status for t in trials} == {
+        "aaaa1111": "finished", "bbbb2222": "continued", "cccc3333": "failed",
+        "dddd4444": "interrupted"}
+    assert counts(trials, 5)["not started"] == 2  # the continuation took the old one's place
+    plan = plan_session(trials, 5, retry_failed=True)
+    assert plan.again.continues == {key: "dddd4444"} and plan.new == 2
+    assert "dddd4444" in plan.again.start_from[key]  # from the newer trial's last round
+    assert plan.again.fresh == 1  # cccc3333 failed before saving its parameters: replaced
+    assert plan.num_samples == 4

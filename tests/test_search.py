@@ -1,14 +1,16 @@
 """The search (search/run.py) end to end on real Ray, real Optuna, CPU, tiny budgets.
 
 - A bad configuration is one clear line on stderr, exit code 2, before any Ray starts.
-- A trial that raises (CCPCSA_FAIL_TRIALS) is reported as failed; the search completes and the
-  other trials' points are on the frontier. `--resume --retry-failed` then runs that trial
-  again (and it finishes), without running the finished ones again.
+- A trial that raises (CCPCSA_FAIL_TRIALS, injected by tests/plugins) is reported as failed;
+  the search completes and the other trials' points are on the frontier. `--resume
+  --retry-failed` then runs that trial again as a new trial with its parameters (and it
+  finishes), without running the finished ones again.
 - A search killed (SIGKILL) after a trial finished resumes with --resume: the finished trial is
   kept with its results and is not run again.
-- Ctrl-C (SIGINT) exits 130 with a per-status summary; with Tune's experiment state then
-  emptied (as a full disk leaves it), --resume keeps and does not re-run the finished trial,
-  runs the trials still owed and puts every round on disk on the frontier.
+- Ctrl-C (SIGINT) exits 130 with a per-status summary; with Tune's state files then deleted
+  and the Optuna journal's last line cut short (as a kill while Optuna writes leaves it),
+  --resume keeps and does not re-run the finished trial, runs the trials still owed and puts
+  every round on disk on the frontier.
 - `ray job submit` to a real Ray head: every point of frontier.parquet re-measures (FLOPs,
   params, top-1 on the digits test split) to its stored values from its checkpoint, `pareto` is
   exactly the brute-force non-dominated set (each identical point once), frontier.png is a PNG.
@@ -28,7 +30,6 @@ machine's routable address.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
@@ -47,6 +48,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from ccpcsa_faults import env_with_plugins
 from PIL import Image
 
 from ccpcsa.checkpoint import load_checkpoint
@@ -54,6 +56,7 @@ from ccpcsa.data import DataConfig, build_datasets
 from ccpcsa.flops import count_flops, count_params
 from ccpcsa.train import TrainConfig, evaluate
 from search.config import ConfigError
+from search.ondisk import TrialOnDisk, scan_trials
 from search.run import config_from_argv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,7 +88,10 @@ def _short_tmp(prefix: str) -> str:
 
 
 def _env(marker: str, ray_tmp: str, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    """The environment of a search a test starts: its own Ray, the tests' fault injection
+    loaded (tests/plugins; inert unless `extra` sets a fault)."""
+    env = env_with_plugins({k: v for k, v in os.environ.items()
+                            if not k.startswith("RAY_ADDRESS")})
     env.pop("CCPCSA_FAIL_TRIALS", None)
     env.pop("RAY_AUTH_TOKEN_PATH", None)
     env.update({MARK: marker, "RAY_TMPDIR": ray_tmp, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -213,26 +219,18 @@ def _tail(text: str, lines: int = 60) -> str:
 # --------------------------------------------------------------------------- run folder
 
 
-def _experiment_state(run_dir: Path) -> dict[str, dict] | None:
-    """trial_id -> {status, number, dir} from the newest experiment_state-<session>.json, as
-    Tune picks it (by the session time in the name: a resumed search re-saves the old file too);
-    None if none is readable yet."""
-    files = sorted(glob.glob(str(run_dir / "experiment_state-*.json")))
-    if not files:
-        return None
-    try:
-        state = json.loads(Path(files[-1]).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None  # being written
-    trials = {}
-    for trial_json, _meta in state["trial_data"]:
-        trial = json.loads(trial_json)
-        trials[trial["trial_id"]] = {
-            "status": trial["status"],
-            "number": int(trial["experiment_tag"].split("_", 1)[0]),
-            "dir": run_dir / trial["relative_logdir"],
-        }
-    return trials
+def _on_disk(run_dir: Path) -> dict[str, TrialOnDisk]:
+    """trial id -> the trial as its folder records it (search/ondisk.py): the search's own
+    record, read the way --resume reads it."""
+    return {t.trial_id: t for t in scan_trials(str(run_dir))} if run_dir.is_dir() else {}
+
+
+def _finished(run_dir: Path) -> dict[str, TrialOnDisk]:
+    return {t: v for t, v in _on_disk(run_dir).items() if v.status == "finished"}
+
+
+def _dir(trial: TrialOnDisk) -> Path:
+    return Path(trial.folder)
 
 
 def _reports(trial_dir: Path) -> list[dict]:
@@ -326,14 +324,14 @@ def test_failing_trial_is_reported_and_others_reach_the_frontier(tmp_path):
     assert done.returncode == 0, _tail(out)
     assert "2 trials finished, 1 failed" in out, _tail(out)
 
-    trials = _experiment_state(run_dir)
-    assert trials is not None and len(trials) == 3, trials
-    failed = {t: v for t, v in trials.items() if v["status"] == "ERROR"}
-    finished = {t: v for t, v in trials.items() if v["status"] == "TERMINATED"}
-    assert [v["number"] for v in failed.values()] == [1], trials
+    trials = _on_disk(run_dir)
+    assert len(trials) == 3, trials
+    failed = {t: v for t, v in trials.items() if v.status == "failed"}
+    finished = {t: v for t, v in trials.items() if v.status == "finished"}
+    assert [v.number for v in failed.values()] == [1], trials
     assert len(finished) == 2, trials
     (failed_id, failed_trial), = failed.items()
-    error_file = failed_trial["dir"] / "error.txt"
+    error_file = _dir(failed_trial) / "error.txt"
     assert "injected failure in trial 1" in error_file.read_text()
     assert f"failed: run_trial_{failed_id}_1: RuntimeError: injected failure" in out, _tail(out)
 
@@ -341,13 +339,13 @@ def test_failing_trial_is_reported_and_others_reach_the_frontier(tmp_path):
     assert failed_id not in set(frame["trial_id"])
     assert set(frame["trial_id"]) - {"stage0"} <= set(finished)
     for trial_id, trial in finished.items():
-        reported = _round_reports(trial["dir"])
+        reported = _round_reports(_dir(trial))
         assert _frontier_rounds(frame, trial_id) == reported, trial_id
-    assert sum(len(_round_reports(t["dir"])) for t in finished.values()) > 0
+    assert sum(len(_round_reports(_dir(t))) for t in finished.values()) > 0
     assert set(frame.loc[frame["trial_id"] != "stage0", "status"]) == {"finished"}
 
     # the cause fixed (no injected failure now): the failed trial runs again, nothing else
-    results = {t: (v["dir"] / "result.json").read_bytes() for t, v in finished.items()}
+    results = {t: (_dir(v) / "result.json").read_bytes() for t, v in finished.items()}
     with _ray_processes("retry") as (marker, ray_tmp):
         retried = _search(["--storage", str(storage), "--name", "fail", "--resume",
                            "--retry-failed"], _env(marker, ray_tmp), tmp_path / "retry.log")
@@ -355,12 +353,16 @@ def test_failing_trial_is_reported_and_others_reach_the_frontier(tmp_path):
     assert retried.returncode == 0, _tail(out)
     assert "running 1 failed trial(s) again" in out, _tail(out)
     assert "3 trials finished, 0 failed" in out, _tail(out)
-    trials = _experiment_state(run_dir)
-    assert {t: v["status"] for t, v in trials.items()} == dict.fromkeys(trials, "TERMINATED")
+    trials = _on_disk(run_dir)  # run again as a new trial with the same parameters
+    again = {t: v for t, v in trials.items() if t not in results and t != failed_id}
+    assert trials[failed_id].status == "retried" and len(again) == 1, trials
+    (again_id, rerun), = again.items()
+    assert rerun.status == "finished" and rerun.params == failed_trial.params
     for trial_id, before in results.items():
-        assert (trials[trial_id]["dir"] / "result.json").read_bytes() == before, trial_id
+        assert (_dir(trials[trial_id]) / "result.json").read_bytes() == before, trial_id
     frame = pd.read_parquet(run_dir / "frontier.parquet")
-    assert _frontier_rounds(frame, failed_id) == _round_reports(trials[failed_id]["dir"])
+    for trial_id in (failed_id, again_id):
+        assert _frontier_rounds(frame, trial_id) == _round_reports(_dir(trials[trial_id]))
 
 
 def test_retry_failed_needs_resume():
@@ -391,8 +393,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path):
                     "the search ended before a finished trial could be seen:\n"
                     + _tail(log.read_text()))
                 assert time.monotonic() < deadline, _tail(log.read_text())
-                trials = _experiment_state(run_dir) or {}
-                done = [t for t, v in trials.items() if v["status"] == "TERMINATED"]
+                done = list(_finished(run_dir))
                 if done:
                     break
                 time.sleep(0.2)
@@ -401,12 +402,12 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path):
             _stop(marker, driver)  # the driver and the Ray cluster it started: SIGKILL
         assert driver.returncode == -signal.SIGKILL
 
-    before = _experiment_state(run_dir)  # what the killed search had recorded
-    finished_before = {t: v for t, v in before.items() if v["status"] == "TERMINATED"}
+    before = _on_disk(run_dir)  # what the killed search had recorded
+    finished_before = {t: v for t, v in before.items() if v.status == "finished"}
     assert 0 < len(finished_before) < samples, before
-    result_files = {t: (v["dir"] / "result.json").read_bytes()
+    result_files = {t: (_dir(v) / "result.json").read_bytes()
                     for t, v in finished_before.items()}
-    rounds_before = {t: _round_reports(v["dir"]) for t, v in finished_before.items()}
+    rounds_before = {t: _round_reports(_dir(v)) for t, v in finished_before.items()}
     # the frontier so far is rewritten as rounds report (search/watch.py): a killed search
     # leaves none yet or a whole, readable file with only trials it had recorded
     if (run_dir / "frontier.parquet").exists():
@@ -419,16 +420,19 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path):
     assert done.returncode == 0, _tail(done.stdout)
     assert f"{samples} trials finished, 0 failed" in done.stdout, _tail(done.stdout)
 
-    after = _experiment_state(run_dir)
-    assert len(after) == samples and all(v["status"] == "TERMINATED" for v in after.values())
+    after = _on_disk(run_dir)  # an interrupted trial was continued by a new one
+    assert sorted(v.status for v in after.values() if v.status != "continued") == \
+        ["finished"] * samples, after
     frame = pd.read_parquet(run_dir / "frontier.parquet")
     for trial_id, trial in finished_before.items():
         # not run again: Tune appends a line to result.json for every report of a trial
-        assert (trial["dir"] / "result.json").read_bytes() == result_files[trial_id], trial_id
-        assert after[trial_id]["dir"] == trial["dir"]
+        assert (_dir(trial) / "result.json").read_bytes() == result_files[trial_id], trial_id
+        assert after[trial_id].folder == trial.folder
         # kept: the same rounds with the same results
         assert _frontier_rounds(frame, trial_id) == rounds_before[trial_id], trial_id
-        assert sum(1 for r in _reports(trial["dir"]) if r["is_final"]) == 1
+        assert sum(1 for r in _reports(_dir(trial)) if r["is_final"]) == 1
+    for trial_id, trial in after.items():  # every round on disk is a point
+        assert _frontier_rounds(frame, trial_id) == _round_reports(_dir(trial)), trial_id
 
 
 # --------------------------------------------------------------------------- 1. ray job submit
@@ -496,11 +500,11 @@ def test_ray_job_submit_end_to_end(ray_head, tmp_path):
     saved = json.loads((run_dir / "search_config.json").read_text())["config"]
     assert saved["storage"] == str(storage)
     assert len(frame[frame["trial_id"] == "stage0"]) == 1
-    trials = _experiment_state(run_dir)
-    assert len(trials) == 3 and all(v["status"] == "TERMINATED" for v in trials.values())
+    trials = _on_disk(run_dir)
+    assert len(trials) == 3 and all(v.status == "finished" for v in trials.values())
     assert set(frame["trial_id"]) - {"stage0"} <= set(trials)
     for trial_id, trial in trials.items():  # every reported round of every trial is a point
-        assert _frontier_rounds(frame, trial_id) == _round_reports(trial["dir"]), trial_id
+        assert _frontier_rounds(frame, trial_id) == _round_reports(_dir(trial)), trial_id
     assert len(frame) > 1
 
     # The stored numbers re-measure from the checkpoints.
@@ -576,10 +580,11 @@ def _summary_counts(out: str) -> dict[str, int]:
 
 def test_ctrl_c_exits_130_and_resume_survives_a_lost_tune_state(tmp_path):
     """SIGINT after a trial finished: exit 130, the summary says which trials finished, were
-    interrupted or never started. Then Tune's experiment state is emptied (what a full disk
-    leaves) and --resume must neither lose nor re-run the finished trial, and every round on
+    interrupted or never started. Then Tune's state files are deleted and the Optuna journal
+    ends in a line cut short (what a kill while Optuna writes leaves), and --resume must
+    neither lose nor re-run the finished trial, must finish the search, and every round on
     disk must reach the frontier."""
-    from search.ondisk import scan_trials
+    from search.searcher import JOURNAL_FILE
 
     storage = tmp_path / "runs"
     run_dir = storage / "lost"
@@ -594,8 +599,7 @@ def test_ctrl_c_exits_130_and_resume_survives_a_lost_tune_state(tmp_path):
                                       stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + SEARCH_TIMEOUT_S
-            while not any(v["status"] == "TERMINATED"
-                          for v in (_experiment_state(run_dir) or {}).values()):
+            while not _finished(run_dir):
                 assert driver.poll() is None, _tail(log.read_text())
                 assert time.monotonic() < deadline, _tail(log.read_text())
                 time.sleep(0.2)
@@ -613,18 +617,24 @@ def test_ctrl_c_exits_130_and_resume_survives_a_lost_tune_state(tmp_path):
     results = {t: (run_dir / Path(v.folder).name / "result.json").read_bytes()
                for t, v in before.items()}
 
-    newest = sorted(run_dir.glob("experiment_state-*.json"))[-1]
-    newest.write_bytes(b"")  # a full disk cut it to nothing
+    tune_state = [p for p in run_dir.iterdir() if p.name.startswith(
+        ("tuner.pkl", "experiment_state-", "searcher-state-", "basic-variant-state-"))]
+    assert tune_state, sorted(p.name for p in run_dir.iterdir())
+    for path in tune_state:  # never read by --resume
+        path.unlink()
+    journal = run_dir / JOURNAL_FILE
+    assert journal.read_bytes().endswith(b"\n")
+    with journal.open("ab") as f:  # Optuna was writing an operation when the search was killed
+        f.write(b'{"op_code":6,"worker_id":"w","trial_id":1,"sta')
     with _ray_processes("lost-b") as (marker, ray_tmp):
         done = _search(["--storage", str(storage), "--name", "lost", "--resume"],
                        _env(marker, ray_tmp), tmp_path / "resumed.log")
     assert done.returncode == 0, _tail(done.stdout)
-    assert "cannot be restored" in done.stdout and "is empty" in done.stdout, _tail(done.stdout)
+    assert "its last operation was cut short" in done.stdout, _tail(done.stdout)
     trials = scan_trials(str(run_dir))
-    started = [t for t in trials if t.status != "not started"]
-    assert len(started) == samples, [(t.name, t.status) for t in trials]
-    assert _summary_counts(done.stdout)["finished"] == sum(t.status == "finished"
-                                                            for t in trials)
+    assert sorted(t.status for t in trials if t.status != "continued") == \
+        ["finished"] * samples, [(t.name, t.status) for t in trials]
+    assert _summary_counts(done.stdout)["finished"] == samples
     frame = pd.read_parquet(run_dir / "frontier.parquet")
     for trial_id, trial in before.items():  # kept, and not run again
         assert (Path(trial.folder) / "result.json").read_bytes() == results[trial_id]
@@ -654,21 +664,19 @@ def _kill_once_a_trial_finished(args: list[str], experiment: Path, log: Path, pr
             while True:
                 assert driver.poll() is None, _tail(log.read_text())
                 assert time.monotonic() < deadline, _tail(log.read_text())
-                trials = _experiment_state(experiment) or {}
-                done = {t: v for t, v in trials.items() if v["status"] == "TERMINATED"}
+                done = _finished(experiment)
                 if done:
                     break
                 time.sleep(0.2)
         finally:
             _stop(marker, driver)
     assert driver.returncode == -signal.SIGKILL
-    return {t: (v["dir"] / "result.json").read_bytes() for t, v in done.items()}
+    return {t: (_dir(v) / "result.json").read_bytes() for t, v in done.items()}
 
 
 def test_two_phase_search_killed_in_each_phase_resumes_and_finishes_as_a_ray_job(
         ray_head, tmp_path):
     from search.finalists import load_finalists
-    from search.ondisk import scan_trials
 
     storage = (tmp_path / "runs").resolve()
     run_dir = storage / "two"
@@ -681,8 +689,8 @@ def test_two_phase_search_killed_in_each_phase_resumes_and_finishes_as_a_ray_job
     resume = ["--storage", str(storage), "--name", "two", "--resume"]
     tuned = _kill_once_a_trial_finished(resume, run_dir / "finetune", tmp_path / "b.log",
                                         "two-b")
-    # one finalist at a time, killed once one had finished (Tune's state file, which says so,
-    # can lag on a loaded machine: a second may have finished too, the third is still owed)
+    # one finalist at a time, killed once one had finished (on a loaded machine a second may
+    # have finished too before the kill; the third is still owed)
     assert 1 <= len(tuned) < 3
     finalists_file = (run_dir / "finalists.json").read_bytes()
 
@@ -706,12 +714,15 @@ def test_two_phase_search_killed_in_each_phase_resumes_and_finishes_as_a_ray_job
         by_id = {t.trial_id: t for t in trials}
         for trial_id, result in before.items():
             assert (Path(by_id[trial_id].folder) / "result.json").read_bytes() == result
-    assert [t.status for t in screen] == ["finished"] * 4
-    assert [t.status for t in finetune] == ["finished"] * 3
+    # an interrupted trial was continued by a new one with its schedule
+    assert [t.status for t in screen if t.status != "continued"] == ["finished"] * 4
+    assert [t.status for t in finetune if t.status != "continued"] == ["finished"] * 3
     finalists = load_finalists(str(run_dir))
     assert len(finalists) == 3 and {f.screened_trial for f in finalists} <= {
         t.trial_id for t in screen}
     schedules = {f.screened_trial: f.params for f in finalists}
+    tuned_once = [t for t in finetune if t.status == "finished"]
+    assert len({t.params["screened_trial"] for t in tuned_once}) == len(tuned_once)
     for trial in finetune:  # each finalist fine-tuned once, with its screened schedule
         params = dict(trial.params)
         assert params.pop("screened_trial") in schedules

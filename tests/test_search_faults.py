@@ -6,7 +6,7 @@
   line with the summary and the resume command, keeps the failed trial's cause, and once there
   is room `--resume --retry-failed` runs the failed trial again, even when the disk cut Tune's
   state short.
-- A tuner.pkl that Tune cannot read is set aside in one line and the search goes on.
+- A planted tuner.pkl is never unpickled: --resume does not read Tune's state.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from test_search import (
     TINY,
     _driver_lines,
     _env,
-    _experiment_state,
+    _finished,
     _ray_processes,
     _search,
     _stop,
@@ -47,8 +47,7 @@ def _signal_once_a_trial_finished(args: list[str], run_dir: Path, log: Path, pre
                                       stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + SEARCH_TIMEOUT_S
-            while not any(v["status"] == "TERMINATED"
-                          for v in (_experiment_state(run_dir) or {}).values()):
+            while not _finished(run_dir):
                 assert driver.poll() is None, _tail(log.read_text())
                 assert time.monotonic() < deadline, _tail(log.read_text())
                 time.sleep(0.2)
@@ -113,8 +112,10 @@ def test_a_full_disk_loses_nothing_and_retry_failed_reruns_the_failed_trial(smal
     assert first.returncode == 1, _tail(out)
     errors = [line for line in out.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "--resume --retry-failed" in errors[0], _tail(out)
-    assert "Traceback (most recent call last)" not in out.split("search: ")[-1].split(
-        "Trial status:")[-1], _tail(out)  # what follows Tune's run is ours: no traceback
+    # what follows Tune's run (from the line saying why it stopped) is ours: no traceback;
+    # before it, Ray may print the trial's own (docs/reliability.md: not promised)
+    ours = out.split("search: ")[-1].split("Trial status:")[-1].split("Ray Tune failed: ")[-1]
+    assert "Traceback (most recent call last)" not in ours, _tail(out)
     counts = _summary_counts(out)
     assert counts["failed"] >= 1, _tail(out)
     failed = [line for line in out.splitlines() if line.startswith("failed: ")]
@@ -143,7 +144,7 @@ class _Planted:
         return (getattr, (int, "no_such_attribute_i26"))
 
 
-def test_an_unreadable_tuner_pkl_is_set_aside_in_one_line(tmp_path):
+def test_a_planted_tuner_pkl_is_never_unpickled(tmp_path):
     storage = tmp_path / "runs"
     args = ["--storage", str(storage), "--name", "pk", "--num-samples", "2",
             "--max-concurrent-trials", "1", *TINY]
@@ -156,12 +157,9 @@ def test_an_unreadable_tuner_pkl_is_set_aside_in_one_line(tmp_path):
                        _env(marker, ray_tmp), tmp_path / "resumed.log")
     out = done.stdout
     assert done.returncode == 0, _tail(out)
-    aside = [line for line in out.splitlines() if "cannot be restored" in line]
-    assert len(aside) == 1 and "Tune cannot restore it" in aside[0], _tail(out)
-    assert "no_such_attribute_i26" in aside[0]
-    counts = _summary_counts(out)  # the interrupted trial's Tune state is gone with it
-    assert counts["finished"] >= 1 and counts["failed"] == 0, _tail(out)
-    assert list((storage / "pk").glob("unrestorable-tune-state-*/tuner.pkl"))
+    assert "no_such_attribute_i26" not in out, _tail(out)
+    counts = _summary_counts(out)  # the interrupted trial was continued
+    assert counts["finished"] == 2 and counts["failed"] == 0, _tail(out)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,6 @@ from ccpcsa.train import TrainConfig
 log = logging.getLogger("ccpcsa.distributed")
 
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's single-machine mode
-KILL_ENV = "CCPCSA_KILL_WORKER"  # test hook "RANK:EPOCH:BATCH:MARKER": SIGKILL once, mid-epoch
 STOP_TIMEOUT_S = 120.0  # close(): how long the group may take to wind down
 
 
@@ -129,8 +128,7 @@ class RayRunner:
         start = time.perf_counter()
         log.info("%s: %d epoch(s) on %d Ray Train worker(s)%s", label, epochs,
                  self.num_workers, " with GPUs" if self.uses_cuda else "")
-        result = self._call(model, Command(0, "fit", epochs=epochs, lr=lr, label=label,
-                                           kill=os.environ.get(KILL_ENV, "")))
+        result = self._call(model, Command(0, "fit", epochs=epochs, lr=lr, label=label))
         self._adopt(model, result)
         self.last_metrics = result["metrics"]
         self._evaluated = (fingerprint(model), float(result["accuracy"]))

@@ -24,9 +24,7 @@ from __future__ import annotations
 import io
 import logging
 import math
-import os
 import re
-import signal
 import time
 import zlib
 from collections.abc import Iterator
@@ -97,7 +95,6 @@ class Command:
     batches: int = 0  # score, recalibrate: global calibration batches
     seed: int = 0  # score
     input_shape: tuple[int, int, int] | None = None  # score: to trace the channel groups
-    kill: str = ""  # fit: the fault-injection hook (distributed.KILL_ENV)
 
 
 def worker_loop(config: dict[str, Any]) -> None:
@@ -202,8 +199,7 @@ class Worker:
         stream = source.fit(range(start_epoch, c.epochs))  # Parquet: one Ray Data stream
         for epoch in range(start_epoch, c.epochs):
             started = time.perf_counter()
-            batches = InputWait(_maybe_kill(source.epoch(epoch, stream), c.kill, self.rank,
-                                            epoch))
+            batches = InputWait(source.epoch(epoch, stream))
             loss, seen = run_epoch(wrapped, batches, opt, sched, self.device, self.cfg,
                                    teacher=teacher)
             loss, seen, checksum = all_reduce([loss * seen, seen, source.checksum()],
@@ -507,23 +503,6 @@ def _latest_epoch_state(run_dir: str, device: torch.device) -> dict[str, Any] | 
         except Exception:  # cut short by the failure: try an older one
             continue
     return None
-
-
-def _maybe_kill(batches, kill: str, rank: int, epoch: int):
-    """Test hook for fault tolerance: KILL_ENV="RANK:EPOCH:BATCH:MARKER" makes that worker
-    SIGKILL itself at that batch, once (the marker file records that it happened)."""
-    if not kill:
-        yield from batches
-        return
-    want_rank, want_epoch, want_batch, marker = kill.split(":", 3)
-    armed = (rank == int(want_rank) and epoch == int(want_epoch)
-             and not os.path.exists(marker))
-    for i, batch in enumerate(batches):
-        if armed and i == int(want_batch):
-            with open(marker, "w") as f:
-                f.write(f"killed rank {rank} in epoch {epoch} at batch {i}\n")
-            os.kill(os.getpid(), signal.SIGKILL)
-        yield batch
 
 
 def slug(label: str) -> str:
