@@ -58,7 +58,12 @@ def _signal_once_a_trial_finished(args: list[str], run_dir: Path, log: Path, pre
     return driver
 
 
-# --------------------------------------------------------------------------- 5. SIGTERM
+class _Planted:  # a pickle that, unpickled, names what it ran
+    def __reduce__(self):
+        return (getattr, (int, "no_such_attribute_i26"))
+
+
+# --------------------------------------------------------------------------- 5, 7. SIGTERM
 
 def test_sigterm_ends_a_running_search_like_ctrl_c(tmp_path):
     storage = tmp_path / "runs"
@@ -74,11 +79,17 @@ def test_sigterm_ends_a_running_search_like_ctrl_c(tmp_path):
     assert "--resume" in first and "SIGTERM received" not in first, _tail(first)
     assert "Traceback" not in _driver_lines(first.split("search: ")[-1]), _tail(first)
     assert (storage / "term" / "frontier.parquet").is_file()
+    # 7. a tuner.pkl planted in the run folder is never unpickled: the resume reads only the
+    # trial folders and Optuna's journal
+    (storage / "term" / "tuner.pkl").write_bytes(pickle.dumps(_Planted()))
     with _ray_processes("term-b") as (marker, ray_tmp):
         done = _search(["--storage", str(storage), "--name", "term", "--resume"],
                        _env(marker, ray_tmp), tmp_path / "resumed.log")
-    assert done.returncode == 0, _tail(done.stdout)
-    assert _summary_counts(done.stdout)["finished"] == 3, _tail(done.stdout)
+    out = done.stdout
+    assert done.returncode == 0, _tail(out)
+    assert "no_such_attribute_i26" not in out, _tail(out)
+    counts = _summary_counts(out)  # an interrupted trial was continued, none failed
+    assert counts["finished"] == 3 and counts["failed"] == 0, _tail(out)
 
 
 # --------------------------------------------------------------------------- 3, 4. full disk
@@ -135,31 +146,6 @@ def test_a_full_disk_loses_nothing_and_retry_failed_reruns_the_failed_trial(smal
     assert (small_disk / "d1" / "frontier.parquet").is_file()
     for name in finished:  # kept, not run again
         assert (small_disk / "d1" / name / "result.json").is_file()
-
-
-# --------------------------------------------------------------------------- 7. tuner.pkl
-
-class _Planted:
-    def __reduce__(self):
-        return (getattr, (int, "no_such_attribute_i26"))
-
-
-def test_a_planted_tuner_pkl_is_never_unpickled(tmp_path):
-    storage = tmp_path / "runs"
-    args = ["--storage", str(storage), "--name", "pk", "--num-samples", "2",
-            "--max-concurrent-trials", "1", *TINY]
-    log = tmp_path / "first.log"
-    driver = _signal_once_a_trial_finished(args, storage / "pk", log, "pk-a", signal.SIGINT)
-    assert driver.returncode == 130, _tail(log.read_text())
-    (storage / "pk" / "tuner.pkl").write_bytes(pickle.dumps(_Planted()))
-    with _ray_processes("pk-b") as (marker, ray_tmp):
-        done = _search(["--storage", str(storage), "--name", "pk", "--resume"],
-                       _env(marker, ray_tmp), tmp_path / "resumed.log")
-    out = done.stdout
-    assert done.returncode == 0, _tail(out)
-    assert "no_such_attribute_i26" not in out, _tail(out)
-    counts = _summary_counts(out)  # the interrupted trial was continued
-    assert counts["finished"] == 2 and counts["failed"] == 0, _tail(out)
 
 
 if __name__ == "__main__":
