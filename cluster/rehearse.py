@@ -8,20 +8,32 @@
    `--workers-per-trial 2`): the pre-flight asks the autoscaler for a node and waits for it.
 3. Kills a worker node that runs Ray Train workers (raylet and every process on it) while a
    trial fine-tunes, and waits until the search goes on (a worker group resumes its fit on a
-   new node from the last epoch checkpoint, or a round is reported).
+   new node from the last epoch checkpoint, or, for a group lost between fits, a round is
+   reported after RESUME_GRACE_S).
 4. Kills the job's driver and the head (and with it the cluster), starts a fresh head over the
    same storage and submits the same command with --resume.
-5. Checks the result on storage, then prints as its last line:
+5. Checks the result on storage (every trial finished, no round lost, the frontier, the run
+   lock released), says which storage it used, then prints as its last line:
    trials finished N/N, nodes killed K, head restarts H, frontier points P, rounds lost L
 
+Storage (--storage): `s3` by default where moto is installed (`moto[s3]`, flask and
+flask-cors, in the dev extra): an S3 bucket on a moto server that this process runs on
+127.0.0.1 (a free port) until it exits, so the bucket outlives the head; every process of the
+rehearsal gets its endpoint, dummy keys and region through AWS_* variables (the head's
+environment, which the fake nodes inherit, and the job's runtime_env), and the search runs
+with `--storage s3://rehearsal/runs`. `local`: a folder in the work folder. Every check on the
+results reads them through ccpcsa.storage, whichever it is.
+
 Exit 0 when every trial finished and no round reported before the head loss is missing.
-Stops every process it started, by pid (never `ray stop`). Storage: a local folder (no
-S3-compatible server is installed here). --keep keeps the work folder for a look.
+Stops every process it started, by pid (never `ray stop`). --keep keeps the work folder for a
+look.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import importlib.util
 import json
 import os
 import re
@@ -42,7 +54,9 @@ BIN = Path(sys.executable).parent
 MARK = "CCPCSA_REHEARSAL"  # in the environment of every process the rehearsal starts
 DRIVER_RESOURCE = "ccpcsa_driver"
 NAME = "rehearsal"
+BUCKET = "rehearsal"
 RESUMED_FIT = "resuming training from the checkpoint of epoch"  # ccpcsa.distributed.worker
+RESUME_GRACE_S = 30  # a fit resumes within this after a node loss (about 25 s on two cores)
 TRIALS = 3
 SEARCH = ["--model", "resnet20", "--dataset", "digits", "--image-size", "8",
           "--baseline-epochs", "1", "--attention-epochs", "1", "--max-rounds", "2",
@@ -106,8 +120,10 @@ def kill_all(pids) -> int:
 
 
 class Cluster:
-    def __init__(self, work: Path, marker: str, token: str, max_nodes: int) -> None:
+    def __init__(self, work: Path, marker: str, token: str, max_nodes: int,
+                 storage_env: dict[str, str]) -> None:
         self.work, self.marker, self.token, self.max_nodes = work, marker, token, max_nodes
+        self.storage_env = storage_env  # the S3 endpoint and keys (empty for a local folder)
         self.head: subprocess.Popen | None = None
         self.dashboard = 0
         self.gcs = ""
@@ -120,7 +136,8 @@ class Cluster:
                     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1",
                     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
                     # the fake multi-node provider, checking every second
-                    "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}, **extra)
+                    "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"},
+                   **self.storage_env, **extra)
         return env
 
     def autoscaling_config(self, port: int) -> Path:
@@ -185,7 +202,7 @@ class Cluster:
         import yaml
 
         runtime_env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
-        runtime_env = {"env_vars": runtime_env.get("env_vars", {})}
+        runtime_env = {"env_vars": {**runtime_env.get("env_vars", {}), **self.storage_env}}
         self.cli(["job", "submit", "--submission-id", submission_id, "--no-wait",
                   "--runtime-env-json", json.dumps(runtime_env), "--", "python",
                   str(REPO / "search" / "run.py"), *flags])
@@ -229,24 +246,69 @@ class Cluster:
 # --------------------------------------------------------------------------- the storage
 
 
-def finetune_epoch_written(run_dir: Path) -> Path | None:
+class S3Server:
+    """A moto S3 server in this process (a thread) on 127.0.0.1, a free port: it outlives the
+    head. env: the AWS_* variables that point pyarrow, boto3 and Ray's storage at it."""
+
+    def __init__(self) -> None:
+        import logging
+
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server.start()
+        host, port = self.server.get_host_and_port()
+        self.endpoint = f"http://{host}:{port}"
+        self.env = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                    "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                    "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+        os.environ.update(self.env)  # this process's own checks read the bucket too
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket=BUCKET)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def moto_installed() -> bool:
+    return all(importlib.util.find_spec(m) is not None
+               for m in ("moto", "flask", "flask_cors", "boto3"))
+
+
+def finetune_epoch_written(run_dir: str) -> str | None:
     """An epoch checkpoint of a trial's fine-tune (a fit labelled 'round N')."""
-    for path in (run_dir / "train").glob("*/*/*round*/epoch-*.pt"):
-        if "stage0" not in path.parts:
+    from ccpcsa import storage
+
+    for path in storage.list_files(storage.join(run_dir, "train")):
+        parts = path.split("/")
+        if (len(parts) == 4 and "round" in parts[2] and "stage0" not in parts
+                and fnmatch.fnmatch(parts[3], "epoch-*.pt")):
             return path
     return None
 
 
-def reported_rounds(run_dir: Path) -> set[tuple[str, int]]:
+def reported_rounds(run_dir: str) -> set[tuple[str, int]]:
     from search.ondisk import scan_trials
 
-    return {(t.trial_id, r) for t in scan_trials(str(run_dir)) for r in t.rounds}
+    return {(t.trial_id, r) for t in scan_trials(run_dir) for r in t.rounds}
 
 
-def finished_trials(run_dir: Path) -> int:
+def finished_trials(run_dir: str) -> int:
     from search.ondisk import scan_trials
 
-    return sum(t.status == "finished" for t in scan_trials(str(run_dir)))
+    return sum(t.status == "finished" for t in scan_trials(run_dir))
+
+
+def frontier_points(run_dir: str) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ccpcsa import storage
+
+    raw = storage.read_bytes(storage.join(run_dir, "frontier.parquet"))
+    return sum(bool(p) for p in pq.read_table(pa.BufferReader(raw)).column("pareto").to_pylist())
 
 
 def wait_for(what: str, test, timeout: float, poll: float = 0.2, job=None):
@@ -271,20 +333,22 @@ def wait_for(what: str, test, timeout: float, poll: float = 0.2, job=None):
 # --------------------------------------------------------------------------- the day
 
 
-def rehearse(work: Path, marker: str, token: str) -> tuple[int, int, int, int, int, int]:
-    storage = work / "storage"
-    run_dir = storage / NAME
-    flags = [*SEARCH, "--storage", str(storage), "--name", NAME]
+def rehearse(work: Path, marker: str, token: str, storage_uri: str,
+             storage_env: dict[str, str]) -> tuple[int, int, int, int, int, int]:
+    from ccpcsa import storage
+
+    run_dir = storage.join(storage_uri, NAME)
+    flags = [*SEARCH, "--storage", storage_uri, "--name", NAME]
     # 3: the fake provider never learns that a killed node is gone (it stays "pending"), so
     # one slot more than the two nodes the search uses lets the autoscaler replace it
-    cluster = Cluster(work, marker, token, max_nodes=3)
+    cluster = Cluster(work, marker, token, max_nodes=3, storage_env=storage_env)
     cluster.start_head()
     listening = loopback_only(marker)
     cluster.submit("day-1", flags)
 
     # a worker node lost while a trial fine-tunes
     wait_for("a trial's fine-tune to checkpoint an epoch", lambda: finetune_epoch_written(
-        run_dir), timeout=420, job=(cluster, "day-1"))
+        run_dir), timeout=420, poll=0.5, job=(cluster, "day-1"))
     nodes = cluster.worker_nodes()
     say(f"fine-tune running; worker nodes up: {len(nodes)}")
     training = sorted(set(nodes) & cluster.training_nodes())
@@ -296,16 +360,20 @@ def rehearse(work: Path, marker: str, token: str) -> tuple[int, int, int, int, i
     say(f"killed worker node {victim[-5:]} ({len(nodes[victim])} processes), which runs Ray "
         "Train workers")
     # the search goes on: the worker group restarts on a new node and resumes its fit from
-    # the last epoch (or, outside a fit, Tune retries the trial from its last round)
-    try:
-        how = wait_for("a worker group to resume its fit", lambda: (
-            "its worker group resumed a fit from the last epoch checkpoint"
-            if RESUMED_FIT in cluster.job_logs("day-1") else None),
-            timeout=150, poll=3, job=(cluster, "day-1"))
-    except TimeoutError:  # the node's trial was between fits: Tune retries it instead
-        how = wait_for("the search to go on after the node loss", lambda: (
-            "a round was reported after it" if len(reported_rounds(run_dir)) > rounds_then
-            else None), timeout=300, poll=3, job=(cluster, "day-1"))
+    # the last epoch; a group killed between fits has no fit to resume (its next command
+    # starts afresh), so after a grace period a round reported since the loss also counts
+    killed_at = time.monotonic()
+
+    def went_on() -> str | None:
+        if RESUMED_FIT in cluster.job_logs("day-1"):
+            return "its worker group resumed a fit from the last epoch checkpoint"
+        if (time.monotonic() - killed_at > RESUME_GRACE_S
+                and len(reported_rounds(run_dir)) > rounds_then):
+            return "a round was reported after it"
+        return None
+
+    how = wait_for("the search to go on after the node loss", went_on, timeout=450, poll=3,
+                   job=(cluster, "day-1"))
     say(f"the search went on after the node loss: {how}")
 
     # then the driver and the head, once a trial has finished and before all have
@@ -336,18 +404,20 @@ def rehearse(work: Path, marker: str, token: str) -> tuple[int, int, int, int, i
     if status != "SUCCEEDED":
         print(logs[-4000:], file=sys.stderr)
         raise RuntimeError(f"the resumed search ended {status}")
-    after = reported_rounds(run_dir)
-    import pandas as pd
+    from ccpcsa.runlock import read_holder
 
-    frontier = pd.read_parquet(run_dir / "frontier.parquet")
+    if (holder := read_holder(run_dir)) is not None:
+        raise RuntimeError(f"the resumed search left its run lock behind: {holder.describe()}")
+    after = reported_rounds(run_dir)
     say(f"ports listened on: {', '.join(sorted(listening))}")
-    return (finished_trials(run_dir), TRIALS, nodes_killed, 1,
-            int(frontier["pareto"].sum()), len(before - after))
+    return (finished_trials(run_dir), TRIALS, nodes_killed, 1, frontier_points(run_dir),
+            len(before - after))
 
 
 def loopback_only(marker: str) -> set[str]:
-    """The addresses our processes listen on (ss -ltnp); every one must be 127.0.0.1."""
-    ours = set(marked(marker))
+    """The addresses our processes listen on (ss -ltnp), this one's S3 server included; every
+    one must be 127.0.0.1."""
+    ours = set(marked(marker)) | {os.getpid()}
     found = set()
     out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
     for line in out.splitlines():
@@ -362,14 +432,30 @@ def loopback_only(marker: str) -> set[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument("--storage", choices=("s3", "local"),
+                        default="s3" if moto_installed() else "local",
+                        help="an S3 bucket on a moto server started here (default where moto "
+                             "is installed), or a local folder")
     args = parser.parse_args(argv)
+    if args.storage == "s3" and not moto_installed():
+        parser.error("--storage s3 needs moto[s3], flask and flask-cors (pip install -e '.[dev]')")
     work = Path(tempfile.mkdtemp(prefix="rh-", dir="/tmp"))  # short: Ray's socket paths
     marker, token = uuid.uuid4().hex, secrets.token_hex(32)
     # this process's own Ray clients (job and state APIs) read the token when Ray is imported
     os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     say(f"work folder {work}")
+    s3: S3Server | None = None
     try:
-        finished, trials, killed, restarts, points, lost = rehearse(work, marker, token)
+        if args.storage == "s3":
+            s3 = S3Server()
+            storage_uri, storage_env = f"s3://{BUCKET}/runs", s3.env
+            used = f"{storage_uri} on a moto S3 server at {s3.endpoint}"
+        else:
+            storage_uri, storage_env = str(work / "storage"), {}
+            used = f"the local folder {storage_uri}"
+        say(f"storage: {used}")
+        finished, trials, killed, restarts, points, lost = rehearse(
+            work, marker, token, storage_uri, storage_env)
     except (RuntimeError, TimeoutError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -378,8 +464,11 @@ def main(argv: list[str] | None = None) -> int:
             if not kill_all(marked(marker)):
                 break
             time.sleep(1)
+        if s3 is not None:
+            s3.stop()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+    say(f"storage used: {used}")
     print(f"trials finished {finished}/{trials}, nodes killed {killed}, head restarts "
           f"{restarts}, frontier points {points}, rounds lost {lost}", flush=True)
     return 0 if finished == trials and lost == 0 and killed and restarts else 1
