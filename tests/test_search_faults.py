@@ -122,15 +122,19 @@ def test_a_full_disk_loses_nothing_and_retry_failed_reruns_the_failed_trial(smal
     out = _driver_lines(first.stdout)
     assert first.returncode == 1, _tail(out)
     errors = [line for line in out.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "--resume --retry-failed" in errors[0], _tail(out)
+    assert len(errors) == 1 and "--resume" in errors[0], _tail(out)
     # what follows Tune's run (from the line saying why it stopped) is ours: no traceback;
     # before it, Ray may print the trial's own (docs/reliability.md: not promised)
     ours = out.split("search: ")[-1].split("Trial status:")[-1].split("Ray Tune failed: ")[-1]
     assert "Traceback (most recent call last)" not in ours, _tail(out)
     counts = _summary_counts(out)
-    assert counts["failed"] >= 1, _tail(out)
+    # the trial the disk stopped is failed, with its cause, when its end reached the disk;
+    # when the disk took even that, it counts as not started: the resume owes it either way
+    assert counts["finished"] < 3 and counts["failed"] + counts["not started"] >= 1, _tail(out)
     failed = [line for line in out.splitlines() if line.startswith("failed: ")]
-    assert failed and all("No space left on device" in line for line in failed), failed
+    assert all("No space left on device" in line for line in failed), failed
+    if failed:
+        assert "--resume --retry-failed" in errors[0], errors[0]
 
     # room again (the same folder, larger): the failed trial runs again, nothing else
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
