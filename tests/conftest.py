@@ -27,7 +27,9 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 # leaves them out for the inner loop; `make test` (and CI) runs everything.
 SLOW_MODULES = {
     "test_search", "test_two_phase", "test_local_job", "test_distributed", "test_datapath",
-    "test_reliability", "test_zoo", "test_syncbn", "test_weights",
+    "test_reliability", "test_zoo", "test_syncbn", "test_weights", "test_capacity",
+    "test_depth_search", "test_feed", "test_rehearsal", "test_search_faults",
+    "test_storage_s3",
 }
 
 

@@ -174,6 +174,7 @@ def test_prune_refuses_a_target_its_caps_cannot_reach(tmp_path, capsys):
     assert "--distill distils in the final fine-tune" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_ray_train_workers_distil_from_the_teacher(tmp_path):
     """Distillation where Ray Train workers fine-tune: with weight 1 the loss is the softened
     KL to the teacher alone, far below the ~2.3 cross-entropy of an untrained model; without

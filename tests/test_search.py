@@ -505,6 +505,10 @@ def test_ray_job_submit_end_to_end(ray_head, tmp_path):
     assert set(frame["trial_id"]) - {"stage0"} <= set(trials)
     for trial_id, trial in trials.items():  # every reported round of every trial is a point
         assert _frontier_rounds(frame, trial_id) == _round_reports(_dir(trial)), trial_id
+        # TensorBoard (Ray Tune's default logger, cluster/README.md "Watch"): every trial's
+        # accuracy and FLOPs per round, under `tensorboard --logdir <run>`
+        events = b"".join(p.read_bytes() for p in _dir(trial).glob("events.out.tfevents.*"))
+        assert b"accuracy" in events and b"flops" in events, trial_id
     assert len(frame) > 1
 
     # The stored numbers re-measure from the checkpoints.

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from ccpcsa import load_checkpoint, storage
 from search.pareto import read_frontier
 
@@ -22,6 +24,7 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.slow
 def test_prune_search_and_report_on_a_file_uri(tmp_path):
     out = f"file://{tmp_path}/prune"
     _run(["-m", "ccpcsa", "prune", *TINY, "--out", out])
