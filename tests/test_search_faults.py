@@ -6,12 +6,11 @@
   line with the summary and the resume command, keeps the failed trial's cause, and once there
   is room `--resume --retry-failed` runs the failed trial again, even when the disk cut Tune's
   state short.
-- A planted tuner.pkl is never unpickled: --resume does not read Tune's state.
+(A planted tuner.pkl, never unpickled by --resume: tests/test_search.py, the Ctrl-C test.)
 """
 
 from __future__ import annotations
 
-import pickle
 import shutil
 import signal
 import subprocess
@@ -58,12 +57,7 @@ def _signal_once_a_trial_finished(args: list[str], run_dir: Path, log: Path, pre
     return driver
 
 
-class _Planted:  # a pickle that, unpickled, names what it ran
-    def __reduce__(self):
-        return (getattr, (int, "no_such_attribute_i26"))
-
-
-# --------------------------------------------------------------------------- 5, 7. SIGTERM
+# --------------------------------------------------------------------------- 5. SIGTERM
 
 def test_sigterm_ends_a_running_search_like_ctrl_c(tmp_path):
     storage = tmp_path / "runs"
@@ -79,17 +73,6 @@ def test_sigterm_ends_a_running_search_like_ctrl_c(tmp_path):
     assert "--resume" in first and "SIGTERM received" not in first, _tail(first)
     assert "Traceback" not in _driver_lines(first.split("search: ")[-1]), _tail(first)
     assert (storage / "term" / "frontier.parquet").is_file()
-    # 7. a tuner.pkl planted in the run folder is never unpickled: the resume reads only the
-    # trial folders and Optuna's journal
-    (storage / "term" / "tuner.pkl").write_bytes(pickle.dumps(_Planted()))
-    with _ray_processes("term-b") as (marker, ray_tmp):
-        done = _search(["--storage", str(storage), "--name", "term", "--resume"],
-                       _env(marker, ray_tmp), tmp_path / "resumed.log")
-    out = done.stdout
-    assert done.returncode == 0, _tail(out)
-    assert "no_such_attribute_i26" not in out, _tail(out)
-    counts = _summary_counts(out)  # an interrupted trial was continued, none failed
-    assert counts["finished"] == 3 and counts["failed"] == 0, _tail(out)
 
 
 # --------------------------------------------------------------------------- 3, 4. full disk

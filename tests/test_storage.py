@@ -32,8 +32,16 @@ def test_prune_search_and_report_on_a_file_uri(tmp_path):
     final = load_checkpoint(storage.join(out, "final.pt"))
     assert final.training is False
 
+    # --workers-per-trial 2: stage 0 and the trial's rounds run data-parallel under Ray Train,
+    # stage 0 on one worker group and all the trial's rounds on another, each group's Ray
+    # Train run leaving its folder in <run>/train/
     runs = f"file://{tmp_path}/runs"
-    _run(["search/run.py", *TINY, "--num-samples", "1", "--storage", runs, "--name", "uri"])
+    search = _run(["search/run.py", *TINY, "--num-samples", "1", "--storage", runs, "--name",
+                   "uri", "--workers-per-trial", "2", "--cpus-per-worker", "0.5"])
+    for fit in ("baseline", "attention", "round 1"):
+        assert f"{fit} (2 workers) epoch 1/1" in search.stdout + search.stderr, fit
+    groups = [p.parent.name for p in (tmp_path / "runs" / "uri" / "train").glob("*/group-*")]
+    assert len(groups) == 2 and "stage0" in groups, groups
     frame, baseline = read_frontier(storage.join(runs, "uri"))
     assert baseline is not None and len(frame) >= 2  # the unpruned model and round 1
     for path in frame.loc[frame["pareto"], "checkpoint"]:

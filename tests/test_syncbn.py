@@ -28,6 +28,7 @@ def _worker(rank: int, port: int, x: torch.Tensor, queue) -> None:
         queue.put((rank, out.detach().tolist(), inner[0].weight.grad.tolist(),
                    inner[1].running_var.tolist(), inner[4].running_mean.tolist()))
     finally:
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
         dist.destroy_process_group()
 
 
