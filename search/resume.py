@@ -25,9 +25,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from ccpcsa import storage
-from search.ondisk import RETRIED_FILE, TrialOnDisk
-from search.retry import Retries, params_key, plan_retries
+from search.ondisk import TrialOnDisk
+from search.retry import Retries, last_checkpoint, mark_replaced, params_key, plan_retries
 
 log = logging.getLogger("ccpcsa.search")
 
@@ -71,16 +70,14 @@ def plan_continuations(trials: list[TrialOnDisk]) -> Retries:
             continue
         if not trial.params:
             again.fresh += 1
-            storage.write_json(storage.join(trial.folder, RETRIED_FILE),
-                               {"error": "interrupted", "from_round": 0, "checkpoint": "",
-                                "parameters_lost": True})
+            mark_replaced(trial, "interrupted")
             log.info("%s was interrupted and its parameters were not saved: a new trial takes "
                      "its place", trial.name)
             continue
-        last = max((r for r, p in trial.rounds.items() if p.get("checkpoint")), default=None)
+        last, checkpoint = last_checkpoint(trial)
         key = params_key(trial.params)
         again.configs.append(dict(trial.params))
-        again.start_from[key] = trial.rounds[last]["checkpoint"] if last is not None else ""
+        again.start_from[key] = checkpoint
         again.continues[key] = trial.trial_id
         log.info("%s was interrupted: it continues as a new trial from %s", trial.name,
                  f"round {last}" if last else "the start")

@@ -37,6 +37,19 @@ def params_key(params: dict[str, Any]) -> str:
     return json.dumps(params, sort_keys=True, default=str)
 
 
+def last_checkpoint(trial: TrialOnDisk) -> tuple[int | None, str]:
+    """(round, checkpoint) of the trial's last checkpointed round; (None, "") if none."""
+    last = max((r for r, p in trial.rounds.items() if p.get("checkpoint")), default=None)
+    return last, trial.rounds[last]["checkpoint"] if last is not None else ""
+
+
+def mark_replaced(trial: TrialOnDisk, error: str) -> None:
+    """Mark a trial whose parameters were lost as run again: a new trial takes its place."""
+    storage.write_json(storage.join(trial.folder, RETRIED_FILE),
+                       {"error": error, "from_round": 0, "checkpoint": "",
+                        "parameters_lost": True})
+
+
 def plan_retries(trials: list[TrialOnDisk]) -> Retries:
     """Run every failed trial on disk again (marking its folder retried): from its last
     round's checkpoint, or from the start when it reported none; one whose parameters are
@@ -47,14 +60,11 @@ def plan_retries(trials: list[TrialOnDisk]) -> Retries:
             continue
         if not trial.params:
             retries.fresh += 1
-            storage.write_json(storage.join(trial.folder, RETRIED_FILE),
-                               {"error": trial.error, "from_round": 0, "checkpoint": "",
-                                "parameters_lost": True})
+            mark_replaced(trial, trial.error)
             log.info("%s failed (%s) and its parameters were not saved: a new trial takes its "
                      "place", trial.name, trial.error)
             continue
-        last = max((r for r, p in trial.rounds.items() if p.get("checkpoint")), default=None)
-        checkpoint = trial.rounds[last]["checkpoint"] if last is not None else ""
+        last, checkpoint = last_checkpoint(trial)
         retries.configs.append(dict(trial.params))
         retries.start_from[params_key(trial.params)] = checkpoint
         storage.write_json(storage.join(trial.folder, RETRIED_FILE),
