@@ -2,7 +2,7 @@
 accuracy they reach once fine-tuned, the proxy the two-phase search screens with.
 
 For each dataset, stage 0 (baseline, then BAM) is trained once; then S schedules are drawn at
-random from the search's own space (search/space.py: m and per-stage ratio caps, the
+random from the search's own space (ccpcsa/search/space.py: m and per-stage ratio caps, the
 search's default ranges) and each runs the CCPCSA loop twice from the same BAM model:
 - screened: every round re-estimates BatchNorm on --bn-batches training batches (train mode,
   no gradients, no weight update) and evaluates (LoopConfig.screen, what phase 1 does);
@@ -53,9 +53,9 @@ from sections import write_section  # noqa: E402
 from ccpcsa.data import DataConfig, build_datasets, dataset_info  # noqa: E402
 from ccpcsa.loop import LoopConfig, PrepareConfig, prepare, prune_loop  # noqa: E402
 from ccpcsa.prune import PruneLimits  # noqa: E402
+from ccpcsa.search.config import SearchConfig  # noqa: E402
+from ccpcsa.search.space import build_space, decode, describe_model  # noqa: E402
 from ccpcsa.train import LocalRunner, TrainConfig  # noqa: E402
-from search.config import SearchConfig  # noqa: E402
-from search.space import build_space, decode, describe_model  # noqa: E402
 
 SECTION = "## Adaptive-BN screening: does the proxy rank schedules like fine-tuning?"
 CACHE_FILE = "schedules.json"

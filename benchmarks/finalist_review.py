@@ -22,7 +22,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from search.pareto import hypervolume, read_frontier  # noqa: E402
+from ccpcsa.search.pareto import hypervolume, read_frontier  # noqa: E402
 
 PARAM = "param_"
 

@@ -12,7 +12,7 @@ Per model, dataset and seed, stage 0 is trained once and shared by every arm (it
 keyed by its settings, which are equal).
 
 Compute is measured, not estimated: each trial reports the CPU-seconds (GPU-seconds on GPUs)
-it has used by each round (search/compute.py). An arm's trials are laid end to end in the
+it has used by each round (ccpcsa/search/compute.py). An arm's trials are laid end to end in the
 order Tune created them (screening first), so each fine-tuned point becomes available at the
 compute spent before its trial plus its trial's compute by that round; the hypervolume of
 the deployable points available at each budget is the arm's curve. Stage 0 (the same for
@@ -45,8 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/sections.
 from resumable import load_cache, save_cache  # noqa: E402
 from sections import write_section  # noqa: E402
 
-from search.config import EARLY_STOPS as SEARCH_EARLY_STOPS  # noqa: E402
-from search.pareto import hypervolume, read_frontier  # noqa: E402
+from ccpcsa.search.config import EARLY_STOPS as SEARCH_EARLY_STOPS  # noqa: E402
+from ccpcsa.search.pareto import hypervolume, read_frontier  # noqa: E402
 
 SECTION = "## Search: two-phase (adaptive-BN screening + fine-tuned finalists) vs full search"
 OLD_SECTION = "## Search: Optuna vs random search vs the paper's fixed schedule"
@@ -169,7 +169,7 @@ def run_folder(args: argparse.Namespace, setting: str, seed: int, arm: str) -> P
 
 
 def run_arm(setting: str, seed: int, arm: str, args: argparse.Namespace) -> dict:
-    from search import run as search_run
+    from ccpcsa.search import run as search_run
 
     folder = run_folder(args, setting, seed, arm)
     argv = ["--storage", str(folder.parent), "--name", folder.name,
@@ -195,7 +195,7 @@ def run_arm(setting: str, seed: int, arm: str, args: argparse.Namespace) -> dict
 
 def measure(run_dir: Path, floor: float) -> dict:
     """The arm's final hypervolume, its compute and its hypervolume-vs-compute curve."""
-    from search.ondisk import scan_trials
+    from ccpcsa.search.ondisk import scan_trials
 
     frame, baseline = read_frontier(str(run_dir))
     ref_accuracy = baseline["accuracy"] - floor
@@ -514,7 +514,7 @@ def _verdicts(res, full, screened, equal, target, seeds, args, budget) -> list[s
 
 def render(cache: dict, args: argparse.Namespace, wall_s: float,
            reference: dict | None = None) -> str:
-    from search.config import SearchConfig
+    from ccpcsa.search.config import SearchConfig
 
     body = [line for setting in args.settings
             for line in render_setting(setting, cache, args, reference)]
@@ -533,7 +533,7 @@ def render(cache: dict, args: argparse.Namespace, wall_s: float,
         f"Hypervolume of the deployable points in (fraction of baseline FLOPs saved) x "
         f"(accuracy points above baseline - {args.floor}); larger is better. *Equal "
         "compute*: per seed, every arm's hypervolume at the total compute of the cheapest "
-        "arm (or of --budget-arms). search/config.py's default sampler: "
+        "arm (or of --budget-arms). ccpcsa/search/config.py's default sampler: "
         f"{SearchConfig().sampler}.", "",
         "Reduced grid (the full one — resnet20 and resnet56 on both datasets, the whole "
         "Fashion-MNIST training split at 28 px — would take well over 3 h on 2 cores): "

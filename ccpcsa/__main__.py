@@ -580,10 +580,10 @@ def setup_logging(verbose: bool) -> None:
 # subcommands whose own command line lives elsewhere: `ccpcsa search ...` is
 # `python search/run.py ...`, and so on; module -> whether it takes the subcommand's name too
 DELEGATED = {
-    "search": ("search.run", False, "the Ray Tune + Optuna search for the Pareto frontier of "
-               "accuracy against FLOPs (as `python search/run.py`)"),
-    "report": ("search.report", False, "print a search's frontier table again, or follow a "
-               "running search (as `python search/report.py`)"),
+    "search": ("ccpcsa.search.run", False, "the Ray Tune + Optuna search for the Pareto frontier "
+               "of accuracy against FLOPs (as `python search/run.py`)"),
+    "report": ("ccpcsa.search.report", False, "print a search's frontier table again, or follow "
+               "a running search (as `python search/report.py`)"),
     "to-parquet": ("ccpcsa.data.cli", True, "convert an ImageFolder split to Parquet shards "
                    "for Ray Data (as `python -m ccpcsa.data to-parquet`)"),
     "imagenet-folders": ("ccpcsa.data.cli", True, "unpack the official ImageNet archives into "

@@ -290,13 +290,13 @@ def finetune_epoch_written(run_dir: str) -> str | None:
 
 
 def reported_rounds(run_dir: str) -> set[tuple[str, int]]:
-    from search.ondisk import scan_trials
+    from ccpcsa.search.ondisk import scan_trials
 
     return {(t.trial_id, r) for t in scan_trials(run_dir) for r in t.rounds}
 
 
 def finished_trials(run_dir: str) -> int:
-    from search.ondisk import scan_trials
+    from ccpcsa.search.ondisk import scan_trials
 
     return sum(t.status == "finished" for t in scan_trials(run_dir))
 

@@ -42,9 +42,9 @@ from ccpcsa.data import (
 )
 from ccpcsa.distributed import RayRunner, _parquet_indexes
 from ccpcsa.distributed.worker import GroupSetup, TrainSource, Worker
+from ccpcsa.search.config import ConfigError, build_config
+from ccpcsa.search.trial import train_config
 from ccpcsa.train import InputWait, TrainConfig, loader, loader_workers_for, train_sampler
-from search.config import ConfigError, build_config
-from search.trial import train_config
 
 CLASSES = 10
 PER_CLASS = 16  # 160 training rows

@@ -1,5 +1,5 @@
 """Depth: a FLOPs target (ccpcsa.depth, the loop, the search space), the criterion as a searched
-parameter, knowledge distillation, and the final fine-tune of frontier points (search/final.py)
+parameter, knowledge distillation, and the final fine-tune of frontier points (ccpcsa.search.final)
 with its resume. Real models, real pruning, real training on the embedded digits."""
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ from ccpcsa.depth import (
 from ccpcsa.loop import LoopConfig, PrepareConfig, prepare, prune_loop
 from ccpcsa.prune import PruneLimits
 from ccpcsa.runners import make_runner
-from ccpcsa.train import TrainConfig, distillation_loss
-from search.config import ConfigError, SearchConfig, config_from_dict
-from search.space import (
+from ccpcsa.search.config import ConfigError, SearchConfig, config_from_dict
+from ccpcsa.search.space import (
     IMPORTANCE_PARAM,
     M_PARAM,
     build_space,
@@ -35,6 +34,7 @@ from search.space import (
     trial_rounds,
     with_target,
 )
+from ccpcsa.train import TrainConfig, distillation_loss
 
 SHAPE = (3, 8, 8)  # digits at 8 px (replicated to 3 channels): small and quick
 
@@ -146,7 +146,7 @@ def test_importance_list_is_a_categorical_parameter():
 
 
 def test_frontier_table_names_the_criterion_and_the_tolerance():
-    from search.pareto import format_table, mark_frontier
+    from ccpcsa.search.pareto import format_table, mark_frontier
 
     points = pd.DataFrame([
         {"trial_id": "a", "round": 1, "accuracy": 99.0, "flops": 80, "params": 8,

@@ -28,7 +28,7 @@ import torch
 from ccpcsa.__main__ import main as prune_main
 from ccpcsa.checkpoint import CheckpointError, CheckpointInfo, load_checkpoint, save_checkpoint
 from ccpcsa.models import build_model
-from search import run as search_run
+from ccpcsa.search import run as search_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -279,8 +279,8 @@ def test_a_prune_that_kept_no_pruned_round_says_so_last(tmp_path, capsys):
 # --------------------------------------------------------------------------- 4. the cause
 
 def test_a_failed_trials_cause_survives_a_full_disk(tmp_path):
-    from search import failure
-    from search.ondisk import scan_trials
+    from ccpcsa.search import failure
+    from ccpcsa.search.ondisk import scan_trials
 
     disk = tmp_path / "disk"
     disk.mkdir()

@@ -204,8 +204,8 @@ def test_decode_ahead_thread_keeps_order_and_reraises():
 
 
 def test_search_settings_for_the_input_path_are_validated_and_reach_the_workers():
-    from search.config import ConfigError, config_from_dict
-    from search.trial import data_config
+    from ccpcsa.search.config import ConfigError, config_from_dict
+    from ccpcsa.search.trial import data_config
 
     cfg = config_from_dict({"decode": "gpu", "host_copy": "pageable", "prefetch_batches": 4})
     data = data_config(cfg)

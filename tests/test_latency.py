@@ -7,8 +7,8 @@ from PIL import Image
 
 from ccpcsa.latency import measure_latency
 from ccpcsa.models import build_model
-from search import report
-from search.pareto import format_table, write_frontier
+from ccpcsa.search import report
+from ccpcsa.search.pareto import format_table, write_frontier
 
 BASELINE = {"accuracy": 95.0, "flops": 10_000_000, "params": 270_000, "latency_ms": 4.0,
             "latency_batch_ms": 20.0}

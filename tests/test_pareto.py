@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from search.pareto import (
+from ccpcsa.search.pareto import (
     collect_checkpoints,
     format_table,
     human,
@@ -400,7 +400,7 @@ def test_collect_checkpoints_missing_source_raises(tmp_path):
 
 def _run_report(*args: str, module: bool = False, cwd: Path = REPO):
     cmd = (
-        [sys.executable, "-m", "search.report"]
+        [sys.executable, "-m", "ccpcsa.search.report"]
         if module
         else [sys.executable, str(REPO / "search" / "report.py")]
     )
@@ -436,7 +436,7 @@ def test_report_cli_missing_dir_exits_2(tmp_path):
 
 
 def test_report_main_in_process(tmp_path, capsys):
-    from search.report import main
+    from ccpcsa.search.report import main
 
     run_dir = tmp_path / "run"
     write_frontier(make_points(), str(run_dir), BASELINE)

@@ -47,12 +47,12 @@ from ccpcsa.data import DataConfig, DataError, build_datasets, check_dataset
 from ccpcsa.loop import PrepareConfig, prepare, stage0_keys
 from ccpcsa.models import build_model
 from ccpcsa.runlock import LOCK_FILE, Holder, RunInUseError, RunLock, is_stale
+from ccpcsa.search import run as search_run
+from ccpcsa.search.ondisk import CAUSE_LOST, CONTINUES_FILE, counts, remove_unstarted, scan_trials
+from ccpcsa.search.pareto import collect_checkpoints
+from ccpcsa.search.resume import plan_session
+from ccpcsa.search.retry import params_key
 from ccpcsa.train import LocalRunner, TrainConfig
-from search import run as search_run
-from search.ondisk import CAUSE_LOST, CONTINUES_FILE, counts, remove_unstarted, scan_trials
-from search.pareto import collect_checkpoints
-from search.resume import plan_session
-from search.retry import params_key
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "resnet20", "--dataset", "digits", "--image-size", "8",

@@ -55,10 +55,10 @@ from PIL import Image
 from ccpcsa.checkpoint import load_checkpoint
 from ccpcsa.data import DataConfig, build_datasets
 from ccpcsa.flops import count_flops, count_params
+from ccpcsa.search.config import ConfigError
+from ccpcsa.search.ondisk import TrialOnDisk, scan_trials
+from ccpcsa.search.run import config_from_argv
 from ccpcsa.train import TrainConfig, evaluate
-from search.config import ConfigError
-from search.ondisk import TrialOnDisk, scan_trials
-from search.run import config_from_argv
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent  # the interpreter running the tests: .venv/bin
@@ -221,7 +221,7 @@ def _tail(text: str, lines: int = 60) -> str:
 
 
 def _on_disk(run_dir: Path) -> dict[str, TrialOnDisk]:
-    """trial id -> the trial as its folder records it (search/ondisk.py): the search's own
+    """trial id -> the trial as its folder records it (ccpcsa/search/ondisk.py): the search's own
     record, read the way --resume reads it."""
     return {t.trial_id: t for t in scan_trials(str(run_dir))} if run_dir.is_dir() else {}
 
@@ -409,7 +409,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path):
     result_files = {t: (_dir(v) / "result.json").read_bytes()
                     for t, v in finished_before.items()}
     rounds_before = {t: _round_reports(_dir(v)) for t, v in finished_before.items()}
-    # the frontier so far is rewritten as rounds report (search/watch.py): a killed search
+    # the frontier so far is rewritten as rounds report (ccpcsa/search/watch.py): a killed search
     # leaves none yet or a whole, readable file with only trials it had recorded
     if (run_dir / "frontier.parquet").exists():
         so_far = pd.read_parquet(run_dir / "frontier.parquet")
@@ -570,7 +570,7 @@ def test_ctrl_c_exits_130_and_resume_survives_a_lost_tune_state(tmp_path):
     ends in a line cut short (what a kill while Optuna writes leaves), and --resume must
     neither lose nor re-run the finished trial, must finish the search, and every round on
     disk must reach the frontier."""
-    from search.searcher import JOURNAL_FILE
+    from ccpcsa.search.searcher import JOURNAL_FILE
 
     storage = tmp_path / "runs"
     run_dir = storage / "lost"
@@ -665,7 +665,7 @@ def _kill_once_a_trial_finished(args: list[str], experiment: Path, log: Path, pr
 
 def test_two_phase_search_killed_in_each_phase_resumes_and_finishes_as_a_ray_job(
         ray_head, tmp_path):
-    from search.finalists import load_finalists
+    from ccpcsa.search.finalists import load_finalists
 
     storage = (tmp_path / "runs").resolve()
     run_dir = storage / "two"

@@ -1,4 +1,4 @@
-"""The search's Optuna study in its journal file (search/searcher.py), through public Optuna and
+"""The search's Optuna study in its journal file (ccpcsa.search.searcher), through public Optuna and
 Ray Tune APIs only: what a stopped session leaves in it is brought in line with the trial
 folders, a journal cut short by a kill still loads, and a killed holder leaves no lock."""
 
@@ -10,8 +10,8 @@ import time
 
 import optuna
 
-from search.ondisk import TrialOnDisk
-from search.searcher import (
+from ccpcsa.search.ondisk import TrialOnDisk
+from ccpcsa.search.searcher import (
     JOURNAL_FILE,
     FlockLock,
     journal_of,

@@ -6,8 +6,8 @@ import torch
 
 from ccpcsa.models import build_model, get_spec
 from ccpcsa.prune import PruneLimits, build_graph, find_groups
-from search.config import SearchConfig
-from search.space import RESIDUAL_PARAM, build_space, decode, describe_model, uniform_params
+from ccpcsa.search.config import SearchConfig
+from ccpcsa.search.space import RESIDUAL_PARAM, build_space, decode, describe_model, uniform_params
 
 
 def test_stage_space_has_a_separate_ratio_for_residual_streams():

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ccpcsa import load_checkpoint, storage
-from search.pareto import read_frontier
+from ccpcsa.search.pareto import read_frontier
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "resnet20", "--dataset", "digits", "--image-size", "8",

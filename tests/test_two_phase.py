@@ -9,16 +9,16 @@ import pytest
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 
-from search.config import ConfigError, config_from_dict
-from search.early_stop import GAP, FrontierGap, make_scheduler
-from search.finalists import (
+from ccpcsa.search.config import ConfigError, config_from_dict
+from ccpcsa.search.early_stop import GAP, FrontierGap, make_scheduler
+from ccpcsa.search.finalists import (
     finalist_config,
     load_finalists,
     pareto_layers,
     save_finalists,
     select_finalists,
 )
-from search.ondisk import TrialOnDisk, read_early_stopped
+from ccpcsa.search.ondisk import TrialOnDisk, read_early_stopped
 
 
 def screened_trial(trial_id: str, points: list[tuple[float, int]], status="finished"):
@@ -167,7 +167,7 @@ def test_early_stopping_runs_inside_tune_and_stops_the_trial_behind(tmp_path, ki
 def test_startup_trials_hands_over_to_the_model_after_n_random_trials(sampler):
     import optuna
 
-    from search.run import make_sampler
+    from ccpcsa.search.run import make_sampler
 
     def suggested(startup: int | None) -> list[float]:
         cfg = config_from_dict({"sampler": sampler, "startup_trials": startup, "seed": 3})

@@ -1,11 +1,11 @@
 """Following a running search: report.py --follow prints the frontier each time the file the
-search rewrites (search/watch.py) changes."""
+search rewrites (ccpcsa/search/watch.py) changes."""
 
 from __future__ import annotations
 
 import pandas as pd
 
-from search import pareto, report
+from ccpcsa.search import pareto, report
 
 
 def _points(n: int) -> pd.DataFrame:

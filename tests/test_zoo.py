@@ -21,8 +21,8 @@ from ccpcsa.checkpoint import CheckpointError, read_payload
 from ccpcsa.data import DataConfig, build_datasets
 from ccpcsa.models import build_model, get_spec
 from ccpcsa.prune import PruneLimits, build_graph, find_groups, select_channels
+from ccpcsa.search.pareto import read_frontier
 from ccpcsa.train import TrainConfig, evaluate
-from search.pareto import read_frontier
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@ every one of them imports sitecustomize.py, which calls install(). install() doe
 unless a fault variable is set; then it patches the product's functions as their modules are
 imported in that process:
 
-- CCPCSA_FAIL_TRIALS="1,3": search.trial.run_trial raises in the trials Tune numbered 1 and 3
+- CCPCSA_FAIL_TRIALS="1,3": ccpcsa.search.trial.run_trial raises in the trials Tune numbered 1 and 3
   (the N of the trial folder run_trial_<id>_N_...; Tune's own retry of a trial keeps its
   number, so it fails again).
 - CCPCSA_KILL_WORKER="RANK:EPOCH:BATCH:MARKER": the Ray Train worker of that rank SIGKILLs
@@ -39,7 +39,7 @@ def env_with_plugins(env: dict[str, str]) -> dict[str, str]:
 def install() -> None:
     patches: dict[str, Callable[[ModuleType], None]] = {}
     if os.environ.get(FAIL_TRIALS):
-        patches["search.trial"] = _fail_trials
+        patches["ccpcsa.search.trial"] = _fail_trials
     if os.environ.get(KILL_WORKER):
         patches["ccpcsa.distributed.worker"] = _kill_worker
     if patches:

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from ccpcsa import storage
-from search.ondisk import TrialOnDisk
-from search.pareto import hypervolume, pareto_mask
+from ccpcsa.search.ondisk import TrialOnDisk
+from ccpcsa.search.pareto import hypervolume, pareto_mask
 
 FINALISTS_FILE = "finalists.json"
 SCREENED_TRIAL = "screened_trial"  # phase-2 trials carry the id of the schedule's screen trial

@@ -9,10 +9,10 @@ import pandas as pd
 
 from ccpcsa import storage
 from ccpcsa.loop import Prepared
-from search.config import SearchConfig
-from search.finalists import SCREENED_TRIAL
-from search.ondisk import TrialOnDisk, counts
-from search.pareto import (
+from ccpcsa.search.config import SearchConfig
+from ccpcsa.search.finalists import SCREENED_TRIAL
+from ccpcsa.search.ondisk import TrialOnDisk, counts
+from ccpcsa.search.pareto import (
     collect_checkpoints,
     format_table,
     mark_frontier,
@@ -110,13 +110,13 @@ def write_results(trials: list[TrialOnDisk], cfg: SearchConfig, prepared: Prepar
     summary to print. `owed`: trials each phase owes (default: the one-phase search's). With
     input_shape (the search ran to its end) and cfg.latency_batch, the frontier's latency is
     measured too (add_latency); an interrupted search is not kept waiting for it. `finals`:
-    the final fine-tunes done (search/final.py), whose results replace their points'."""
+    the final fine-tunes done (ccpcsa/search/final.py), whose results replace their points'."""
     owed = owed or {"full": cfg.num_samples}
     frame = pd.DataFrame([stage0_point(prepared), *trial_points(trials)])
     baseline = baseline_of(prepared)
     frame = mark_frontier(frame, baseline)
     if finals:
-        from search.final import apply_finals
+        from ccpcsa.search.final import apply_finals
 
         reference = prepared.reference_accuracy(cfg.reference)
         frame = mark_frontier(apply_finals(frame, finals, reference, cfg.tolerance), baseline)

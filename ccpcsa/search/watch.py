@@ -34,8 +34,8 @@ class FrontierWriter(Callback):
         self.refresh()
 
     def refresh(self) -> None:
-        from search import collect
-        from search.ondisk import scan_trials
+        from ccpcsa.search import collect
+        from ccpcsa.search.ondisk import scan_trials
 
         self._last = time.monotonic()
         try:

@@ -1,18 +1,18 @@
 """--resume from the run folder's own records, never from Ray Tune's saved state.
 
-The trial folders (search/ondisk.py) say what each trial did; the Optuna study in the phase's
-journal (search/searcher.py) holds what the sampler learnt. A session of a search, the first
+The trial folders (ccpcsa/search/ondisk.py) say what each trial did; the Optuna study in the phase's
+journal (ccpcsa/search/searcher.py) holds what the sampler learnt. A session of a search, the first
 or a resumed one, is one new Tune run of the trials the phase still owes:
 
 - finished, stopped-early and failed trials are kept as they are (failed ones are run again
-  with --retry-failed: search/retry.py);
+  with --retry-failed: ccpcsa/search/retry.py);
 - an interrupted trial continues as a new trial with the same parameters from its last round's
   checkpoint; the new trial records the trial it continues (CONTINUES_FILE in its own folder),
   and once it has reported a round the old one counts as "continued" (its rounds stay on the
   frontier). A session stopped before that leaves the old trial interrupted: the next resume
   continues it again;
 - an interrupted trial whose parameters the disk lost is replaced by a new trial (marked
-  retried, as search/retry.py does for a failed one);
+  retried, as ccpcsa/search/retry.py does for a failed one);
 - the searcher draws the rest: the phase's trials minus those kept and those continued.
 
 Tune's own files in the experiment folder (tuner.pkl, experiment_state-*.json,
@@ -25,8 +25,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from search.ondisk import TrialOnDisk
-from search.retry import Retries, last_checkpoint, mark_replaced, params_key, plan_retries
+from ccpcsa.search.ondisk import TrialOnDisk
+from ccpcsa.search.retry import Retries, last_checkpoint, mark_replaced, params_key, plan_retries
 
 log = logging.getLogger("ccpcsa.search")
 

@@ -27,7 +27,7 @@ from ray.tune.result import DEFAULT_METRIC
 from ray.tune.schedulers import AsyncHyperBandScheduler, MedianStoppingRule, TrialScheduler
 
 from ccpcsa import storage
-from search.ondisk import EARLY_STOPPED_FILE, read_early_stopped
+from ccpcsa.search.ondisk import EARLY_STOPPED_FILE, read_early_stopped
 
 log = logging.getLogger("ccpcsa.search")
 

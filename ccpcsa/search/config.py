@@ -55,14 +55,14 @@ class SearchConfig:
     startup_trials: int | None = None
     # two-phase search: > 0 screens this many schedules with adaptive-BN evaluation only (no
     # fine-tune), then fine-tunes the `finalists` closest to the screened frontier
-    # (search/finalists.py); 0 = every trial fine-tunes every round (num_samples trials)
+    # (ccpcsa/search/finalists.py); 0 = every trial fine-tunes every round (num_samples trials)
     screen: int = 0
     finalists: int | None = None  # None: DEFAULT_FINALISTS, at most `screen`
     # > 0: screened rounds are evaluated on a fixed random N images of the test split instead
     # of all of it (evaluation was most of a screened round's cost); fine-tuned trials and
     # the finalists always use the whole split
     screen_eval_images: int = 0
-    # stop fine-tuning trials that fall behind the frontier (search/early_stop.py)
+    # stop fine-tuning trials that fall behind the frontier (ccpcsa/search/early_stop.py)
     early_stop: str = "off"
     seed: int = 0
     per_layer: bool = False
@@ -95,7 +95,7 @@ class SearchConfig:
     batch_size: int = 64
     # each trial's loop (steps 3-11)
     # fraction of the baseline's FLOPs to reach (0.33 = -67 %): every trial prunes on past
-    # the tolerance down to it (search/space.py); None = each trial stops at the tolerance
+    # the tolerance down to it (ccpcsa/search/space.py); None = each trial stops at the tolerance
     target_flops: float | None = None
     tolerance: float = 0.5
     max_rounds: int = 6
@@ -111,7 +111,7 @@ class SearchConfig:
     reference: str = "baseline"
     # inference latency of each frontier point, batch 1 and this batch (0: not measured)
     latency_batch: int = 8
-    # the final fine-tune of frontier points after the search (search/final.py): epochs (0 =
+    # the final fine-tune of frontier points after the search (ccpcsa/search/final.py): epochs (0 =
     # none), how many frontier points (0 = all), its lr (None: finetune_lr)
     final_epochs: int = 0
     final_top: int = 3
@@ -238,7 +238,7 @@ class SearchConfig:
 
     @property
     def importances(self) -> tuple[str, ...]:
-        """The criteria: one, or a comma list that the search samples from (search/space.py)."""
+        """The criteria: one, or a comma list that the search samples from (space.py)."""
         return tuple(part.strip() for part in str(self.importance).split(","))
 
     @property

@@ -7,7 +7,7 @@ A trial folder (<run>/<trainable>_<id>_<number>_<params>_<date>/) holds Tune's r
 error.txt when the trial raised, and the checkpoint folders with our model.pt. A checkpoint
 whose report did not reach result.json (the driver died before syncing it) is read from the
 checkpoint itself, which carries the round and its metrics. A trial that the early-stopping
-scheduler stopped is listed in <experiment>/early_stopped.json (search/early_stop.py).
+scheduler stopped is listed in <experiment>/early_stopped.json (ccpcsa/search/early_stop.py).
 """
 
 from __future__ import annotations
@@ -19,21 +19,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ccpcsa import storage
-from search.failure import FAILURE_FILE
+from ccpcsa.search.failure import FAILURE_FILE
 
 log = logging.getLogger("ccpcsa.search")
 
 RESULT_FILE = "result.json"
 PARAMS_FILE = "params.json"
 ERROR_FILE = "error.txt"
-CHECKPOINT_FILE = "model.pt"  # what search.trial writes into each reported checkpoint
+CHECKPOINT_FILE = "model.pt"  # what ccpcsa.search.trial writes into each reported checkpoint
 # trial ids: a searcher's (Optuna: 8 hex digits) or Tune's own variants' (<5 hex>_<5 digits>,
 # a two-phase search's fine-tuned finalists)
 TRIAL_FOLDER = re.compile(
     r"^(?P<name>.+?_(?P<id>[0-9a-f]{5}_\d{5}|[0-9a-f]{5,})_(?P<number>\d+))(?:_|$)")
-EARLY_STOPPED_FILE = "early_stopped.json"  # written by search/early_stop.py
-RETRIED_FILE = "retried.json"  # written by search/retry.py: run again as a new trial
-# written by a trial that continues an interrupted one (search/resume.py) into its own folder
+EARLY_STOPPED_FILE = "early_stopped.json"  # written by ccpcsa/search/early_stop.py
+RETRIED_FILE = "retried.json"  # written by ccpcsa/search/retry.py: run again as a new trial
+# written by a trial that continues an interrupted one (ccpcsa/search/resume.py) into its own folder
 CONTINUES_FILE = "continues.json"
 # an exception's own line in a traceback ("OSError: [Errno 28] ...", "ray.exceptions.X: ...")
 EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt)"
@@ -55,9 +55,9 @@ class TrialOnDisk:
     rounds: dict[int, dict[str, Any]] = field(default_factory=dict)  # round -> metrics + ckpt
     final: dict[str, Any] | None = None  # the last report: the trial's returned model
     error: str = ""  # the trial's recorded cause, else the exception line of error.txt
-    phase: str = "full"  # search.trial.PHASES
+    phase: str = "full"  # ccpcsa.search.trial.PHASES
     stopped_early: bool = False  # stopped by the early-stopping scheduler
-    retried: bool = False  # failed, then run again as a new trial (search/retry.py)
+    retried: bool = False  # failed, then run again as a new trial (ccpcsa/search/retry.py)
     continues: str = ""  # the id of the interrupted trial this one continues
     continued: bool = False  # interrupted, then continued by a trial that reported a round
 
@@ -138,7 +138,7 @@ def _read_trial(trial: TrialOnDisk) -> None:
     if CONTINUES_FILE in files:
         trial.continues = _continued_id(storage.join(trial.folder, CONTINUES_FILE))
     recorded = ""
-    if FAILURE_FILE in files:  # the trial's own exception (search/failure.py), whole even
+    if FAILURE_FILE in files:  # the trial's own exception (ccpcsa/search/failure.py), whole even
         # when a full disk cut error.txt short; blank unless its latest attempt raised
         recorded = storage.read_text(storage.join(trial.folder, FAILURE_FILE)).strip()
     if ERROR_FILE in files:

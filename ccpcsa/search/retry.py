@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ccpcsa import storage
-from search.ondisk import RETRIED_FILE, TrialOnDisk
+from ccpcsa.search.ondisk import RETRIED_FILE, TrialOnDisk
 
 log = logging.getLogger("ccpcsa.search")
 

@@ -20,8 +20,8 @@ import pandas as pd
 
 from ccpcsa import storage
 from ccpcsa.loop import Prepared
-from search.config import SearchConfig
-from search.pareto import frontier_checkpoint_name
+from ccpcsa.search.config import SearchConfig
+from ccpcsa.search.pareto import frontier_checkpoint_name
 
 log = logging.getLogger("ccpcsa.search")
 FINAL_DIR = "final"
@@ -95,7 +95,7 @@ def run_final_finetunes(ray, cfg: SearchConfig, prepared: Prepared, run_dir: str
                         frame: pd.DataFrame) -> dict[tuple[str, int], FinalPoint]:
     """Fine-tune the chosen frontier points of `frame` (marked, before any final fine-tune)
     that are not done yet, concurrently as Ray tasks; returns every finished one."""
-    from search.trial import trial_resources
+    from ccpcsa.search.trial import trial_resources
 
     wanted = plan_points(frame, cfg)
     done = load_done(run_dir)
@@ -129,7 +129,7 @@ def finetune_point(cfg: SearchConfig, point: FinalPoint, run_dir: str,
 
     from ccpcsa.checkpoint import CheckpointInfo, load_checkpoint, read_payload, save_checkpoint
     from ccpcsa.flops import count_flops, count_params
-    from search.trial import make_runner
+    from ccpcsa.search.trial import make_runner
 
     _logging.basicConfig(level=_logging.INFO)
     started = time.perf_counter()

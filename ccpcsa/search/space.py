@@ -24,7 +24,7 @@ import torch
 from ccpcsa.depth import DepthPlan, rounds_to_reach
 from ccpcsa.models import build_model, get_spec
 from ccpcsa.prune import build_graph, find_groups
-from search.config import SearchConfig
+from ccpcsa.search.config import SearchConfig
 
 M_PARAM = "groups_per_round"
 RESIDUAL_PARAM = "cap_residual"

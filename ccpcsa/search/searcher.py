@@ -4,10 +4,10 @@ Ray Tune's OptunaSearch is given an Optuna JournalStorage (optuna-journal.log, o
 operation per line, appended under a lock) and a study name, and loads the study from it
 (create_study with load_if_exists). A resumed search therefore starts from the sampler's whole
 history without Tune's own state. Before a session's Tune run the study is brought in line
-with the trial folders, which are the search's record (search/ondisk.py):
+with the trial folders, which are the search's record (ccpcsa/search/ondisk.py):
 
 - a trial asked in a session that was stopped (RUNNING in the journal) is told it failed:
-  the trial folders decide what happens to it (search/resume.py), not the journal;
+  the trial folders decide what happens to it (ccpcsa/search/resume.py), not the journal;
 - a trial enqueued but never asked (WAITING) is asked and failed, so it cannot start as an
   extra trial; this session enqueues what it owes itself;
 - a trial finished on disk whose result the journal lacks (stopped between the report and
@@ -43,8 +43,8 @@ from optuna.trial import TrialState
 from ray import tune
 
 from ccpcsa import storage
-from search.ondisk import TrialOnDisk
-from search.retry import params_key
+from ccpcsa.search.ondisk import TrialOnDisk
+from ccpcsa.search.retry import params_key
 
 log = logging.getLogger("ccpcsa.search")
 

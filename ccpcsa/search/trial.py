@@ -21,10 +21,10 @@ from ccpcsa.checkpoint import CheckpointInfo, model_from_payload, read_payload, 
 from ccpcsa.data import DataConfig
 from ccpcsa.loop import LoopConfig, Prepared, RoundRecord, prune_loop, record_of
 from ccpcsa.prune import PruneLimits
+from ccpcsa.search.compute import ComputeMeter
+from ccpcsa.search.config import SearchConfig
+from ccpcsa.search.space import ModelLayout, cap_bounds, decode, trial_rounds
 from ccpcsa.train import TrainConfig
-from search.compute import ComputeMeter
-from search.config import SearchConfig
-from search.space import ModelLayout, cap_bounds, decode, trial_rounds
 
 CHECKPOINT_FILE = "model.pt"
 # full: the one-phase search; screen / finetune: the two phases of --screen N --finalists K
@@ -42,8 +42,8 @@ class TrialSettings:
     input_shape: tuple[int, int, int]
     run_dir: str
     phase: str = "full"
-    # failed or interrupted trials run again as new trials (search/retry.py,
-    # search/resume.py): params_key -> the checkpoint to start from ("" = from M')
+    # failed or interrupted trials run again as new trials (ccpcsa/search/retry.py,
+    # ccpcsa/search/resume.py): params_key -> the checkpoint to start from ("" = from M')
     start_from: dict[str, str] = field(default_factory=dict)
     # params_key -> the id of the interrupted trial a new trial continues
     continues: dict[str, str] = field(default_factory=dict)
@@ -104,7 +104,7 @@ def run_trial(params: dict[str, Any], settings: TrialSettings) -> None:
                          teacher)
 
     # with a target, rounds past the tolerance are part of the walk: a retry goes on from them
-    from search.retry import params_key
+    from ccpcsa.search.retry import params_key
 
     model, start_round, accuracy, meter.offset = _starting_point(
         prepared, screen or target is not None, cfg.model,
