@@ -19,6 +19,7 @@ from torch import nn
 from ccpcsa import exits, storage
 from ccpcsa.attention import has_bam, strip_bam
 from ccpcsa.checkpoint import info_of, model_from_payload, read_payload
+from ccpcsa.command import refusing
 
 FORMATS = ("torchscript", "exported", "onnx")
 SUFFIXES = {"torchscript": ".torchscript.pt", "exported": ".pt2", "onnx": ".onnx"}
@@ -69,10 +70,12 @@ def add_export_parser(sub) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    payload = read_payload(args.checkpoint)
-    info = info_of(payload)
-    model = model_from_payload(payload, source=repr(args.checkpoint),
-                               trust_model_code=args.trust_model_code)
+    with refusing():  # what is wrong before the export starts
+        check_format(args.format)
+        payload = read_payload(args.checkpoint)
+        info = info_of(payload)
+        model = model_from_payload(payload, source=repr(args.checkpoint),
+                                   trust_model_code=args.trust_model_code)
     note = ""
     if args.strip_bam:
         if has_bam(model):
@@ -99,9 +102,8 @@ def run_export(args: argparse.Namespace) -> int:
     return exits.OK if result.within_tolerance else exits.FAILED
 
 
-def export_model(model: nn.Module, input_shape: tuple[int, ...], fmt: str, out: str
-                 ) -> ExportResult:
-    """Write `model` (eval mode, CPU) to `out` in format `fmt`, load it back and compare."""
+def check_format(fmt: str) -> None:
+    """A known format whose packages are installed; ExportError otherwise."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     if fmt == "onnx":
@@ -109,6 +111,12 @@ def export_model(model: nn.Module, input_shape: tuple[int, ...], fmt: str, out: 
         if missing:
             raise ExportError(f"--format onnx needs the optional extra (missing: "
                               f"{', '.join(missing)}): pip install 'ccpcsa[onnx]'")
+
+
+def export_model(model: nn.Module, input_shape: tuple[int, ...], fmt: str, out: str
+                 ) -> ExportResult:
+    """Write `model` (eval mode, CPU) to `out` in format `fmt`, load it back and compare."""
+    check_format(fmt)
     model = model.cpu().eval()
     example = torch.randn(2, *input_shape)
     with tempfile.TemporaryDirectory() as tmp:

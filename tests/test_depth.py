@@ -171,7 +171,7 @@ def test_prune_refuses_a_target_its_caps_cannot_reach(tmp_path, capsys):
     assert "--target-flops 0.2 cannot be reached" in err and "--max-ratio" in err
     assert main(["prune", "--dataset", "digits", "--out", str(tmp_path / "o2"),
                  "--distill"]) == 2
-    assert "--distill distils in the final fine-tune" in capsys.readouterr().err
+    assert "distill needs final_epochs >= 1" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -34,7 +34,7 @@ def test_stage_space_has_a_separate_ratio_for_residual_streams():
 
 def test_without_residual_cap_or_per_layer_there_is_no_residual_parameter():
     layout = describe_model("resnet20", 10, (3, 16, 16))
-    plain = build_space(replace(SearchConfig(), residual_cap=False), layout)
+    plain = build_space(replace(SearchConfig(), search_residual_cap=False), layout)
     assert RESIDUAL_PARAM not in plain and "cap_layer1" in plain
     per_layer = build_space(replace(SearchConfig(), per_layer=True), layout)
     assert RESIDUAL_PARAM not in per_layer and len(per_layer) == 1 + len(layout.layers)

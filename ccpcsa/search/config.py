@@ -1,28 +1,22 @@
-"""SearchConfig: every setting of one search, from flags and/or a YAML file, checked up front."""
+"""SearchConfig: every setting of one search, declared once (ccpcsa.settings), from flags
+and/or a YAML file or the configuration saved with a run, checked up front."""
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
-import yaml
-
-from ccpcsa import validation
-from ccpcsa.data import DATASETS, NEEDS_ROOT
-from ccpcsa.data.common import MIN_IMAGE_SIZE
-from ccpcsa.data.jpegdecode import DECODES
+from ccpcsa import settings, validation
 from ccpcsa.distributed.capacity import PLACEMENTS
-from ccpcsa.distributed.hostcopy import HOST_COPIES
-from ccpcsa.importance import DEFAULT_IMPORTANCE, IMPORTANCES
-from ccpcsa.loop import REFERENCES
-from ccpcsa.models import ModelError, check_model_name
-from ccpcsa.prune import ALLOCATIONS
+from ccpcsa.settings import TrainingSettings, choice, number, optional, setting, whole
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
 MODEL_SAMPLERS = ("tpe", "gp")  # those that start with random trials (startup_trials)
 EARLY_STOPS = ("off", "asha", "median")
 DEFAULT_FINALISTS = 8
+
+SEARCH, RESOURCES, RESULTS, FINAL = ("search", settings.RESOURCES, settings.RESULTS,
+                                     settings.FINAL)
 
 
 class ConfigError(validation.SettingError):
@@ -30,153 +24,116 @@ class ConfigError(validation.SettingError):
 
 
 @dataclass
-class SearchConfig:
-    # what to prune, on what data
-    model: str = "resnet20"  # registry name, torchvision:NAME or module:callable
-    weights: str | None = None  # trained weights replacing step 1's training
-    dataset: str = "digits"
-    data_root: str | None = None
-    image_size: int | None = None
-    train_subset: int = 0  # > 0: train on a fixed random N images of the training split
-    # parquet only (ccpcsa.distributed.ingest): where JPEGs are decoded (cpu: Ray Data tasks;
-    # gpu: each worker's GPU, nvJPEG), how batches reach the GPU, Ray Data's prefetch
-    decode: str = "cpu"
-    host_copy: str = "ring"
-    prefetch_batches: int = 2
-    # the search
-    num_samples: int = 8
-    max_concurrent_trials: int = 2
-    # the best of tpe, nsga2 and gp in benchmarks/search_hypervolume.py (two-phase search,
+class SearchConfig(TrainingSettings):
+    """A search: the shared settings (model, data, stage 0, the loop, final fine-tune,
+    resources) and the search's own."""
+
+    num_samples: int = setting(8, "trials to run without --screen", SEARCH, check=whole(1))
+    screen: int = setting(
+        0, "two-phase search: phase 1 runs N sampled schedules through the pruning rounds "
+        "with adaptive-BN evaluation only (BatchNorm re-estimated on --bn-batches batches, no "
+        "fine-tune), phase 2 fine-tunes the --finalists nearest the screened frontier through "
+        "the full loop; --num-samples is then unused; 0 = one phase", SEARCH, metavar="N",
+        check=whole(0))
+    finalists: int | None = setting(
+        None, "with --screen: schedules fine-tuned in phase 2, taken from the Pareto layers of "
+        "the screened points (layer 1 = the screened frontier)", SEARCH, metavar="K",
+        check=optional(whole(1)), default_text=f"{DEFAULT_FINALISTS}, at most N")
+    # evaluation was most of a screened round's cost
+    screen_eval_images: int = setting(
+        0, "with --screen: evaluate screened rounds on a fixed random N images of the test "
+        "split, not all of it (cheaper, noisier screening; fine-tuned rounds always use the "
+        "whole split; not for parquet); 0 = the whole split", SEARCH, metavar="N",
+        check=whole(0))
+    early_stop: str = setting(
+        "off", "stop fine-tuning trials whose rounds fall behind the frontier (accuracy minus "
+        "the best other trial's at the same or fewer FLOPs): asha = Tune's ASHA, median = "
+        "Tune's median stopping rule; never applied to screening", SEARCH, choices=EARLY_STOPS,
+        check=choice(EARLY_STOPS))
+    max_concurrent_trials: int = setting(2, "trials running at once", SEARCH, check=whole(1))
+    # gp: the best of tpe, nsga2 and gp in benchmarks/search_hypervolume.py (two-phase,
     # Fashion-MNIST: gp 2.001, tpe 1.890, nsga2 1.793 hypervolume; random 2.052 — no sampler
     # beat random search there, docs/findings.md says so)
-    sampler: str = "gp"
-    # tpe / gp: trials sampled at random before the model takes over; None = Optuna's 10,
-    # which leaves a 12-trial search almost random
-    startup_trials: int | None = None
-    # two-phase search: > 0 screens this many schedules with adaptive-BN evaluation only (no
-    # fine-tune), then fine-tunes the `finalists` closest to the screened frontier
-    # (ccpcsa/search/finalists.py); 0 = every trial fine-tunes every round (num_samples trials)
-    screen: int = 0
-    finalists: int | None = None  # None: DEFAULT_FINALISTS, at most `screen`
-    # > 0: screened rounds are evaluated on a fixed random N images of the test split instead
-    # of all of it (evaluation was most of a screened round's cost); fine-tuned trials and
-    # the finalists always use the whole split
-    screen_eval_images: int = 0
-    # stop fine-tuning trials that fall behind the frontier (ccpcsa/search/early_stop.py)
-    early_stop: str = "off"
-    seed: int = 0
-    per_layer: bool = False
-    # per-stage mode: residual-stream groups get their own searched ratio (they cost the most
-    # accuracy when pruned: docs/design.md), instead of their stage's
-    residual_cap: bool = True
-    m_range: list[int] | None = None  # None: scaled with the model's channel count
-    cap_range: list[float] = field(default_factory=lambda: [0.0, 0.9])
-    search_finetune: bool = False  # also search the fine-tune lr and epochs
-    lr_range: list[float] = field(default_factory=lambda: [0.001, 0.05])
-    epochs_range: list[int] = field(default_factory=lambda: [1, 3])
-    # resources
-    workers_per_trial: int = 1
-    gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
-    cpus_per_worker: float = 1.0
-    loader_workers: int | None = None  # None: one per spare CPU (ccpcsa.train.loader_workers_for)
-    max_failures: int = 1
+    sampler: str = setting(
+        "gp", "Optuna multi-objective sampler (gp = Gaussian process with expected "
+        "hypervolume improvement; random = the baseline that ignores results)", SEARCH,
+        choices=SAMPLERS, check=choice(SAMPLERS))
+    # None = Optuna's 10, which leaves a 12-trial search almost random
+    startup_trials: int | None = setting(
+        None, "with --sampler tpe or gp: trials (screened schedules with --screen) sampled at "
+        "random before the sampler's model picks the rest", SEARCH, metavar="N",
+        check=optional(whole(1)), default_text="Optuna's 10")
+    per_layer: bool = setting(False, "search one ratio cap per layer group instead of one per "
+                              "stage", SEARCH, check=validation.flag)
+    # residual-stream groups cost the most accuracy when pruned (docs/design.md)
+    search_residual_cap: bool = setting(
+        True, "per-stage mode: one more searched ratio, for the residual-stream groups, "
+        "instead of their stage's", SEARCH, check=validation.flag)
+    m_range: list[int] | None = setting(
+        None, "range of m, channel groups removed per round", SEARCH, metavar="LOW,HIGH",
+        default_text="0.5%%-4%% of the model's prunable channels")
+    cap_range: list[float] = setting([0.0, 0.9], "range of each ratio cap, in [0, 1)", SEARCH,
+                                     metavar="LOW,HIGH")
+    search_finetune: bool = setting(False, "also search the fine-tune learning rate and epochs",
+                                    SEARCH, check=validation.flag)
+    lr_range: list[float] = setting([0.001, 0.05], "fine-tune lr range with --search-finetune",
+                                    SEARCH, metavar="LOW,HIGH")
+    epochs_range: list[int] = setting([1, 3], "fine-tune epochs range with --search-finetune",
+                                      SEARCH, metavar="LOW,HIGH")
+    final_top: int = setting(
+        3, "frontier points that get the final fine-tune (--final-epochs): K spread evenly "
+        "along the frontier by FLOPs, the deepest always among them; 0 = every frontier point",
+        FINAL, metavar="K", check=whole(0))
+
+    workers_per_trial: int = setting(
+        1, "Ray Train data-parallel workers per trial; 1 = train inside the trial process",
+        RESOURCES, check=whole(1))
+    max_failures: int = setting(
+        1, "retries of a crashed trial, from its last checkpoint, and restarts of a trial's "
+        "Ray Train worker group after a lost worker or node, from its last epoch", RESOURCES,
+        check=whole(0))
     # STRICT_PACK: a trial's Ray Train workers on one node (ccpcsa.distributed.capacity)
-    placement: str = "STRICT_PACK"
-    wait_for_resources: float = 600.0  # seconds the pre-flight waits for the autoscaler
-    # where results go
-    storage: str = "runs/search"
-    name: str = "ccpcsa-search"
-    resume: bool = False
-    retry_failed: bool = False  # with resume: failed trials run again from their checkpoint
-    # stage 0 (Algorithm 1 steps 1-2), once per search
-    baseline_epochs: int | None = None  # None: 10, or 0 with weights (evaluated only)
-    attention_epochs: int = 5
-    lr: float = 0.05
-    batch_size: int = 64
-    # each trial's loop (steps 3-11)
-    # fraction of the baseline's FLOPs to reach (0.33 = -67 %): every trial prunes on past
-    # the tolerance down to it (ccpcsa/search/space.py); None = each trial stops at the tolerance
-    target_flops: float | None = None
-    tolerance: float = 0.5
-    max_rounds: int = 6
-    epochs: int = 1
-    finetune_lr: float = 0.01
-    # a criterion, or a comma list (l1,ccpcsa,taylor) that the search treats as a parameter
-    importance: str = DEFAULT_IMPORTANCE
-    allocation: str = "uniform"
-    calibration_batches: int = 4
-    bn_batches: int = 16
-    min_channels: int = 4
-    round_to: int | None = None  # None: 8 when the workers train on CUDA, else 1
-    reference: str = "baseline"
-    # inference latency of each frontier point, batch 1 and this batch (0: not measured)
-    latency_batch: int = 8
-    # the final fine-tune of frontier points after the search (ccpcsa/search/final.py): epochs (0 =
-    # none), how many frontier points (0 = all), its lr (None: finetune_lr)
-    final_epochs: int = 0
-    final_top: int = 3
-    final_lr: float | None = None
-    # knowledge distillation from the unpruned model (step 1's): in the final fine-tune, and
-    # with distill_rounds in every round's fine-tune too
-    distill: bool = False
-    distill_rounds: bool = False
-    distill_weight: float = 0.5
-    distill_temperature: float = 4.0
+    placement: str = setting(
+        "STRICT_PACK", "how a trial's Ray Train workers are placed: STRICT_PACK (all on one "
+        "node), PACK, SPREAD, STRICT_SPREAD", RESOURCES, choices=PLACEMENTS,
+        check=choice(PLACEMENTS))
+    wait_for_resources: float = setting(
+        600.0, "before stage 0, ask the autoscaler for one trial's resources and wait this "
+        "long for them (a trial no node type can hold is refused at once)", RESOURCES,
+        metavar="SECONDS", check=number(low=0))
 
-    def __post_init__(self) -> None:
-        if isinstance(self.importance, list | tuple):  # YAML: importance: [l1, ccpcsa]
-            self.importance = ",".join(map(str, self.importance))
-        if self.baseline_epochs is None:
-            self.baseline_epochs = 0 if self.weights else 10
+    storage: str = setting("runs/search", "results folder or URI: local path, file://, s3://, "
+                           "gs://, NFS", RESULTS, check=validation.location)
+    name: str = setting("ccpcsa-search", "run name; results in <storage>/<name>", RESULTS,
+                        check=validation.run_name)
+    resume: bool = setting(
+        False, "continue the interrupted search <storage>/<name>: finished trials are kept, "
+        "unfinished ones continue; the saved configuration is used (and checked like flags); "
+        "other settings given with it must equal the saved ones, except --retry-failed, "
+        "--storage, --latency-batch, --loader-workers, --max-failures and "
+        "--wait-for-resources", RESULTS, check=validation.flag)
+    retry_failed: bool = setting(
+        False, "with --resume: run the failed trials again, as new trials with the same "
+        "parameters, from their last checkpoint (e.g. after a full disk), instead of keeping "
+        "them as failed", RESULTS, check=validation.flag)
 
-    def validate(self) -> None:
-        """Every setting, whatever it came from (flags, YAML, a saved run): types, finite
-        numbers, ranges, names, the storage URI scheme, the batch split over workers. Nothing
-        is touched (the search checks its storage, data and weights before Ray starts); a
-        user's model module is imported."""
+    WORKERS: ClassVar[str] = "workers_per_trial"
+
+    @staticmethod
+    def upgrade(values: dict[str, Any]) -> dict[str, Any]:
+        """Settings saved by an earlier version: the search's on/off `residual_cap` is
+        `search_residual_cap` now (`residual_cap` is a ratio, as in `ccpcsa prune`)."""
+        if isinstance(values.get("residual_cap"), bool):
+            values["search_residual_cap"] = values.pop("residual_cap")
+        return values
+
+    def check_together(self) -> None:
+        super().check_together()
         check = validation
-        check.text("model", self.model)
-        try:
-            check_model_name(self.model)
-        except ModelError as exc:
-            raise ConfigError(str(exc)) from None
-        if self.weights is not None:
-            check.location("weights", self.weights)
-        check.choice("dataset", self.dataset, DATASETS)
-        if self.data_root is not None:
-            check.location("data_root", self.data_root)
-        if self.dataset in NEEDS_ROOT and self.data_root is None:
-            raise ConfigError(f"dataset {self.dataset!r} needs data_root (--data-root)")
-        if self.image_size is not None:
-            check.whole("image_size", self.image_size, MIN_IMAGE_SIZE)
-        check.choice("decode", self.decode, DECODES)
-        check.choice("host_copy", self.host_copy, HOST_COPIES)
-        check.whole("prefetch_batches", self.prefetch_batches, 0)
-        check.choice("sampler", self.sampler, SAMPLERS)
-        check.choice("early_stop", self.early_stop, EARLY_STOPS)
-        check.text("importance", self.importance)
-        for name in self.importances:
-            check.choice("importance", name, IMPORTANCES)
-        if len(set(self.importances)) != len(self.importances):
-            raise ConfigError(f"importance {self.importance!r} names a criterion twice")
-        check.choice("allocation", self.allocation, ALLOCATIONS)
-        check.choice("reference", self.reference, REFERENCES)
-        check.choice("placement", self.placement, PLACEMENTS)
-        check.number("wait_for_resources", self.wait_for_resources, low=0)
-        for name in ("num_samples", "max_concurrent_trials", "workers_per_trial", "max_rounds",
-                     "calibration_batches", "min_channels"):
-            check.whole(name, getattr(self, name), 1)
-        for name in ("seed", "baseline_epochs", "attention_epochs", "epochs", "max_failures",
-                     "bn_batches", "train_subset", "screen", "latency_batch",
-                     "screen_eval_images"):
-            check.whole(name, getattr(self, name), 0)
-        if self.startup_trials is not None:
-            check.whole("startup_trials", self.startup_trials, 1)
-            if self.sampler not in MODEL_SAMPLERS:
-                raise ConfigError(f"startup_trials {self.startup_trials} applies to sampler "
-                                  f"{' or '.join(MODEL_SAMPLERS)}, not {self.sampler!r}")
+        if self.startup_trials is not None and self.sampler not in MODEL_SAMPLERS:
+            raise ConfigError(f"startup_trials {self.startup_trials} applies to sampler "
+                              f"{' or '.join(MODEL_SAMPLERS)}, not {self.sampler!r}")
         if self.finalists is not None:
-            check.whole("finalists", self.finalists, 1)
             if not self.screen:
                 raise ConfigError(f"finalists {self.finalists} needs screen N: finalists are "
                                   "the screened schedules that phase 2 fine-tunes")
@@ -193,26 +150,9 @@ class SearchConfig:
         if self.screen and self.bn_batches == 0:
             raise ConfigError("screen needs bn_batches >= 1: screened schedules are ranked by "
                               "their accuracy after BatchNorm re-estimation")
-        if self.train_subset and self.dataset == "parquet":
-            raise ConfigError("train_subset is not supported for dataset 'parquet' (Ray Data "
-                              "streams the shards)")
-        check.whole("batch_size", self.batch_size, 2)
-        check.per_worker_batch(self.batch_size, self.workers_per_trial)
-        check.number("tolerance", self.tolerance, low=0)
-        if self.target_flops is not None:
-            check.number("target_flops", self.target_flops, above=0, below=1)
-        for name in ("lr", "finetune_lr", "cpus_per_worker"):
-            check.number(name, getattr(self, name), above=0)
-        check.gpus("gpus_per_worker", self.gpus_per_worker)
-        for name in ("per_layer", "residual_cap", "search_finetune", "resume", "retry_failed"):
-            check.flag(name, getattr(self, name))
         if self.retry_failed and not self.resume:
             raise ConfigError("retry_failed needs resume: it runs the failed trials of an "
                               "earlier search again (--resume --retry-failed)")
-        if self.loader_workers is not None:
-            check.whole("loader_workers", self.loader_workers, 0)
-        if self.round_to is not None:
-            check.whole("round_to", self.round_to, 1)
         if self.m_range is not None:
             low, _ = check.pair("m_range", self.m_range, int)
             check.whole("m_range low", int(low), 1)
@@ -222,24 +162,6 @@ class SearchConfig:
         check.number("lr_range low", check.pair("lr_range", self.lr_range)[0], above=0)
         check.whole("epochs_range low", int(check.pair("epochs_range", self.epochs_range, int)[0]),
                     0)
-        check.whole("final_epochs", self.final_epochs, 0)
-        check.whole("final_top", self.final_top, 0)
-        if self.final_lr is not None:
-            check.number("final_lr", self.final_lr, above=0)
-        check.flag("distill", self.distill)
-        check.flag("distill_rounds", self.distill_rounds)
-        check.number("distill_weight", self.distill_weight, low=0, high=1)
-        check.number("distill_temperature", self.distill_temperature, above=0)
-        if self.distill and not self.final_epochs:
-            raise ConfigError("distill needs final_epochs >= 1: it distils in the final "
-                              "fine-tune (--final-epochs N; --distill-rounds for every round)")
-        check.location("storage", self.storage)
-        check.run_name("name", self.name)
-
-    @property
-    def importances(self) -> tuple[str, ...]:
-        """The criteria: one, or a comma list that the search samples from (space.py)."""
-        return tuple(part.strip() for part in str(self.importance).split(","))
 
     @property
     def finalist_count(self) -> int:
@@ -248,27 +170,17 @@ class SearchConfig:
             return self.finalists
         return min(DEFAULT_FINALISTS, self.screen)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 def field_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(SearchConfig)]
+    return settings.setting_names(SearchConfig)
 
 
 def load_yaml(path: str) -> dict[str, Any]:
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path!r}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path!r} is not valid YAML: {exc}".splitlines()[0]
-                          ) from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path!r} must hold a mapping of settings")
-    data = {str(k).replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(data) - set(field_names()))
+        data = settings.load_yaml(path, SearchConfig)
+    except validation.SettingError as exc:
+        raise ConfigError(str(exc)) from None
+    unknown = sorted(set(SearchConfig.upgrade(dict(data))) - set(field_names()))
     if unknown:
         raise ConfigError(f"unknown key(s) in {path!r}: {', '.join(unknown)}; "
                           f"valid keys: {', '.join(field_names())}")
@@ -284,16 +196,7 @@ def build_config(file_values: dict[str, Any], flag_values: dict[str, Any]) -> Se
 def config_from_dict(values: dict[str, Any], source: str = "") -> SearchConfig:
     """A validated SearchConfig from plain values: the one way in for flags, a YAML file and
     the configuration saved with a run (--resume). ConfigError names the bad setting."""
-    where = f" in {source}" if source else ""
-    if not isinstance(values, dict):
-        raise ConfigError(f"the configuration{where} must be a mapping of settings")
-    unknown = sorted(set(values) - set(field_names()))
-    if unknown:
-        raise ConfigError(f"unknown setting(s){where}: {', '.join(map(str, unknown))}; valid "
-                          f"settings: {', '.join(field_names())}")
-    cfg = SearchConfig(**values)
     try:
-        cfg.validate()
+        return settings.from_dict(SearchConfig, values, source)
     except validation.SettingError as exc:
-        raise ConfigError(f"{exc}{where}") from None
-    return cfg
+        raise ConfigError(str(exc)) from None

@@ -33,258 +33,36 @@ from dataclasses import dataclass
 from typing import Any
 
 from ccpcsa import exits, storage
-from ccpcsa.checkpoint import CheckpointError
-from ccpcsa.data import DataConfig, DataError, check_dataset
-from ccpcsa.importance import IMPORTANCES
+from ccpcsa.command import OneLineParser, add_config_flag, add_settings, run_guarded, settings_of
+from ccpcsa.data import check_dataset
 from ccpcsa.loop import PrepareConfig, Prepared
-from ccpcsa.prune import ALLOCATIONS
 from ccpcsa.results import versions
-from ccpcsa.runlock import RunInUseError, RunLock
-from ccpcsa.search.config import (
-    DEFAULT_FINALISTS,
-    EARLY_STOPS,
-    SAMPLERS,
-    ConfigError,
-    SearchConfig,
-    build_config,
-    config_from_dict,
-    load_yaml,
-)
+from ccpcsa.runlock import RunLock
+from ccpcsa.search.config import ConfigError, SearchConfig, config_from_dict
+from ccpcsa.settings import SettingError
 
 log = logging.getLogger("ccpcsa.search")
-DEFAULTS = SearchConfig()
 CONFIG_FILE = "search_config.json"
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see search/run.py --help)\n")
-
-
-def _range_arg(kind):
-    def parse(text: str) -> list:
-        parts = text.replace(",", " ").split()
-        try:
-            return [kind(p) for p in parts]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected LOW,HIGH numbers, got {text!r}") from None
-
-    return parse
+SEARCH_GROUPS = ("model and data", "search", "resources", "results", "final fine-tune",
+                 "stage 0: training before pruning (steps 1-2)", "the pruning loop")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = DEFAULTS
-    p = OneLineParser(
+    """The flags, one per setting of SearchConfig (ccpcsa.settings declares them)."""
+    parser = OneLineParser(
         prog="search/run.py",
         description="Search CCPCSA pruning schedules (m and per-stage or per-layer ratio caps) "
                     "with Ray Tune + Optuna, maximising top-1 accuracy and minimising FLOPs "
                     "(multiply-accumulates); writes the Pareto frontier with its checkpoints "
-                    "to <storage>/<name>/. Flags override --config; unset flags keep defaults.",
-        argument_default=None)
-    a = p.add_argument
-    a("--config", metavar="YAML", help="YAML file with any of these settings (keys = flag "
-      "names, dashes or underscores)")
-    g = p.add_argument_group("model and data")
-    g.add_argument("--model", help=f"architecture (default {d.model}): resnet20, resnet56, "
-                   "resnet18, resnet50, resnet101, vgg16_bn, mobilenet_v2; any torchvision "
-                   "classification CNN as torchvision:NAME (torchvision:resnet34, "
-                   "torchvision:regnet_y_800mf, ...); or your own as MODULE:CALLABLE, a "
-                   "function (num_classes) -> nn.Module importable on every node")
-    g.add_argument("--weights", help="start from trained weights instead of training step 1: "
-                   "a file or URI (a state_dict, a training checkpoint with a 'state_dict' or "
-                   "'model' key, or a ccpcsa checkpoint without BAM) or a torchvision weights "
-                   "name such as ResNet50_Weights.IMAGENET1K_V2 from the local torch hub cache "
-                   "($TORCH_HOME; never downloaded), on the node that runs stage 0. Evaluated "
-                   "once: its accuracy is the reference")
-    g.add_argument("--dataset", help=f"digits (embedded, no download), fashion-mnist, cifar10, "
-                   f"cifar100, imagefolder, parquet (default {d.dataset})")
-    g.add_argument("--data-root", help="dataset folder or URI (cifar/imagefolder/parquet; "
-                   "fashion-mnist: default /usr/share/datasets/fashion-mnist)")
-    g.add_argument("--image-size", type=int, help="input side in pixels (default: dataset's)")
-    g.add_argument("--train-subset", type=int, metavar="N",
-                   help="train, score channels and re-estimate BatchNorm on a fixed random N "
-                        "images of the training split (the test split stays whole; not for "
-                        f"parquet); 0 = all (default {d.train_subset})")
-    g.add_argument("--decode", choices=("cpu", "gpu"),
-                   help="parquet: decode JPEGs in Ray Data tasks on the CPUs, or on each "
-                        f"worker's GPU (nvJPEG; CPU fallback) (default {d.decode})")
-    g.add_argument("--host-copy", choices=("ring", "ray_pin", "pageable"),
-                   help="parquet on GPUs: batches reach the GPU from a ring of reused pinned "
-                        "buffers, from Ray Data's fresh pinned copies, or from pageable memory "
-                        f"(default {d.host_copy})")
-    g.add_argument("--prefetch-batches", type=int, metavar="N",
-                   help=f"parquet: batches Ray Data prefetches per worker "
-                        f"(default {d.prefetch_batches})")
-    g = p.add_argument_group("search")
-    g.add_argument("--num-samples", type=int, help=f"trials to run without --screen "
-                   f"(default {d.num_samples})")
-    g.add_argument("--screen", type=int, metavar="N",
-                   help="two-phase search: phase 1 runs N sampled schedules through the pruning "
-                        "rounds with adaptive-BN evaluation only (BatchNorm re-estimated on "
-                        "--bn-batches batches, no fine-tune), phase 2 fine-tunes the "
-                        "--finalists nearest the screened frontier through the full loop; "
-                        f"--num-samples is then unused; 0 = one phase (default {d.screen})")
-    g.add_argument("--finalists", type=int, metavar="K",
-                   help="with --screen: schedules fine-tuned in phase 2, taken from the Pareto "
-                        "layers of the screened points (layer 1 = the screened frontier) "
-                        f"(default {DEFAULT_FINALISTS}, at most N)")
-    g.add_argument("--screen-eval-images", type=int, metavar="N",
-                   help="with --screen: evaluate screened rounds on a fixed random N images of "
-                        "the test split, not all of it (cheaper, noisier screening; fine-tuned "
-                        "rounds always use the whole split; not for parquet); 0 = the whole "
-                        f"split (default {d.screen_eval_images})")
-    g.add_argument("--early-stop", help=f"stop fine-tuning trials whose rounds fall behind "
-                   f"the frontier (accuracy minus the best other trial's at the same or fewer "
-                   f"FLOPs): {', '.join(EARLY_STOPS)}; asha = Tune's ASHA, median = Tune's "
-                   f"median stopping rule; never applied to screening (default {d.early_stop})")
-    g.add_argument("--max-concurrent-trials", type=int,
-                   help=f"trials running at once (default {d.max_concurrent_trials})")
-    g.add_argument("--sampler", help=f"Optuna multi-objective sampler: {', '.join(SAMPLERS)} "
-                   "(gp = Gaussian process with expected hypervolume improvement; random = "
-                   f"the baseline that ignores results) (default {d.sampler})")
-    g.add_argument("--startup-trials", type=int, metavar="N",
-                   help="with --sampler tpe or gp: trials (screened schedules with --screen) "
-                        "sampled at random before the sampler's model picks the rest (default: "
-                        "Optuna's 10)")
-    g.add_argument("--seed", type=int, help=f"seed of training and sampler (default {d.seed})")
-    g.add_argument("--per-layer", action="store_true", default=None,
-                   help="search one ratio cap per layer group instead of one per stage")
-    g.add_argument("--residual-cap", action=argparse.BooleanOptionalAction, default=None,
-                   help="per-stage mode: one more ratio, for the residual-stream groups, "
-                        f"instead of their stage's (default {d.residual_cap})")
-    g.add_argument("--m-range", type=_range_arg(int), metavar="LOW,HIGH",
-                   help="range of m, channel groups removed per round (default: 0.5%%-4%% of "
-                        "the model's prunable channels)")
-    g.add_argument("--cap-range", type=_range_arg(float), metavar="LOW,HIGH",
-                   help=f"range of each ratio cap, in [0, 1) (default {d.cap_range})")
-    g.add_argument("--search-finetune", action="store_true", default=None,
-                   help="also search the fine-tune learning rate and epochs")
-    g.add_argument("--lr-range", type=_range_arg(float), metavar="LOW,HIGH",
-                   help=f"fine-tune lr range with --search-finetune (default {d.lr_range})")
-    g.add_argument("--epochs-range", type=_range_arg(int), metavar="LOW,HIGH",
-                   help=f"fine-tune epochs range with --search-finetune "
-                        f"(default {d.epochs_range})")
-    g = p.add_argument_group("resources")
-    g.add_argument("--workers-per-trial", type=int,
-                   help=f"Ray Train data-parallel workers per trial; 1 = train inside the trial "
-                        f"process (default {d.workers_per_trial})")
-    g.add_argument("--gpus-per-worker", type=float,
-                   help="GPUs per training worker (default: 1 if any node type of the cluster "
-                        "has GPUs, the autoscaler's included, else 0)")
-    g.add_argument("--cpus-per-worker", type=float,
-                   help=f"CPUs per training worker (default {d.cpus_per_worker})")
-    g.add_argument("--loader-workers", type=int,
-                   help="DataLoader processes that decode map-style images per training process "
-                        "(default: one per CPU it may use, minus one, at most 8; 0 for digits)")
-    g.add_argument("--max-failures", type=int,
-                   help=f"retries of a crashed trial, from its last checkpoint, and restarts of "
-                        f"a trial's Ray Train worker group after a lost worker or node, from its "
-                        f"last epoch (default {d.max_failures})")
-    g.add_argument("--placement", help=f"how a trial's Ray Train workers are placed: "
-                   f"STRICT_PACK (all on one node), PACK, SPREAD, STRICT_SPREAD "
-                   f"(default {d.placement})")
-    g.add_argument("--wait-for-resources", type=float, metavar="SECONDS",
-                   help=f"before stage 0, ask the autoscaler for one trial's resources and wait "
-                        f"this long for them (a trial no node type can hold is refused at once) "
-                        f"(default {d.wait_for_resources:g})")
-    g = p.add_argument_group("results")
-    g.add_argument("--storage", help=f"results folder or URI: local path, file://, s3://, "
-                   f"gs://, NFS (default {d.storage})")
-    g.add_argument("--name", help=f"run name; results in <storage>/<name> (default {d.name})")
-    g.add_argument("--resume", action="store_true", default=None,
-                   help="continue the interrupted search <storage>/<name>: finished trials are "
-                        "kept, unfinished ones continue; the saved configuration is used (and "
-                        "checked like flags); other settings given with it must equal the saved "
-                        "ones, except --retry-failed, --storage, --latency-batch and "
-                        "--loader-workers")
-    g.add_argument("--retry-failed", action="store_true", default=None,
-                   help="with --resume: run the failed trials again, as new trials with the "
-                        "same parameters, from their last checkpoint (e.g. after a full disk), "
-                        "instead of keeping them as failed")
-    g.add_argument("--latency-batch", type=int,
-                   help=f"measure each frontier point's inference latency at batch 1 and this "
-                        f"batch, at the end, in one Ray task with one training worker's CPUs/GPUs "
-                        f"(0 = skip; default {d.latency_batch})")
-    g.add_argument("--dry-run", action="store_true", default=False,
-                   help="validate the configuration, print it, and exit")
-    g = p.add_argument_group("final fine-tune of the frontier (after the search)")
-    g.add_argument("--final-epochs", type=int, metavar="N",
-                   help="fine-tune the chosen frontier points N more epochs after the search "
-                        "(the paper and published pruning results fine-tune the final model "
-                        "for many epochs); the frontier then records accuracy before "
-                        "(accuracy_before_final) and after, and frontier/*.pt are the "
-                        "fine-tuned models. Each point runs as a Ray task with one trial's "
-                        "resources, through the trials' runner (Ray Train with "
-                        "--workers-per-trial > 1); --resume skips points already done. Costs "
-                        "about N epochs of training per point (default "
-                        f"{d.final_epochs}: none)")
-    g.add_argument("--final-top", type=int, metavar="K",
-                   help="frontier points that get the final fine-tune: K spread evenly along "
-                        "the frontier by FLOPs, the deepest always among them; 0 = every "
-                        f"frontier point (default {d.final_top})")
-    g.add_argument("--final-lr", type=float,
-                   help="learning rate of the final fine-tune, cosine-annealed (default: "
-                        "--finetune-lr)")
-    g.add_argument("--distill", action="store_true", default=None,
-                   help="knowledge distillation from the unpruned model (step 1's) in the "
-                        "final fine-tune: loss = (1 - w) x cross-entropy + w x T^2 x KL of "
-                        "the temperature-softened outputs; needs --final-epochs")
-    g.add_argument("--distill-rounds", action="store_true", default=None,
-                   help="also distil in every round's fine-tune (one more forward pass of the "
-                        "unpruned model per batch)")
-    g.add_argument("--distill-weight", type=float, metavar="W",
-                   help=f"w, the weight of the soft-target term in [0, 1] "
-                        f"(default {d.distill_weight})")
-    g.add_argument("--distill-temperature", type=float, metavar="T",
-                   help=f"T, the softmax temperature of the soft targets "
-                        f"(default {d.distill_temperature})")
-    g = p.add_argument_group("stage 0 (once per search) and each trial's loop")
-    g.add_argument("--baseline-epochs", type=int,
-                   help="step 1 epochs, model without BAM (default 10; 0 with --weights)")
-    g.add_argument("--attention-epochs", type=int,
-                   help=f"step 2 epochs, model with BAM (default {d.attention_epochs})")
-    g.add_argument("--lr", type=float, help=f"stage 0 learning rate (default {d.lr})")
-    g.add_argument("--batch-size", type=int, help=f"global batch size (default {d.batch_size})")
-    g.add_argument("--tolerance", type=float,
-                   help=f"allowed top-1 drop in points before a trial stops "
-                        f"(default {d.tolerance})")
-    g.add_argument("--target-flops", type=float, metavar="FRACTION",
-                   help="fraction of the baseline's FLOPs to reach, in (0, 1): 0.33 = -67 %% "
-                        "FLOPs. Every trial prunes on past --tolerance (those rounds are "
-                        "reported, marked past the tolerance: not deployable at it) until it "
-                        "has at most this many FLOPs, so the frontier spans baseline -> "
-                        "target. The ratio caps are searched from the smallest all-equal ratio "
-                        "that reaches it, m (unless --m-range) from the channels that takes "
-                        "over --max-rounds, and each trial gets the rounds its m needs "
-                        "(default: none, each trial stops at the tolerance)")
-    g.add_argument("--max-rounds", type=int, help=f"rounds per trial; with --target-flops the "
-                   f"pace m is set to reach it in about this many (default {d.max_rounds})")
-    g.add_argument("--epochs", type=int,
-                   help=f"fine-tune epochs per round (default {d.epochs})")
-    g.add_argument("--finetune-lr", type=float,
-                   help=f"fine-tune learning rate (default {d.finetune_lr})")
-    g.add_argument("--importance", metavar="NAME[,NAME...]",
-                   help=f"channel criterion: {', '.join(IMPORTANCES)}; a comma list (e.g. "
-                        "l1,ccpcsa,taylor) makes it a categorical parameter of the search, "
-                        "each frontier point naming the criterion it was pruned with "
-                        f"(default {d.importance}; see python -m ccpcsa prune --help)")
-    g.add_argument("--allocation", help=f"channels per layer each round: "
-                   f"{', '.join(ALLOCATIONS)}; uniform = the searched ratios shape the "
-                   f"pruning, the criterion ranks within a layer (default {d.allocation})")
-    g.add_argument("--calibration-batches", type=int,
-                   help=f"batches used to score channels (default {d.calibration_batches})")
-    g.add_argument("--bn-batches", type=int,
-                   help=f"batches BatchNorm statistics are re-estimated on after each surgery; "
-                        f"0 = off (default {d.bn_batches})")
-    g.add_argument("--min-channels", type=int,
-                   help=f"channel floor per layer (default {d.min_channels})")
-    g.add_argument("--round-to", type=int, metavar="N",
-                   help="every pruned width a multiple of N, within caps and floor (default: 8 "
-                        "when the trials train on CUDA, else 1)")
-    g.add_argument("--reference", help=f"tolerance measured from: baseline or attention "
-                   f"(default {d.reference})")
-    a("-v", "--verbose", action="store_true", default=False, help="debug logging")
-    return p
+                    "to <storage>/<name>/. Flags override --config; unset flags keep defaults.")
+    add_config_flag(parser)
+    add_settings(parser, SearchConfig, SEARCH_GROUPS)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate the configuration, print it, and exit")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
 
 
 # what --resume may change: where the run is, how failed trials are treated, and settings
@@ -299,10 +77,11 @@ def config_from_argv(argv: list[str] | None) -> tuple[SearchConfig, argparse.Nam
     """The configuration, and the parsed flags with `given`: the settings the user gave
     (flags or --config YAML), which --resume compares with the saved ones."""
     args = build_parser().parse_args(argv)
-    flags = {k: v for k, v in vars(args).items() if k not in ("config", "dry_run", "verbose")}
-    file_values = load_yaml(args.config) if args.config else {}
-    args.given = frozenset(file_values) | {k for k, v in flags.items() if v is not None}
-    return build_config(file_values, flags), args
+    try:
+        cfg, args.given = settings_of(args, SearchConfig)
+    except SettingError as exc:
+        raise ConfigError(str(exc)) from None
+    return cfg, args
 
 
 def run_dir_of(cfg: SearchConfig) -> str:
@@ -587,14 +366,9 @@ def _run_locked(cfg: SearchConfig, termination, given: frozenset[str],
         cfg.weights = os.path.abspath(cfg.weights)  # stage 0 runs in a Ray worker's folder
     run_dir = run_dir_of(cfg)
     # before Ray: the data, the model and the weights
-    info = check_dataset(DataConfig(cfg.dataset, cfg.data_root, cfg.image_size,
-                                    train_subset=cfg.train_subset))
+    info = check_dataset(cfg.data_config())
     input_shape = (info.channels, info.image_size, info.image_size)
-    prep_cfg = PrepareConfig(cfg.model, info.num_classes, input_shape, cfg.dataset,
-                             cfg.baseline_epochs, cfg.attention_epochs, cfg.lr, cfg.seed,
-                             data_root=cfg.data_root, batch_size=cfg.batch_size,
-                             workers=cfg.workers_per_trial, train_subset=cfg.train_subset,
-                             weights=cfg.weights)
+    prep_cfg = cfg.prepare_config(info)
     check_model_and_weights(prep_cfg)
 
     from ccpcsa.search import collect
@@ -850,31 +624,21 @@ def check_model_and_weights(prep_cfg: PrepareConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    with exits.terminate_as_interrupt() as termination:
-        try:
-            cfg, args = config_from_argv(argv)
-            logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                                stream=sys.stderr,
-                                format="%(asctime)s %(name)s %(levelname)s %(message)s")
-            if args.dry_run:  # every setting checked; storage and data are not touched
-                print(json.dumps(cfg.to_dict(), indent=2))
-                return exits.OK
-            return run_search(cfg, termination, args.given)
-        except KeyboardInterrupt as exc:
-            print(f"error: interrupted by {signal.Signals(exits.interrupted_code(exc) - 128).name}"
-                  "; what had finished is kept; continue with --resume", file=sys.stderr)
-            return exits.interrupted_code(exc)
-        except (ConfigError, DataError, CheckpointError, RunInUseError) as exc:
-            print(f"error: {exits.one_line(exc)}", file=sys.stderr)
-            return exits.REFUSED
-        except (OSError, ValueError, FloatingPointError) as exc:
-            print(f"error: {exits.one_line(exc)}", file=sys.stderr)
-            return exits.FAILED
-        except Exception as exc:
-            if not type(exc).__module__.startswith("ray."):
-                raise  # a bug: the traceback says where
-            print(f"error: {type(exc).__name__}: {exits.one_line(exc)}", file=sys.stderr)
-            return exits.FAILED
+    def search(termination) -> int:
+        cfg, args = config_from_argv(argv)
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                            stream=sys.stderr,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        if args.dry_run:  # every setting checked; storage and data are not touched
+            print(json.dumps(cfg.to_dict(), indent=2))
+            return exits.OK
+        return run_search(cfg, termination, args.given)
+
+    def interrupted(exc: BaseException) -> str:
+        return (f"interrupted by {signal.Signals(exits.interrupted_code(exc) - 128).name}; "
+                "what had finished is kept; continue with --resume")
+
+    return run_guarded(search, interrupted)
 
 
 if __name__ == "__main__":

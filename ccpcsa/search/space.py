@@ -108,7 +108,7 @@ def searched_caps(cfg: SearchConfig, layout: ModelLayout) -> tuple[str, ...]:
 
 
 def _residual_param(cfg: SearchConfig, layout: ModelLayout) -> bool:
-    return cfg.residual_cap and not cfg.per_layer and bool(layout.residual)
+    return cfg.search_residual_cap and not cfg.per_layer and bool(layout.residual)
 
 
 def default_m_range(total_channels: int) -> list[int]:

@@ -19,7 +19,7 @@ from ray import tune
 from ccpcsa import runners, storage
 from ccpcsa.checkpoint import CheckpointInfo, model_from_payload, read_payload, save_checkpoint
 from ccpcsa.data import DataConfig
-from ccpcsa.loop import LoopConfig, Prepared, RoundRecord, prune_loop, record_of
+from ccpcsa.loop import Prepared, RoundRecord, prune_loop, record_of
 from ccpcsa.prune import PruneLimits
 from ccpcsa.search.compute import ComputeMeter
 from ccpcsa.search.config import SearchConfig
@@ -50,20 +50,12 @@ class TrialSettings:
 
 
 def data_config(cfg: SearchConfig, phase: str = "full") -> DataConfig:
-    return DataConfig(cfg.dataset, cfg.data_root, cfg.image_size,
-                      train_subset=cfg.train_subset,
-                      test_subset=cfg.screen_eval_images if phase == "screen" else 0,
-                      decode=cfg.decode, host_copy=cfg.host_copy,
-                      prefetch_batches=cfg.prefetch_batches)
+    return cfg.data_config(test_subset=cfg.screen_eval_images if phase == "screen" else 0)
 
 
 def train_config(cfg: SearchConfig, teacher: str | None = None) -> TrainConfig:
     """Training settings; with `teacher` (a checkpoint) fine-tunes distil from it."""
-    return TrainConfig(batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
-                       loader_workers=cfg.loader_workers, teacher=teacher,
-                       teacher_model=cfg.model if teacher else None,
-                       distill_weight=cfg.distill_weight,
-                       distill_temperature=cfg.distill_temperature)
+    return cfg.train_config(teacher)
 
 
 def make_runner(cfg: SearchConfig, storage_path: str, phase: str = "full",
@@ -88,16 +80,12 @@ def run_trial(params: dict[str, Any], settings: TrialSettings) -> None:
     screen = settings.phase == "screen"
     target = (int(cfg.target_flops * prepared.baseline_flops) if cfg.target_flops is not None
               else None)
-    loop_cfg = LoopConfig(
-        groups_per_round=schedule.groups_per_round, tolerance=cfg.tolerance,
-        max_rounds=trial_rounds(cfg, settings.layout, schedule.groups_per_round),
-        finetune_epochs=schedule.finetune_epochs,
-        finetune_lr=schedule.finetune_lr, importance=schedule.importance,
-        calibration_batches=cfg.calibration_batches, allocation=cfg.allocation,
-        bn_batches=cfg.bn_batches, round_to=cfg.round_to,
-        limits=PruneLimits(cap_bounds(cfg, settings.layout)[1], schedule.stage_caps,
-                           schedule.layer_caps, cfg.min_channels, schedule.residual_cap),
-        reference=cfg.reference, seed=cfg.seed, screen=screen, target_flops=target)
+    loop_cfg = cfg.loop_config(
+        schedule.groups_per_round, trial_rounds(cfg, settings.layout, schedule.groups_per_round),
+        PruneLimits(cap_bounds(cfg, settings.layout)[1], schedule.stage_caps,
+                    schedule.layer_caps, cfg.min_channels, schedule.residual_cap),
+        importance=schedule.importance, finetune_epochs=schedule.finetune_epochs,
+        finetune_lr=schedule.finetune_lr, screen=screen, target_flops=target)
     reference = prepared.reference_accuracy(cfg.reference)
     teacher = prepared.baseline_checkpoint if cfg.distill_rounds and not screen else None
     runner = make_runner(cfg, storage.join(settings.run_dir, "train", trial_id), settings.phase,
