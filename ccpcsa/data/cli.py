@@ -103,15 +103,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ccpcsa.command import run_guarded  # imported here: ccpcsa.data imports this module
+
     args = _parser().parse_args(argv)
-    try:
+
+    def command(_termination) -> int:
         if args.command == "imagenet-folders":
             return _imagenet_folders(args)
         return _to_parquet(args)
-    except DataError as exc:
-        message = " ".join(str(exc).split())
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+
+    def interrupted(_exc: BaseException) -> str:
+        return ("interrupted; what was written is kept: the same command again goes on "
+                "from there")
+
+    return run_guarded(command, interrupted)
 
 
 def _to_parquet(args: argparse.Namespace) -> int:
