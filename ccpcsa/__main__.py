@@ -187,9 +187,10 @@ def _prune_locked(cfg: PruneConfig, configs: dict[str, Any], loop_cfg: LoopConfi
     write_config(storage.join(cfg.out, "config.json"),
                  {"command": "prune", **cfg.to_dict(), "loop": asdict(loop_cfg)}, cfg.seed)
 
-    runner = make_runner(configs["data"], configs["train"], cfg.workers,
-                         storage.join(cfg.out, "ray"), gpus_per_worker=cfg.gpus_per_worker,
-                         cpus_per_worker=cfg.cpus_per_worker, sync_bn=cfg.sync_bn)
+    with refusing():  # Ray Train workers the cluster cannot hold are refused here
+        runner = make_runner(configs["data"], configs["train"], cfg.workers,
+                             storage.join(cfg.out, "ray"), gpus_per_worker=cfg.gpus_per_worker,
+                             cpus_per_worker=cfg.cpus_per_worker, sync_bn=cfg.sync_bn)
     prepared = prepare(prep_cfg, runner, storage.join(cfg.out, "prepared"))
     if cfg.target_flops is not None:
         loop_cfg = replace(loop_cfg,

@@ -234,7 +234,7 @@ def test_bad_input_fails_before_work(ray_cluster, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--workers", "0"], "--workers must be >= 1, got 0"),
+    (["--workers", "0"], "workers must be >= 1, got 0"),
     (["--workers", "2", "--gpus-per-worker", "1"],
      "needs 2 GPUs but this machine's Ray instance has 0"),
 ])
