@@ -184,9 +184,13 @@ def list_files(path: str) -> list[str]:
 
 
 def fingerprint(path: str | None, depth: int = 2) -> str:
-    """A cheap digest of a data folder: the name, kind, size and modification time of every
-    entry up to `depth` levels down (a folder's mtime changes when files are added to or
-    removed from it). No file is read, so a folder of a million images costs a few listings."""
+    """A cheap digest of a data folder; no file is read. On this machine's disk (plain paths,
+    file://): the name, kind, size and modification time of every entry up to `depth` levels
+    down, since a folder's mtime changes when entries are added to or removed from it (an
+    image added to root/train/CLASS/ changes CLASS's), so a folder of a million images costs a
+    few listings. Object stores (s3://, gs://) have no folders, let alone their mtimes: there
+    it is the name, size and modification time of every object under the root, one recursive
+    listing (1,000 objects per request on S3)."""
     if not path:
         return ""
     fs, root = resolve(path)
@@ -194,16 +198,24 @@ def fingerprint(path: str | None, depth: int = 2) -> str:
     top = fs.get_file_info(root)
     if top.type == pafs.FileType.NotFound:
         return "missing"
-    todo = [(root, 0)] if top.type == pafs.FileType.Directory else []
     if top.type == pafs.FileType.File:
         digest.update(f"{top.size}:{top.mtime_ns}".encode())
-    while todo:
-        folder, level = todo.pop()
-        for info in sorted(fs.get_file_info(pafs.FileSelector(folder)), key=lambda i: i.path):
-            relative = posixpath.relpath(info.path, root)
-            digest.update(f"{relative}|{info.type}|{info.size}|{info.mtime_ns}\n".encode())
-            if info.type == pafs.FileType.Directory and level + 1 < depth:
-                todo.append((info.path, level + 1))
+    elif top.type == pafs.FileType.Directory and local_path(path) is None:
+        selector = pafs.FileSelector(root, recursive=True)
+        for info in sorted(fs.get_file_info(selector), key=lambda i: i.path):
+            if info.type == pafs.FileType.File:
+                relative = posixpath.relpath(info.path, root)
+                digest.update(f"{relative}|{info.size}|{info.mtime_ns}\n".encode())
+    elif top.type == pafs.FileType.Directory:
+        todo = [(root, 0)]
+        while todo:
+            folder, level = todo.pop()
+            for info in sorted(fs.get_file_info(pafs.FileSelector(folder)),
+                               key=lambda i: i.path):
+                relative = posixpath.relpath(info.path, root)
+                digest.update(f"{relative}|{info.type}|{info.size}|{info.mtime_ns}\n".encode())
+                if info.type == pafs.FileType.Directory and level + 1 < depth:
+                    todo.append((info.path, level + 1))
     return digest.hexdigest()[:16]
 
 

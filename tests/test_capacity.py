@@ -47,6 +47,21 @@ def test_decode_cpus_are_part_of_the_plan():
     assert cap.refuse_reason(TrialPlan(2, 0.5, 0.0, 1.0), shape(one_node)) is None
 
 
+def test_decode_cpus_go_beside_strict_pack_workers_when_one_node_holds_both():
+    # a node with a CPU to spare comes first, the workers' node after it: under STRICT_PACK
+    # the decode CPU joins the workers (its tasks prefer their node), under PACK any node
+    nodes = [{"CPU": 1.0}, {"CPU": 4.0}]
+    assert cap.place(TrialPlan(2, 1.0, 0.0, decode_cpus=1.0), nodes)
+    assert nodes == [{"CPU": 1.0}, {"CPU": 1.0}]
+    nodes = [{"CPU": 1.0}, {"CPU": 4.0}]
+    assert cap.place(TrialPlan(2, 1.0, 0.0, decode_cpus=1.0, placement="PACK"), nodes)
+    assert nodes == [{"CPU": 0.0}, {"CPU": 2.0}]
+    # no node holds both: the decode CPU goes wherever one is free, as before
+    nodes = [{"CPU": 1.0}, {"CPU": 2.0}]
+    assert cap.place(TrialPlan(2, 1.0, 0.0, decode_cpus=1.0), nodes)
+    assert nodes == [{"CPU": 0.0}, {"CPU": 0.0}]
+
+
 def test_strict_spread_needs_distinct_nodes():
     plan = TrialPlan(3, 1.0, 0.0, placement="STRICT_SPREAD")
     assert cap.trials_that_fit(plan, [CPU2], 5) == 2  # 3 nodes x 2 CPUs, one worker each

@@ -107,6 +107,10 @@ def test_data_fingerprint_sees_added_files_two_levels_down(tmp_path):
     before = storage.fingerprint(str(tmp_path))
     assert storage.fingerprint(str(tmp_path)) == before
     (tmp_path / "train" / "cat" / "a.png").write_bytes(b"x")  # changes the class folder's mtime
-    assert storage.fingerprint(str(tmp_path)) != before
+    added = storage.fingerprint(str(tmp_path))
+    assert added != before and storage.fingerprint(str(tmp_path)) == added
+    (tmp_path / "train" / "cat" / "a.png").unlink()
+    assert storage.fingerprint(str(tmp_path)) != added
+    assert storage.fingerprint(f"file://{tmp_path}") == storage.fingerprint(str(tmp_path))
     assert storage.fingerprint(None) == ""
     assert storage.fingerprint(str(tmp_path / "no")) == "missing"

@@ -100,3 +100,21 @@ def test_a_restarted_fit_resumes_from_its_last_epoch_checkpoint(s3):
         _save_epoch(fit, epoch, {"epoch": epoch})
     assert storage.list_files(fit) == ["epoch-0002.pt", "epoch-0003.pt"]
     assert _latest_epoch_state(fit, torch.device("cpu")) == {"epoch": 3}
+
+
+def test_data_fingerprint_sees_every_object_under_the_root(s3):
+    """No folder mtimes on S3: an image added, changed or removed three levels down (an
+    ImageFolder's root/train/CLASS/img.jpg) changes the stage-0 key; nothing else does."""
+    root = storage.join(s3, "data")
+    storage.write_bytes(storage.join(root, "train/cat/a.jpg"), b"a")
+    before = storage.fingerprint(root)
+    assert storage.fingerprint(root) == before
+    storage.write_bytes(storage.join(root, "train/cat/b.jpg"), b"b")
+    added = storage.fingerprint(root)
+    assert added != before
+    storage.write_bytes(storage.join(root, "train/cat/b.jpg"), b"bigger")
+    changed = storage.fingerprint(root)
+    assert changed not in (before, added)
+    storage.remove(storage.join(root, "train/cat/b.jpg"))
+    assert storage.fingerprint(root) not in (added, changed)
+    assert storage.fingerprint(storage.join(s3, "none")) == "missing"

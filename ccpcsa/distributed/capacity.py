@@ -2,8 +2,9 @@
 
 A trial's plan is its Ray Train worker bundles (placed together by default: STRICT_PACK) plus
 the CPUs its Ray Data decode tasks need (Parquet), which run beside the workers, outside their
-bundles. The plan is checked against the node types the cluster can ever have, not the nodes
-that happen to be up:
+bundles: on the workers' node when it has room for them (the decode tasks prefer it, see
+ingest.py), else on any node. The plan is checked against the node types the cluster can ever
+have, not the nodes that happen to be up:
 
 1. the node groups an autoscaler reported to the GCS (Ray's cluster config), else
 2. the `available_node_types` of the autoscaler's config file, read on the head node (where
@@ -95,10 +96,17 @@ def _instances(types: list[NodeType], limit: int) -> list[dict[str, float]]:
 
 def place(plan: TrialPlan, nodes: list[dict[str, float]]) -> bool:
     """Place one trial's bundles on these nodes (their free resources, updated in place):
-    the worker bundles as plan.placement demands, the decode CPUs on any node."""
+    the worker bundles as plan.placement demands, the decode CPUs on the workers' node under
+    STRICT_PACK when one node holds both (their tasks prefer the workers' node), else on any."""
     worker = plan.worker_bundle()
+    decode = {"CPU": plan.decode_cpus}
     if plan.placement == "STRICT_PACK":
         need = {k: v * plan.workers for k, v in worker.items()}
+        both = dict(need, CPU=need.get("CPU", 0.0) + plan.decode_cpus)
+        home = next((n for n in nodes if _fits_node(n, both)), None)
+        if home is not None:
+            _take(home, both)
+            return True
         home = next((n for n in nodes if _fits_node(n, need)), None)
         if home is None:
             return False
@@ -115,10 +123,10 @@ def place(plan: TrialPlan, nodes: list[dict[str, float]]) -> bool:
             used.add(spot)
             _take(nodes[spot], worker)
     if plan.decode_cpus:
-        spot = next((n for n in nodes if _fits_node(n, {"CPU": plan.decode_cpus})), None)
+        spot = next((n for n in nodes if _fits_node(n, decode)), None)
         if spot is None:
             return False
-        _take(spot, {"CPU": plan.decode_cpus})
+        _take(spot, decode)
     return True
 
 

@@ -4,7 +4,8 @@ A worker asks ParquetBatches for an epoch's batches (epoch, rank, world). Its ro
 the epoch plan of ccpcsa.data.parquet (a seeded permutation of all row groups, cut into equal
 per-worker ranges: reproducible, different every epoch, every worker the same number of steps).
 Ray Data reads and decodes them in `map_batches` tasks (one CPU each, `decode_cpus`) scheduled
-on whatever CPUs of the cluster the training workers leave free, not on the worker's own thread;
+on the CPUs the training workers leave free, not on the worker's own thread: on the worker's
+node while it has a CPU free, on any node otherwise (see *Where decode tasks run* below);
 the tasks send N x S x S x 3 uint8 pixels (a quarter of float32's bytes) and the worker
 normalises them on its device (ccpcsa.data.Uint8Normalizer). For training, each decode task
 takes `mix_pieces` pieces (row groups) and shuffles their rows together, in an order the
@@ -21,6 +22,26 @@ TorchTrainer: Train's `streaming_split` hands blocks to whichever worker asks fi
 reproducible, and a worker loop that also scores channels between epochs (or runs a whole
 trial) can ask for any epoch's batches here without a new TorchTrainer.
 
+Where decode tasks run: each task asks for the worker's node by its default label
+(`label_selector={"ray.io/node-id": <the worker's node>}`) with an empty label selector as its
+`fallback_strategy`. Ray runs it there while that node has `decode_cpus` free and spills it to
+any node when the node is busy, too small or gone, so a stream never waits for a busy node while
+another has CPUs (and the pixels skip the network whenever they can). What Ray 2.60 offers
+otherwise, and why not:
+- the worker group's placement group (`ray.util.get_current_placement_group()` in a worker):
+  Train builds it from the worker bundles alone and each worker actor holds all of its bundle,
+  so a decode task placed there would wait forever; there is no public way to add a bundle;
+- a placement group of our own for the decode CPUs (or a decode bundle in the trial's plan):
+  guaranteed and local, but it caps decoding at the reserved CPUs, where the tasks would
+  otherwise use every CPU the workers leave free;
+- `NodeAffinitySchedulingStrategy(soft=True)`: waits while the node is busy (spilling is the
+  private `_spill_on_unavailable`); the "DEFAULT" strategy: Ray's hybrid policy keeps CPU-only
+  tasks off GPU nodes (on a two-node test cluster it sent every task away from the node that
+  declared a GPU);
+  `DataContext.scheduling_strategy` is deprecated and `locality_with_output` gone.
+What stays with Ray: which node a spilled task lands on (Ray Data's "SPREAD"), and that a
+trial's decode CPUs are checked in its plan (capacity.py), not reserved.
+
 Ray is imported lazily: the rest of ccpcsa works without it.
 """
 
@@ -32,6 +53,7 @@ import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,6 +75,16 @@ from ccpcsa.distributed.capacity import StarvationWatch
 from ccpcsa.distributed.hostcopy import DEFAULT_HOST_COPY, HostCopy, check_host_copy
 
 DECODE_CPUS = 1.0  # CPUs per decode task: PIL decodes one image at a time
+NODE_LABEL = "ray.io/node-id"  # the label Ray gives every node: its id
+
+
+def near_this_node() -> dict[str, Any]:
+    """Ray task options: on this process's node while it has the task's resources free, on
+    any node otherwise (busy, too small or gone). Needs a connected Ray."""
+    import ray
+
+    return {"label_selector": {NODE_LABEL: ray.get_runtime_context().get_node_id()},
+            "fallback_strategy": [{"label_selector": {}}]}
 
 
 @dataclass(frozen=True)
@@ -82,6 +114,9 @@ class IngestConfig:
     # "cpu": decode tasks ship N x S x S x 3 uint8 pixels; "gpu": they ship the JPEG bytes and
     # the crop draws, and the worker decodes the batch on its device (ccpcsa.data.jpegdecode).
     decode: str = "cpu"
+    # True: decode tasks prefer the consumer's node and spill elsewhere when it is busy
+    # (near_this_node); False: Ray Data spreads them over the cluster.
+    near_consumer: bool = True
 
     def __post_init__(self) -> None:
         check_host_copy(self.host_copy)
@@ -197,9 +232,11 @@ class ParquetBatches:
         context.execution_options.preserve_order = self.cfg.preserve_order
         context.op_resource_reservation_enabled = self.cfg.op_reservation
         ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
+        placement = near_this_node() if self.cfg.near_consumer else {}
         ds = ds.map_batches(decode_task, fn_kwargs={"image_size": self.cfg.image_size,
                                                     "decode": self.cfg.decode},
-                            batch_size=1, batch_format="numpy", num_cpus=self.cfg.decode_cpus)
+                            batch_size=1, batch_format="numpy", num_cpus=self.cfg.decode_cpus,
+                            **placement)
         options: dict = {"batch_size": batch_size, "prefetch_batches": self.cfg.prefetch_batches}
         if shuffle_seed is not None:
             options["local_shuffle_buffer_size"] = max(self.cfg.shuffle_buffer, batch_size)
