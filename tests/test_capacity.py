@@ -102,7 +102,7 @@ def test_node_types_from_an_autoscaler_config_file(tmp_path):
 
 @pytest.fixture(scope="module")
 def two_cpus():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -189,7 +189,7 @@ def test_ray_train_workers_distil_from_the_teacher(tmp_path):
     path = str(tmp_path / "teacher.pt")
     save_checkpoint(teacher, CheckpointInfo("resnet20", 10, False, SHAPE, "digits"), path)
     data = DataConfig("digits", image_size=8)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         losses = {}
         for name, cfg in (("kd", TrainConfig(batch_size=32, teacher=path, distill_weight=1.0)),

@@ -37,7 +37,7 @@ def ray_cluster(tmp_path_factory):
     saved = dict(os.environ)
     os.environ.update(env_with_plugins({**os.environ, KILL_WORKER: f"@{spec}"}))
     try:  # the Ray processes keep the environment they start with
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     finally:
         os.environ.clear()
         os.environ.update(saved)

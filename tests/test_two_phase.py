@@ -141,7 +141,7 @@ def test_early_stopping_runs_inside_tune_and_stops_the_trial_behind(tmp_path, ki
             tune.report({"round": rnd, "accuracy": config["accuracy"] - rnd, "flops": 100,
                          "is_final": False})
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         experiment = tmp_path / "exp"
         experiment.mkdir()
