@@ -71,11 +71,12 @@ def configs_from_args(cfg: PruneConfig) -> dict[str, Any]:
     pick_device(cfg.device)
     train_cfg = cfg.train_config(device=cfg.device)
     train_cfg.validate()
-    info = check_dataset(cfg.data_config())
+    data_cfg = cfg.data_config()
+    info = check_dataset(data_cfg)
     prep_cfg = cfg.prepare_config(info, sync_bn=cfg.sync_bn)
     prep_cfg.validate()
     check_before_training(prep_cfg)
-    return {"data": cfg.data_config(), "train": train_cfg, "prepare": prep_cfg, "info": info}
+    return {"data": data_cfg, "train": train_cfg, "prepare": prep_cfg, "info": info}
 
 
 def check_layer_caps(layer_caps: dict[str, float], prep_cfg: PrepareConfig) -> None:
